@@ -1,0 +1,110 @@
+"""In-process collisionless table: hash index + dense row arrays + row-wise Adagrad."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from embedding_store.base import TableConfig, TableDelta
+from embedding_store.hash_index import KeyIndex
+
+
+class LocalTable:
+    """A collisionless embedding table held in this process.
+
+    Rows live densely in one float32 array indexed by the row ids of a `KeyIndex`, so two
+    distinct keys never share a row. The optimizer is row-wise Adagrad (one accumulator per
+    row, as TorchRec's ROWWISE_ADAGRAD), and every updated row is marked for the next
+    `drain_delta`. All methods are thread-safe.
+
+    Args:
+        config: the table's settings.
+
+    Example:
+        >>> table = LocalTable(TableConfig(name="item", dim=4))
+        >>> keys = np.array([11, 12], dtype=np.uint64)
+        >>> table.lookup(keys).shape
+        (2, 4)
+        >>> table.apply_gradients(keys, np.ones((2, 4), dtype=np.float32))
+        >>> sorted(table.drain_delta().keys.tolist())
+        [11, 12]
+    """
+
+    def __init__(self, config: TableConfig) -> None:
+        self._config = config
+        self._index = KeyIndex(capacity=2 * config.initial_rows)
+        self._rows = np.zeros((config.initial_rows, config.dim), dtype=np.float32)
+        self._accum = np.zeros(config.initial_rows, dtype=np.float32)
+        self._row_keys = np.zeros(config.initial_rows, dtype=np.uint64)
+        self._dirty = np.zeros(config.initial_rows, dtype=bool)
+        self._rng = np.random.default_rng(config.seed)
+        self._lock = threading.Lock()
+
+    @property
+    def config(self) -> TableConfig:
+        return self._config
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        with self._lock:
+            rows = self._rows_for(np.asarray(keys, dtype=np.uint64))
+            return self._rows[rows]  # [n] -> [n, dim], a copy
+
+    def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows for keys without creating any: (float32 [n, dim], bool [n] found)."""
+        with self._lock:
+            rows = self._index.find(np.asarray(keys, dtype=np.uint64))
+            found = rows >= 0
+            out = np.zeros((len(rows), self._config.dim), dtype=np.float32)
+            out[found] = self._rows[rows[found]]
+            return out, found
+
+    def apply_gradients(self, keys: np.ndarray, grads: np.ndarray) -> None:
+        keys = np.asarray(keys, dtype=np.uint64)
+        grads = np.asarray(grads, dtype=np.float32).reshape(len(keys), self._config.dim)
+        with self._lock:
+            rows = self._rows_for(keys)
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            summed = np.zeros((len(uniq), self._config.dim), dtype=np.float32)
+            np.add.at(summed, inverse, grads)  # [n, dim] -> [unique rows, dim]
+            self._accum[uniq] += np.mean(summed * summed, axis=1)
+            step = self._config.learning_rate / (np.sqrt(self._accum[uniq]) + 1e-8)
+            self._rows[uniq] -= step[:, None] * summed
+            self._dirty[uniq] = True
+
+    def drain_delta(self) -> TableDelta:
+        with self._lock:
+            rows = np.flatnonzero(self._dirty)
+            self._dirty[rows] = False
+            return TableDelta(
+                table=self._config.name,
+                keys=self._row_keys[rows].copy(),
+                rows=self._rows[rows].copy(),
+            )
+
+    def _rows_for(self, keys: np.ndarray) -> np.ndarray:
+        """Row ids for keys, creating and initialising rows for new keys (lock held)."""
+        rows = self._index.find(keys)
+        new = rows < 0
+        if new.any():
+            new_keys, first = np.unique(keys[new], return_index=True)
+            rows[new] = self._index.insert(keys[new])
+            new_rows = rows[np.flatnonzero(new)[first]]
+            if self._index.row_capacity > len(self._rows):
+                self._grow(self._index.row_capacity)
+            init = self._rng.normal(0.0, self._config.init_std, (new_rows.size, self._config.dim))
+            self._rows[new_rows] = init
+            self._accum[new_rows] = 0.0
+            self._row_keys[new_rows] = new_keys
+        return rows
+
+    def _grow(self, needed: int) -> None:
+        size = max(needed, 2 * len(self._rows))
+        pad = size - len(self._rows)
+        self._rows = np.concatenate([self._rows, np.zeros((pad, self._config.dim), dtype=np.float32)])
+        self._accum = np.concatenate([self._accum, np.zeros(pad, dtype=np.float32)])
+        self._row_keys = np.concatenate([self._row_keys, np.zeros(pad, dtype=np.uint64)])
+        self._dirty = np.concatenate([self._dirty, np.zeros(pad, dtype=bool)])

@@ -1,0 +1,1 @@
+"""Ranking: order retrieved candidates for one request."""

@@ -1,0 +1,1 @@
+"""Retrieval: the two-tower model and the Faiss index of item vectors."""

@@ -1,0 +1,1 @@
+"""Service processes: gateway (REST + gRPC), serving replica, configuration, metrics, CLI."""

@@ -1,0 +1,141 @@
+"""The `freshrec` command line: one subcommand per process role, plus replay and quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from services.config import Config, load_config
+from services.datasets import DATASETS, DatasetUnavailable, load_dataset
+from services.node import Node
+from services.replay import replay
+
+log = logging.getLogger("freshrec")
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (env FRESHREC_* and flags override it)")
+    parser.add_argument("--host", help="interface to bind (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="REST port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
+    parser.add_argument("--kafka", metavar="HOST:PORT", help="use this Kafka broker as the event log")
+    parser.add_argument("--redis", metavar="URL", help="use this Redis (redis://HOST:PORT) as the serving store")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {
+        "server.host": args.host,
+        "server.http_port": args.port,
+        "server.grpc_port": args.grpc_port,
+        "log_url": f"kafka://{args.kafka}" if args.kafka else None,
+        "serving_store_url": args.redis,
+    }
+    return load_config(args.config, overrides=overrides)
+
+
+def _serve(node: Node) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    node.start()
+    try:
+        node.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "trainer")) -> int:
+    config = _config(args)
+    node = Node(config, roles)
+    if "gateway" in roles:
+        print(f"freshrec {'+'.join(roles)}: log {config.log_url}, serving store {config.serving_store_url}",
+              flush=True)
+    return _serve(node)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    dataset = load_dataset(args.dataset)
+    report = replay(dataset, url=args.url.rstrip("/"), rate=args.rate, batch_size=args.batch_size,
+                    metrics_url=args.metrics_url, watch_user=args.watch_user)
+    return 0 if report.trained and report.accepted == report.sent else 1
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    config = load_config(overrides={"server.http_port": args.port, "server.grpc_port": args.grpc_port})
+    node = Node(config)
+    node.start()
+    url = f"http://127.0.0.1:{node.http_port}"
+    print(f"freshrec is up: REST {url}, gRPC 127.0.0.1:{node.grpc_port} (embedded mode)", flush=True)
+    try:
+        dataset = load_dataset(args.dataset)
+        user = dataset.most_active_user()
+        print(f"replaying {len(dataset.events):,} {dataset.name} events; watching user {user}", flush=True)
+        report = replay(dataset, url=url, rate=args.rate, watch_user=user)
+        if not report.trained:
+            return 1
+        print(f"\nThe API stays up: try\n  curl -s {url}/v1/recommendations -H 'content-type: application/json' "
+              f"-d '{{\"user_id\": \"{user}\", \"k\": 5}}'\n  curl -s {url}/metrics | grep freshrec_\n"
+              "Ctrl-C to stop.", flush=True)
+        if args.exit:
+            return 0
+        node.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freshrec", description="Online-training recommendation serving.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="all-in-one: gateway + trainer (embedded unless --kafka/--redis)")
+    _server_flags(up)
+    up.set_defaults(func=cmd_up)
+    gateway = sub.add_parser("gateway", help="cluster role: REST + gRPC gateway with a serving replica")
+    _server_flags(gateway)
+    gateway.set_defaults(func=lambda a: cmd_up(a, ("gateway",)))
+    trainer = sub.add_parser("trainer", help="cluster role: online trainer + parameter sync")
+    _server_flags(trainer)
+    trainer.set_defaults(func=lambda a: cmd_up(a, ("trainer",)))
+
+    rp = sub.add_parser("replay", help="stream a data set through the REST API")
+    rp.add_argument("dataset", choices=DATASETS)
+    rp.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as accepted)")
+    rp.add_argument("--url", default="http://127.0.0.1:8000", help="gateway REST URL")
+    rp.add_argument("--metrics-url", help="trainer /metrics URL (default: URL/metrics)")
+    rp.add_argument("--batch-size", type=int, default=500)
+    rp.add_argument("--watch-user", help="show this user's recommendations as the replay goes")
+    rp.set_defaults(func=cmd_replay)
+
+    qs = sub.add_parser("quickstart", help="start embedded, replay MovieLens-100K, keep the API up")
+    qs.add_argument("--dataset", choices=DATASETS, default="movielens-100k")
+    qs.add_argument("--port", type=int, default=8000)
+    qs.add_argument("--grpc-port", type=int, default=50051)
+    qs.add_argument("--rate", type=float, default=0.0)
+    qs.add_argument("--exit", action="store_true", help="stop after the replay instead of serving on")
+    qs.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except (ValueError, DatasetUnavailable) as e:
+        print(f"freshrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The process configuration: one frozen dataclass tree, loaded by `load_config()`.
+
+Order of precedence: defaults, then a TOML file, then `FRESHREC_*` environment variables
+(the table `ENV_VARS`), then explicit overrides (command-line flags). Unknown keys in the
+file are rejected with their path; every value is validated in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainerConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the gateway listens and how much it accepts.
+
+    Args:
+        host: interface to bind.
+        http_port: REST port (0 = any free port).
+        grpc_port: gRPC port (0 = any free port).
+        max_batch_events: most events in one ingest call.
+        max_k: largest `k` a recommendation call may ask for.
+        default_k: `k` when the request leaves it out.
+    """
+
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    max_batch_events: int = 1000
+    max_k: int = 500
+    default_k: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"server.{name}: must be a port number, got {getattr(self, name)}")
+        if self.max_batch_events < 1:
+            raise ValueError(f"server.max_batch_events: must be >= 1, got {self.max_batch_events}")
+        if not 1 <= self.default_k <= self.max_k:
+            raise ValueError(f"server.default_k: must be in [1, max_k={self.max_k}], got {self.default_k}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one freshrec process needs.
+
+    Args:
+        log_url: event log, `memory://` or `kafka://HOST:PORT[/TOPIC]`.
+        serving_store_url: serving store, `memory://` or `redis://HOST:PORT[/DB]`.
+        log_partitions: partitions of the events topic when freshrec creates it.
+        metrics_port: port of the standalone /metrics endpoint of processes without REST
+            (the trainer); 0 disables it.
+        server: gateway settings.
+        trainer: trainer settings.
+    """
+
+    log_url: str = "memory://"
+    serving_store_url: str = "memory://"
+    log_partitions: int = 4
+    metrics_port: int = 9100
+    server: ServerConfig = field(default_factory=ServerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.log_url.startswith(("memory://", "kafka://")):
+            raise ValueError(f"log_url: expected memory:// or kafka://HOST:PORT, got {self.log_url!r}")
+        if not self.serving_store_url.startswith(("memory://", "redis://", "rediss://")):
+            raise ValueError(f"serving_store_url: expected memory:// or redis://..., got {self.serving_store_url!r}")
+        if self.log_partitions < 1:
+            raise ValueError(f"log_partitions: must be >= 1, got {self.log_partitions}")
+        if (self.log_url.startswith("memory://")) != (self.serving_store_url.startswith("memory://")):
+            # One process can share in-memory parts, two cannot: mixing would silently split state.
+            raise ValueError("log_url/serving_store_url: memory:// must be used for both or neither")
+
+    @property
+    def embedded(self) -> bool:
+        return self.log_url.startswith("memory://")
+
+
+ENV_VARS: dict[str, str] = {
+    "FRESHREC_LOG_URL": "log_url",
+    "FRESHREC_SERVING_STORE_URL": "serving_store_url",
+    "FRESHREC_LOG_PARTITIONS": "log_partitions",
+    "FRESHREC_METRICS_PORT": "metrics_port",
+    "FRESHREC_HOST": "server.host",
+    "FRESHREC_HTTP_PORT": "server.http_port",
+    "FRESHREC_GRPC_PORT": "server.grpc_port",
+    "FRESHREC_MAX_BATCH_EVENTS": "server.max_batch_events",
+    "FRESHREC_EMBEDDING_DIM": "trainer.dim",
+    "FRESHREC_LEARNING_RATE": "trainer.learning_rate",
+    "FRESHREC_NEGATIVES": "trainer.negatives",
+    "FRESHREC_BATCH_SIZE": "trainer.batch_size",
+    "FRESHREC_SYNC_INTERVAL_S": "trainer.sync_interval_s",
+    "FRESHREC_GROUP_ID": "trainer.group_id",
+}
+"""Environment variable -> config path. Only these variables are read."""
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from nested `values`, converting strings from env vars."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: unknown configuration key")
+    kwargs: dict[str, Any] = {}
+    for name, raw in values.items():
+        f = fields[name]
+        default = getattr(cls(), name) if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(raw, Mapping):
+                raise ValueError(f"{prefix}{name}: expected a table")
+            kwargs[name] = _build(type(default), raw, f"{prefix}{name}.")
+            continue
+        kind = type(default)
+        try:
+            if isinstance(raw, str) and kind in (int, float):
+                raw = kind(raw)
+            elif isinstance(raw, int) and kind is float:
+                raw = float(raw)
+        except ValueError as e:
+            raise ValueError(f"{prefix}{name}: expected {kind.__name__}, got {raw!r}") from e
+        if not isinstance(raw, kind) or isinstance(raw, bool) != (kind is bool):
+            raise ValueError(f"{prefix}{name}: expected {kind.__name__}, got {raw!r}")
+        kwargs[name] = raw
+    return cls(**kwargs)
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config from defaults, `path` (TOML), `env` and `overrides` (dotted paths).
+
+    Raises:
+        ValueError: an unknown key, a value of the wrong type or out of range; the message
+            starts with the key's path.
+
+    Example:
+        >>> load_config(env={"FRESHREC_HTTP_PORT": "9000"}).server.http_port
+        9000
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            tree = tomllib.load(f)
+    env = os.environ if env is None else env
+    for var, key in ENV_VARS.items():
+        if var in env:
+            _set(tree, key, env[var])
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(tree, key, value)
+    return _build(Config, tree)  # type: ignore[no-any-return]

@@ -1,0 +1,31 @@
+"""The service error hierarchy, mapped once to HTTP and gRPC status codes at the edge."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FreshrecError(Exception):
+    """Base of errors that reach a client; the message is safe to show."""
+
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(FreshrecError):
+    """The request is malformed; the message names the field."""
+
+    http_status = 422
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(FreshrecError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(FreshrecError):
+    """A dependency (event log, store) is down; retry later. Nothing was acknowledged."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,1 @@
+"""The gateway: one set of operations (`core.Gateway`) behind REST (`rest`) and gRPC (`grpc_server`)."""

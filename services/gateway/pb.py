@@ -1,0 +1,53 @@
+"""Adapters between generated protobuf messages and freshrec's own types (the only module
+besides the gRPC servicer that touches `proto.freshrec_pb2`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proto import freshrec_pb2 as pb
+from services.gateway.core import IngestResult
+from services.serving import Recommendation, ScoredItem
+
+
+def event_from_pb(event: pb.Event) -> dict[str, Any]:
+    """A protobuf event as the raw mapping `parse_event` validates (unset fields left out)."""
+    raw: dict[str, Any] = {
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "item_id": event.item_id,
+        "type": event.type,
+        "timestamp_ms": event.timestamp_ms,
+    }
+    if event.request_id:
+        raw["request_id"] = event.request_id
+    if event.HasField("value"):
+        raw["value"] = event.value
+    if event.context:
+        raw["context"] = dict(event.context)
+    return raw
+
+
+def ingest_to_pb(result: IngestResult) -> pb.IngestResponse:
+    return pb.IngestResponse(
+        accepted=result.accepted,
+        rejected=result.rejected,
+        results=[
+            pb.EventResult(
+                index=r.index,
+                accepted=r.accepted,
+                error=None if r.accepted else pb.EventError(field=r.field, message=r.message),
+            )
+            for r in result.results
+        ],
+    )
+
+
+def items_to_pb(items: list[ScoredItem]) -> list[pb.ScoredItem]:
+    return [pb.ScoredItem(item_id=i.item_id, score=i.score) for i in items]
+
+
+def recommendation_to_pb(rec: Recommendation) -> pb.RecommendResponse:
+    return pb.RecommendResponse(
+        request_id=rec.request_id, model_version=rec.model_version, items=items_to_pb(rec.items)
+    )

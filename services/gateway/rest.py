@@ -1,0 +1,146 @@
+"""REST edge of the gateway (FastAPI). Handlers are plain `def`s: FastAPI runs them in its
+thread pool, so model code and log writes never block the event loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from services import metrics
+from services.errors import FreshrecError, Unavailable
+from services.gateway.core import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class EventsRequest(BaseModel):
+    events: list[Any] = Field(description="Events to ingest; each is validated on its own.")
+
+
+class EventError(BaseModel):
+    field: str
+    message: str
+
+
+class EventResultBody(BaseModel):
+    index: int
+    status: str = Field(description="accepted or rejected")
+    error: EventError | None = None
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    rejected: int
+    results: list[EventResultBody]
+
+
+class RecommendRequest(BaseModel):
+    user_id: str = Field(min_length=1, max_length=256)
+    k: int | None = Field(default=None, description="number of items (server default when absent)")
+    exclude_seen: bool = True
+    context: dict[str, str] = Field(default_factory=dict)
+
+
+class ScoredItemBody(BaseModel):
+    item_id: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    request_id: str
+    model_version: int
+    items: list[ScoredItemBody]
+
+
+class SimilarResponse(BaseModel):
+    model_version: int
+    items: list[ScoredItemBody]
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    """The REST application for `gateway`."""
+    app = FastAPI(title="freshrec", version="0.1.0", description="Online-training recommendations.")
+
+    @app.exception_handler(FreshrecError)
+    async def _freshrec_error(request: Request, exc: FreshrecError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if isinstance(exc, Unavailable) else None
+        return _error(exc.http_status, type(exc).__name__, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()]
+        return _error(422, "InvalidArgument", "; ".join(problems) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "Internal", "internal error")
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        method = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels("rest", method, str(response.status_code)).inc()
+        metrics.REQUEST_LATENCY.labels("rest", method).observe(time.perf_counter() - start)
+        return response
+
+    @app.post("/v1/events", response_model=EventsResponse)
+    def ingest(body: EventsRequest) -> EventsResponse:
+        result = gateway.ingest(body.events, transport="rest")
+        return EventsResponse(
+            accepted=result.accepted,
+            rejected=result.rejected,
+            results=[
+                EventResultBody(index=r.index, status="accepted")
+                if r.accepted
+                else EventResultBody(index=r.index, status="rejected", error=EventError(field=r.field,
+                                                                                      message=r.message))
+                for r in result.results
+            ],
+        )
+
+    @app.post("/v1/recommendations", response_model=RecommendResponse)
+    def recommend(body: RecommendRequest) -> RecommendResponse:
+        rec = gateway.recommend(body.user_id, body.k, body.exclude_seen)
+        return RecommendResponse(
+            request_id=rec.request_id,
+            model_version=rec.model_version,
+            items=[ScoredItemBody(item_id=i.item_id, score=i.score) for i in rec.items],
+        )
+
+    @app.get("/v1/items/{item_id}/similar", response_model=SimilarResponse)
+    def similar(item_id: str, k: int | None = Query(default=None)) -> SimilarResponse:
+        version, items = gateway.similar_items(item_id, k)
+        return SimilarResponse(
+            model_version=version, items=[ScoredItemBody(item_id=i.item_id, score=i.score) for i in items]
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        ready = gateway.replica.bootstrapped.is_set()
+        body = {"ready": ready, "model_version": gateway.replica.version}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,127 @@
+"""One freshrec process: the gateway role, the trainer role, or both (embedded `up`)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterable
+
+import uvicorn
+from prometheus_client import start_http_server
+
+from services import metrics
+from services.config import Config
+from services.gateway.core import Gateway
+from services.gateway.grpc_server import create_server
+from services.gateway.rest import create_app
+from services.serving import ServingReplica
+from services.serving_store import open_serving_store
+from trainer.eventlog import open_log
+from trainer.loop import StepResult, Trainer
+from trainer.sync import SyncMessage, SyncPublisher
+
+log = logging.getLogger(__name__)
+
+ROLES = frozenset({"gateway", "trainer"})
+
+
+class Node:
+    """Wire the parts of one process from its config and run them on background threads.
+
+    Args:
+        config: the process configuration.
+        roles: "gateway" (REST + gRPC + serving replica) and/or "trainer" (trainer + sync).
+
+    Example:
+        >>> node = Node(load_config(overrides={"server.http_port": 0, "server.grpc_port": 0}))
+        >>> node.start(); node.stop()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: Config, roles: Iterable[str] = ROLES) -> None:
+        self.config = config
+        self.roles = frozenset(roles)
+        if not self.roles or not self.roles <= ROLES:
+            raise ValueError(f"roles: expected a subset of {sorted(ROLES)}, got {sorted(self.roles)}")
+        self.log = open_log(config.log_url, partitions=config.log_partitions)
+        self.store = open_serving_store(config.serving_store_url)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.http_port = 0
+        self.grpc_port = 0
+        self._http: uvicorn.Server | None = None
+        self._grpc = None
+
+        self.trainer: Trainer | None = None
+        self.publisher: SyncPublisher | None = None
+        if "trainer" in self.roles:
+            self.trainer = Trainer(config.trainer, self.log.consumer(config.trainer.group_id), on_step=self._on_step)
+            self.publisher = SyncPublisher(
+                self.trainer.collect_sync, self.store, config.trainer.sync_interval_s, on_publish=self._on_publish
+            )
+        self.replica: ServingReplica | None = None
+        self.gateway: Gateway | None = None
+        if "gateway" in self.roles:
+            self.replica = ServingReplica(self.store, on_apply=lambda m: metrics.SERVING_VERSION.set(m.version))
+            self.gateway = Gateway(config.server, self.log, self.replica)
+
+    def _on_step(self, step: StepResult) -> None:
+        assert self.trainer is not None
+        metrics.TRAINER_EVENTS.inc(step.events)
+        metrics.TRAINER_INVALID.inc(step.invalid)
+        metrics.TRAINER_EXAMPLES.inc(step.examples)
+        if step.examples:
+            metrics.TRAINER_LOSS.set(step.loss)
+            metrics.TRAINER_AUC.set(self.trainer.auc.value())
+        metrics.STORE_IDS.labels("user").set(len(self.trainer.users))
+        metrics.STORE_IDS.labels("item").set(len(self.trainer.items))
+
+    def _on_publish(self, message: SyncMessage) -> None:
+        metrics.SYNC_VERSION.set(message.version)
+        metrics.SYNC_ROWS.labels("user").inc(len(message.users.keys))
+        metrics.SYNC_ROWS.labels("item").inc(len(message.items.keys))
+
+    def _spawn(self, name: str, target: object, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def start(self) -> None:
+        """Start every part of the roles; returns once the servers listen."""
+        if self.trainer is not None and self.publisher is not None:
+            self._spawn("trainer", self.trainer.run, self._stop)
+            self._spawn("sync", self.publisher.run, self._stop)
+            if "gateway" not in self.roles and self.config.metrics_port:
+                start_http_server(self.config.metrics_port)
+        if self.gateway is not None and self.replica is not None:
+            self.replica.bootstrap()
+            self._spawn("replica", self.replica.run, self._stop)
+            host = self.config.server.host
+            self._grpc, self.grpc_port = create_server(self.gateway, f"{host}:{self.config.server.grpc_port}")
+            self._grpc.start()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, self.config.server.http_port))
+            self.http_port = sock.getsockname()[1]
+            self._http = uvicorn.Server(
+                uvicorn.Config(create_app(self.gateway), log_level="warning", lifespan="off", access_log=False)
+            )
+            self._spawn("http", self._http.run, [sock])
+            while not self._http.started and self._threads[-1].is_alive():
+                self._stop.wait(0.02)
+            log.info("REST on %s:%d, gRPC on %s:%d", host, self.http_port, host, self.grpc_port)
+
+    def wait(self) -> None:
+        """Block until `stop()` (or Ctrl-C in the caller)."""
+        self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._http is not None:
+            self._http.should_exit = True
+        if self._grpc is not None:
+            self._grpc.stop(grace=1.0)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.log.close()
+        self.store.close()

@@ -1,0 +1,177 @@
+"""A serving replica: follows the serving store version by version and answers requests."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedding_store.keys import feature_key
+from ranking.base import Ranker
+from ranking.dot import DotProductRanker
+from retrieval.index import ItemIndex
+from services.errors import NotFound
+from services.serving_store.base import ServingStore, VersionGap
+from services.serving_store.state import ServingState
+from trainer.sync import SyncMessage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One answer: its id (for impressions), the model version it used, the items."""
+
+    request_id: str
+    model_version: int
+    items: list[ScoredItem]
+
+
+class ServingReplica:
+    """Apply versions from a serving store to local state and a Faiss index; serve from them.
+
+    Each version is applied under the replica's lock, and requests read under the same lock,
+    so no request ever sees half a version.
+
+    One request: user vector -> top candidates from the item index (seen items removed when
+    asked) -> the ranker orders them -> top k. Users without a vector, and any shortfall,
+    get the popular items the trainer published.
+
+    Args:
+        store: where versions come from.
+        ranker: orders candidates (default: inner product).
+        candidates: how many items retrieval hands to the ranker.
+        on_apply: called with each applied message (metrics).
+    """
+
+    def __init__(
+        self,
+        store: ServingStore,
+        ranker: Ranker | None = None,
+        candidates: int = 200,
+        on_apply: Callable[[SyncMessage], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._ranker = ranker or DotProductRanker()
+        self._candidates = candidates
+        self._on_apply = on_apply
+        self._state = ServingState()
+        self._index: ItemIndex | None = None
+        self._lock = threading.RLock()
+        self.bootstrapped = threading.Event()
+
+    @property
+    def version(self) -> int:
+        return self._state.version
+
+    def bootstrap(self) -> None:
+        """Load the store's current state, replacing everything local."""
+        self.apply(self._store.snapshot())
+        self.bootstrapped.set()
+
+    def apply(self, message: SyncMessage) -> None:
+        with self._lock:
+            self._state.apply(message)
+            if message.full:
+                self._index = None
+            items = self._state.items
+            if items is not None:
+                if self._index is None:
+                    self._index = ItemIndex(items.dim)
+                    keys, rows = items.items()
+                else:
+                    keys = message.items.keys
+                    rows, _ = items.get(keys)
+                    self._index.remove(message.items.evicted)
+                self._index.upsert(keys, rows.astype(np.float32))
+                self._index.publish()
+        if self._on_apply:
+            self._on_apply(message)
+
+    def catch_up(self, timeout_s: float = 0.0) -> int:
+        """Apply every version the store has past ours; returns how many were applied."""
+        if not self.bootstrapped.is_set():
+            self.bootstrap()
+        try:
+            messages = self._store.read_since(self.version, timeout_s)
+        except VersionGap as e:
+            log.warning("%s; bootstrapping again", e)
+            self.bootstrap()
+            return 1
+        for message in messages:
+            self.apply(message)
+        return len(messages)
+
+    def run(self, stop: threading.Event, poll_s: float = 0.5) -> None:
+        """Tail the store until `stop` is set; store outages are retried."""
+        while not stop.is_set():
+            try:
+                self.catch_up(timeout_s=poll_s)
+            except Exception:
+                log.exception("serving replica could not read the store; retrying")
+                stop.wait(1.0)
+
+    def recommend(self, user_id: str, k: int, exclude_seen: bool = True) -> Recommendation:
+        """Top `k` items for `user_id` (popular items for a user the model has not seen)."""
+        user = np.array([feature_key("user", user_id)], dtype=np.uint64)
+        with self._lock:
+            state = self._state
+            history = state.seen.get(int(user[0])) if exclude_seen else None
+            seen = np.fromiter(history, dtype=np.uint64) if history else np.zeros(0, np.uint64)
+            keys = np.zeros(0, dtype=np.uint64)
+            scores = np.zeros(0, dtype=np.float32)
+            if state.users is not None and state.items is not None and self._index is not None:
+                vectors, found = state.users.get(user)
+                if found[0]:
+                    cand, _ = self._index.search(vectors[0], self._candidates + len(seen))
+                    cand = cand[~np.isin(cand, seen)][: self._candidates]
+                    item_vectors, _ = state.items.get(cand)
+                    ranked = self._ranker.score(vectors[0], item_vectors)
+                    order = np.argsort(-ranked, kind="stable")[:k]
+                    keys, scores = cand[order], ranked[order]
+            if len(keys) < k:
+                keys, scores = self._fill_popular(keys, scores, seen, k)
+            items = [ScoredItem(state.names.get(key, str(key)), float(s))
+                     for key, s in zip(keys.tolist(), scores.tolist(), strict=True)]
+            return Recommendation(uuid.uuid4().hex, state.version, items)
+
+    def _fill_popular(
+        self, keys: np.ndarray, scores: np.ndarray, seen: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        popular, counts = self._state.popular_keys, self._state.popular_scores
+        keep = ~np.isin(popular, seen) & ~np.isin(popular, keys)
+        popular, counts = popular[keep], counts[keep]
+        total = float(self._state.popular_scores.sum()) or 1.0
+        extra = k - len(keys)
+        return (np.concatenate([keys, popular[:extra]]),
+                np.concatenate([scores, (counts[:extra] / total).astype(np.float32)]))
+
+    def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]:
+        """Items whose vectors are nearest to `item_id`'s; (model version, items).
+
+        Raises:
+            NotFound: the item has no vector yet.
+        """
+        item = np.array([feature_key("item", item_id)], dtype=np.uint64)
+        with self._lock:
+            state = self._state
+            if state.items is None or self._index is None:
+                raise NotFound(f"item {item_id!r} is unknown to the model")
+            vectors, found = state.items.get(item)
+            if not found[0]:
+                raise NotFound(f"item {item_id!r} is unknown to the model")
+            cand, scores = self._index.search(vectors[0], k + 1)
+            keep = cand != item[0]
+            items = [ScoredItem(state.names.get(key, str(key)), float(s))
+                     for key, s in zip(cand[keep][:k].tolist(), scores[keep][:k].tolist(), strict=True)]
+            return state.version, items

@@ -1,0 +1,63 @@
+"""In-process serving store (embedded mode) with the same semantics as the Redis backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from services.serving_store import codec
+from services.serving_store.base import VersionGap
+from services.serving_store.state import ServingState
+from trainer.sync import SyncMessage
+
+
+class MemoryServingStore:
+    """Current state plus the last `retention` versions, in memory.
+
+    Messages round-trip through the same encoding as the Redis store, so rows are fp16
+    here too and both backends serve identical values.
+
+    Args:
+        retention: versions kept for tailing replicas; older ones need a bootstrap.
+        max_seen: recent items kept per user.
+    """
+
+    def __init__(self, retention: int = 1000, max_seen: int = 200) -> None:
+        self._state = ServingState(max_seen=max_seen)
+        self._stream: deque[SyncMessage] = deque(maxlen=retention)
+        self._cond = threading.Condition()
+
+    def publish(self, message: SyncMessage) -> int:
+        with self._cond:
+            message.version = self._state.version + 1
+            stored = codec.decode(codec.encode(message))
+            self._state.apply(stored)
+            self._stream.append(stored)
+            self._cond.notify_all()
+            return stored.version
+
+    def latest_version(self) -> int:
+        with self._cond:
+            return self._state.version
+
+    def snapshot(self) -> SyncMessage:
+        with self._cond:
+            return self._state.to_message()
+
+    def read_since(self, version: int, timeout_s: float) -> list[SyncMessage]:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._state.version <= version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+            if not self._stream or self._stream[0].version > version + 1:
+                raise VersionGap(f"version {version + 1} is no longer retained")
+            start = version + 1 - self._stream[0].version
+            return list(self._stream)[start:]
+
+    def close(self) -> None:
+        pass
+

@@ -1,0 +1,158 @@
+"""Redis serving store: current rows in hashes, versions in a Redis Stream.
+
+Layout under a key prefix P (default "freshrec"):
+
+- `P:version`: the latest version;
+- `P:users`, `P:items`: hashes from 8-byte little-endian key to fp16 row bytes;
+- `P:names`: hash from item key to item id;
+- `P:seen:<user key hex>`: list of the user's recent item keys, trimmed to `max_seen`;
+- `P:popular`: the popular list (encoded message holding only that);
+- `P:deltas`: stream with one entry `<version>-0` per version, field `m` the encoded message,
+  trimmed to about `retention` entries.
+
+One publish is one MULTI/EXEC transaction guarded by WATCH on `P:version`, so readers never
+see half a version and concurrent publishers cannot both claim one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import redis
+
+from embedding_store.base import TableDelta
+from services.serving_store import codec
+from services.serving_store.base import VersionGap
+from trainer.sync import SyncMessage
+
+
+def _field(keys: np.ndarray) -> list[bytes]:
+    data = np.ascontiguousarray(keys, dtype="<u8").tobytes()
+    return [data[i : i + 8] for i in range(0, len(data), 8)]
+
+
+def _keys(fields: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(fields), dtype="<u8").astype(np.uint64)
+
+
+class RedisServingStore:
+    """Serving store on a Redis server.
+
+    Args:
+        url: redis://HOST:PORT[/DB]; the query parameter `prefix` sets the key prefix.
+        retention: approximate number of versions kept in the stream.
+        max_seen: recent items kept per user.
+
+    Raises:
+        redis.ConnectionError: from any call while Redis is unreachable.
+    """
+
+    def __init__(self, url: str, prefix: str = "freshrec", retention: int = 1000, max_seen: int = 200) -> None:
+        self._redis = redis.Redis.from_url(url)
+        self._p = prefix
+        self._retention = retention
+        self._max_seen = max_seen
+
+    def _k(self, name: str) -> str:
+        return f"{self._p}:{name}"
+
+    def publish(self, message: SyncMessage) -> int:
+        vkey = self._k("version")
+        while True:
+            with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(vkey)
+                    message.version = int(pipe.get(vkey) or 0) + 1
+                    pipe.multi()
+                    self._write(pipe, message)
+                    pipe.execute()
+                    return message.version
+                except redis.WatchError:
+                    continue
+
+    def _write(self, pipe: redis.client.Pipeline, m: SyncMessage) -> None:
+        for table, delta in (("users", m.users), ("items", m.items)):
+            if len(delta.evicted):
+                pipe.hdel(self._k(table), *_field(delta.evicted))
+            if len(delta.keys):
+                rows = delta.rows.astype(np.float16)
+                pipe.hset(self._k(table), mapping=dict(zip(_field(delta.keys), map(bytes, rows), strict=True)))
+        if len(m.items.evicted):
+            pipe.hdel(self._k("names"), *_field(m.items.evicted))
+        if m.item_names:
+            keys = np.fromiter(m.item_names.keys(), dtype=np.uint64, count=len(m.item_names))
+            pipe.hset(self._k("names"), mapping=dict(zip(_field(keys), m.item_names.values(), strict=True)))
+        if len(m.seen_users):
+            order = np.argsort(m.seen_users, kind="stable")
+            users, items = m.seen_users[order], m.seen_items[order]
+            bounds = np.flatnonzero(np.diff(users)) + 1
+            for user, u_items in zip(users[np.r_[0, bounds]].tolist(), np.split(items, bounds), strict=True):
+                key = self._k(f"seen:{user:016x}")
+                pipe.rpush(key, *_field(u_items))
+                pipe.ltrim(key, -self._max_seen, -1)
+        if len(m.popular_keys):
+            popular = SyncMessage(
+                users=TableDelta("user", np.zeros(0, np.uint64), np.zeros((0, 1), np.float32)),
+                items=TableDelta("item", np.zeros(0, np.uint64), np.zeros((0, 1), np.float32)),
+                popular_keys=m.popular_keys,
+                popular_scores=m.popular_scores,
+            )
+            pipe.set(self._k("popular"), codec.encode(popular))
+        pipe.set(self._k("version"), m.version)
+        pipe.xadd(self._k("deltas"), {"m": codec.encode(m)}, id=f"{m.version}-0",
+                  maxlen=self._retention, approximate=True)
+
+    def latest_version(self) -> int:
+        return int(self._redis.get(self._k("version")) or 0)
+
+    def snapshot(self) -> SyncMessage:
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(self._k("version"))
+            pipe.hgetall(self._k("users"))
+            pipe.hgetall(self._k("items"))
+            pipe.hgetall(self._k("names"))
+            pipe.get(self._k("popular"))
+            version, users, items, names, popular = pipe.execute()
+        # Seen lists are read after the transaction; they may already hold items of a later
+        # version, which the replica then sees twice (a history is a recency list, so harmless).
+        seen_users: list[np.ndarray] = []
+        seen_items: list[np.ndarray] = []
+        for key in self._redis.scan_iter(match=self._k("seen:*"), count=1000):
+            user = int(key.rsplit(b":", 1)[1], 16)
+            items_of_user = _keys(self._redis.lrange(key, 0, -1))
+            seen_users.append(np.full(len(items_of_user), user, dtype=np.uint64))
+            seen_items.append(items_of_user)
+        pop = codec.decode(popular) if popular else None
+        return SyncMessage(
+            users=self._table("user", users),
+            items=self._table("item", items),
+            item_names={int(k): v.decode("utf-8") for k, v in zip(_keys(list(names)).tolist(), names.values(),
+                                                                    strict=True)},
+            seen_users=np.concatenate(seen_users) if seen_users else np.zeros(0, np.uint64),
+            seen_items=np.concatenate(seen_items) if seen_items else np.zeros(0, np.uint64),
+            popular_keys=pop.popular_keys if pop else np.zeros(0, np.uint64),
+            popular_scores=pop.popular_scores if pop else np.zeros(0, np.float32),
+            version=int(version or 0),
+            full=True,
+        )
+
+    @staticmethod
+    def _table(name: str, mapping: dict[bytes, bytes]) -> TableDelta:
+        if not mapping:
+            return TableDelta(name, np.zeros(0, np.uint64), np.zeros((0, 1), np.float32))
+        keys = _keys(list(mapping))
+        rows = np.frombuffer(b"".join(mapping.values()), dtype=np.float16).reshape(len(keys), -1)
+        return TableDelta(name, keys, rows.astype(np.float32))
+
+    def read_since(self, version: int, timeout_s: float) -> list[SyncMessage]:
+        block_ms = max(1, int(timeout_s * 1000))
+        reply = self._redis.xread({self._k("deltas"): f"{version}-0"}, count=1000, block=block_ms)
+        if not reply:
+            return []
+        entries = reply[0][1]
+        messages = [codec.decode(fields[b"m"]) for _, fields in entries]
+        if messages and messages[0].version != version + 1:
+            raise VersionGap(f"version {version + 1} is no longer retained (oldest is {messages[0].version})")
+        return messages
+
+    def close(self) -> None:
+        self._redis.close()

@@ -1,0 +1,95 @@
+"""Current serving state built by applying sync messages in order (shared by store backends)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from embedding_store.base import TableDelta
+from embedding_store.row_map import RowMap
+from trainer.sync import SyncMessage
+
+
+class ServingState:
+    """User rows, item rows, item names, recent items per user and the popular list.
+
+    Args:
+        max_seen: most recent items kept per user (older ones fall off).
+        dtype: row storage dtype.
+    """
+
+    def __init__(self, max_seen: int = 200, dtype: np.dtype | type = np.float16) -> None:
+        self.max_seen = max_seen
+        self.dtype = np.dtype(dtype)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (before applying a full snapshot)."""
+        self.version = 0
+        self.users: RowMap | None = None
+        self.items: RowMap | None = None
+        self.names: dict[int, str] = {}
+        self.seen: dict[int, deque[int]] = {}
+        self.popular_keys = np.zeros(0, dtype=np.uint64)
+        self.popular_scores = np.zeros(0, dtype=np.float32)
+
+    def apply(self, message: SyncMessage) -> None:
+        """Apply one version (or a full snapshot, which first clears everything)."""
+        if message.full:
+            self.reset()
+        self.users = self._apply_table(self.users, message.users)
+        self.items = self._apply_table(self.items, message.items)
+        if len(message.items.evicted):
+            for key in message.items.evicted.tolist():
+                self.names.pop(key, None)
+        self.names.update(message.item_names)
+        self._apply_seen(message.seen_users, message.seen_items)
+        if len(message.popular_keys) or message.full:
+            self.popular_keys = message.popular_keys
+            self.popular_scores = message.popular_scores
+        self.version = message.version
+
+    def _apply_table(self, table: RowMap | None, delta: TableDelta) -> RowMap | None:
+        if table is None:
+            if not len(delta.keys):
+                return None
+            table = RowMap(delta.rows.shape[1], self.dtype)
+        table.delete(delta.evicted)
+        table.upsert(delta.keys, delta.rows)
+        return table
+
+    def _apply_seen(self, users: np.ndarray, items: np.ndarray) -> None:
+        if not len(users):
+            return
+        order = np.argsort(users, kind="stable")
+        users, items = users[order], items[order]
+        bounds = np.flatnonzero(np.diff(users)) + 1
+        for u_items, user in zip(np.split(items, bounds), users[np.r_[0, bounds]].tolist(), strict=True):
+            history = self.seen.get(user)
+            if history is None:
+                history = self.seen[user] = deque(maxlen=self.max_seen)
+            history.extend(u_items.tolist())
+
+    def to_message(self) -> SyncMessage:
+        """The whole state as a `full` message at the current version."""
+
+        def table(name: str, rows: RowMap | None) -> TableDelta:
+            if rows is None:
+                return TableDelta(name, np.zeros(0, np.uint64), np.zeros((0, 1), np.float32))
+            keys, values = rows.items()
+            return TableDelta(name, keys, values.astype(np.float32))
+
+        seen_users = [np.full(len(h), u, dtype=np.uint64) for u, h in self.seen.items()]
+        seen_items = [np.fromiter(h, dtype=np.uint64, count=len(h)) for h in self.seen.values()]
+        return SyncMessage(
+            users=table("user", self.users),
+            items=table("item", self.items),
+            item_names=dict(self.names),
+            seen_users=np.concatenate(seen_users) if seen_users else np.zeros(0, np.uint64),
+            seen_items=np.concatenate(seen_items) if seen_items else np.zeros(0, np.uint64),
+            popular_keys=self.popular_keys,
+            popular_scores=self.popular_scores,
+            version=self.version,
+            full=True,
+        )

@@ -1,0 +1,1 @@
+"""Streaming trainer: consumes events from the log, trains online, publishes parameter deltas."""

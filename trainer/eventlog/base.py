@@ -1,0 +1,77 @@
+"""The event-log interface: a partitioned, ordered, replayable log keyed by user.
+
+Both backends (`memory://` in-process, `kafka://` on a Kafka-protocol broker) give the
+same guarantees: events of one user land in one partition in order; a consumer group
+resumes from the offsets it committed; `append` returns only once the log holds the events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from trainer.events import Event
+
+
+class LogUnavailable(RuntimeError):
+    """The log could not take or give events (broker down, timed out). Retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One raw record read from the log.
+
+    Args:
+        partition: partition it was read from.
+        offset: its offset in that partition.
+        value: the encoded event (`Event.to_json`); decoding may fail for records that
+            were written by something other than the gateway.
+    """
+
+    partition: int
+    offset: int
+    value: bytes
+
+
+class LogConsumer(Protocol):
+    """A member of a consumer group reading the log."""
+
+    def poll(self, max_records: int, timeout_s: float) -> list[LogRecord]:
+        """Return up to `max_records` records, waiting at most `timeout_s` for the first."""
+        ...
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit, per partition, the offset of the next record to read."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EventLog(Protocol):
+    """A partitioned log of events keyed by user id."""
+
+    @property
+    def partitions(self) -> int: ...
+
+    def append(self, events: Sequence[Event]) -> None:
+        """Append events; returns once the log holds them (acknowledged).
+
+        Raises:
+            LogUnavailable: nothing can be guaranteed about these events; the caller must
+                not acknowledge them.
+        """
+        ...
+
+    def consumer(self, group: str) -> LogConsumer:
+        """Join consumer group `group`, starting from its committed offsets (or the start)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def partition_for(user_id: str, partitions: int) -> int:
+    """The partition of a user's events: stable across processes (not Python's `hash`)."""
+    from embedding_store.keys import feature_key
+
+    return feature_key("partition", user_id) % partitions

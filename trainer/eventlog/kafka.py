@@ -1,0 +1,125 @@
+"""Kafka event log through kafka-python: keyed producer with acks=all, manual-commit consumer."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+from trainer.eventlog.base import LogRecord, LogUnavailable
+from trainer.events import Event
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.admin import NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    from kafka.structs import OffsetAndMetadata
+
+log = logging.getLogger(__name__)
+
+
+class KafkaLog:
+    """Events in one Kafka topic, keyed by user id so a user's events stay in order.
+
+    Args:
+        bootstrap: "host:port" of a broker.
+        topic: topic name; created with `partitions` partitions if missing.
+        partitions: partitions for a topic this log creates.
+        request_timeout_s: how long `append` waits for the broker's acknowledgement.
+
+    Raises:
+        LogUnavailable: the broker cannot be reached when the log is opened.
+    """
+
+    def __init__(
+        self, bootstrap: str, topic: str = "events", partitions: int = 4, request_timeout_s: float = 10.0
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._partitions = partitions
+        self._timeout_s = request_timeout_s
+        try:
+            self._ensure_topic()
+            self._producer = KafkaProducer(
+                bootstrap_servers=bootstrap,
+                acks="all",
+                linger_ms=2,
+                retries=3,
+                request_timeout_ms=int(request_timeout_s * 1000),
+                max_block_ms=int(request_timeout_s * 1000),
+            )
+        except KafkaError as e:
+            raise LogUnavailable(f"kafka://{bootstrap}: {e}") from e
+
+    def _ensure_topic(self) -> None:
+        admin = KafkaAdminClient(bootstrap_servers=self._bootstrap, request_timeout_ms=10000)
+        try:
+            admin.create_topics([NewTopic(self._topic, self._partitions, 1)])
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            admin.close()
+
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    def append(self, events: Sequence[Event]) -> None:
+        try:
+            futures = [
+                self._producer.send(self._topic, key=e.user_id.encode("utf-8"), value=e.to_json())
+                for e in events
+            ]
+            self._producer.flush(timeout=self._timeout_s)
+            for f in futures:
+                f.get(timeout=self._timeout_s)
+        except KafkaError as e:
+            raise LogUnavailable(f"kafka://{self._bootstrap}/{self._topic}: {e}") from e
+
+    def consumer(self, group: str) -> KafkaLogConsumer:
+        return KafkaLogConsumer(self._bootstrap, self._topic, group)
+
+    def close(self) -> None:
+        self._producer.close(timeout=self._timeout_s)
+
+
+class KafkaLogConsumer:
+    """A consumer-group member; offsets are committed only when `commit` is called."""
+
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        self._topic = topic
+        self._consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+            max_poll_interval_ms=60000,
+        )
+
+    def poll(self, max_records: int, timeout_s: float) -> list[LogRecord]:
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as e:
+            raise LogUnavailable(f"poll {self._topic}: {e}") from e
+        return [
+            LogRecord(tp.partition, msg.offset, msg.value)
+            for tp, messages in batches.items()
+            for msg in messages
+        ]
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(
+                {TopicPartition(self._topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
+            )
+        except KafkaError as e:
+            raise LogUnavailable(f"commit {self._topic}: {e}") from e
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -1,0 +1,184 @@
+"""The interaction event contract and its validation.
+
+Every transport (REST, gRPC, the log itself) turns raw input into an `Event` through
+`parse_event`, so a bad field is reported the same way everywhere: an `InvalidEvent` that
+names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+EVENT_TYPES = frozenset({"impression", "click", "like", "share", "purchase", "rating", "dwell", "skip"})
+"""Interaction types a client may report."""
+
+POSITIVE_TYPES = frozenset({"click", "like", "share", "purchase", "rating"})
+"""Types that count as a positive interaction of the user with the item."""
+
+MAX_ID_LENGTH = 256
+MAX_CONTEXT_ENTRIES = 64
+_EVENT_FIELDS = frozenset(
+    {"event_id", "user_id", "item_id", "type", "timestamp_ms", "request_id", "value", "context"}
+)
+
+
+class InvalidEvent(ValueError):
+    """An event failed validation.
+
+    Args:
+        field: the offending field ("user_id", "context.device", "" for the event as a whole).
+        message: what is wrong with it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One validated interaction of a user with an item.
+
+    Args:
+        event_id: client-chosen idempotency key.
+        user_id: who acted.
+        item_id: on what.
+        type: one of `EVENT_TYPES`.
+        timestamp_ms: when it happened (client clock), milliseconds since the epoch.
+        request_id: the recommendation response that showed the item, if any.
+        value: rating, dwell seconds or similar, if the type carries one.
+        context: free-form string attributes (device, page, ...).
+    """
+
+    event_id: str
+    user_id: str
+    item_id: str
+    type: str
+    timestamp_ms: int
+    request_id: str = ""
+    value: float | None = None
+    context: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_positive(self) -> bool:
+        return self.type in POSITIVE_TYPES
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "type": self.type,
+            "timestamp_ms": self.timestamp_ms,
+        }
+        if self.request_id:
+            out["request_id"] = self.request_id
+        if self.value is not None:
+            out["value"] = self.value
+        if self.context:
+            out["context"] = dict(self.context)
+        return out
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Event:
+        """Decode an event from the log; raises `InvalidEvent` for anything malformed."""
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidEvent("", f"not a JSON object: {e}") from e
+        return parse_event(obj)
+
+
+def _id(obj: Mapping[str, Any], name: str, required: bool = True) -> str:
+    raw = obj.get(name)
+    if raw is None or raw == "":
+        if required:
+            raise InvalidEvent(name, "is required")
+        return ""
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise InvalidEvent(name, f"must be a string, got {type(raw).__name__}")
+    value = str(raw)
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidEvent(name, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
+    if not value.isprintable():
+        raise InvalidEvent(name, "must contain only printable characters")
+    return value
+
+
+def parse_event(obj: Any, now_ms: int | None = None) -> Event:
+    """Validate one raw event (a JSON-like mapping) and return it as an `Event`.
+
+    Args:
+        obj: the raw event.
+        now_ms: the time to use when `timestamp_ms` is absent or 0 (default: now).
+
+    Raises:
+        InvalidEvent: naming the first bad field.
+
+    Example:
+        >>> parse_event({"event_id": "e1", "user_id": "u", "item_id": "i", "type": "click",
+        ...              "timestamp_ms": 1}).type
+        'click'
+    """
+    if not isinstance(obj, Mapping):
+        raise InvalidEvent("", f"event must be an object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - _EVENT_FIELDS)
+    if unknown:
+        raise InvalidEvent(unknown[0], "unknown field")
+    event_id = _id(obj, "event_id")
+    user_id = _id(obj, "user_id")
+    item_id = _id(obj, "item_id")
+    kind = obj.get("type")
+    if kind is None or kind == "":
+        raise InvalidEvent("type", "is required")
+    if kind not in EVENT_TYPES:
+        raise InvalidEvent("type", f"must be one of {sorted(EVENT_TYPES)}, got {kind!r}")
+
+    ts = obj.get("timestamp_ms")
+    if ts is None or ts == 0:
+        ts = now_ms if now_ms is not None else int(time.time() * 1000)
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        raise InvalidEvent("timestamp_ms", f"must be an integer, got {type(ts).__name__}")
+    if not 0 < ts < 1 << 53:
+        raise InvalidEvent("timestamp_ms", f"must be positive milliseconds since the epoch, got {ts}")
+
+    value = obj.get("value")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidEvent("value", f"must be a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise InvalidEvent("value", "must be finite")
+        if abs(value) > 1e9:
+            raise InvalidEvent("value", "must be within [-1e9, 1e9]")
+    if kind in ("rating", "dwell") and value is None:
+        raise InvalidEvent("value", f"is required for type {kind!r}")
+
+    context = obj.get("context") or {}
+    if not isinstance(context, Mapping):
+        raise InvalidEvent("context", f"must be an object, got {type(context).__name__}")
+    if len(context) > MAX_CONTEXT_ENTRIES:
+        raise InvalidEvent("context", f"must have at most {MAX_CONTEXT_ENTRIES} entries")
+    for key, val in context.items():
+        if not isinstance(val, str) or len(val) > MAX_ID_LENGTH:
+            raise InvalidEvent(f"context.{key}", f"must be a string of at most {MAX_ID_LENGTH} characters")
+
+    return Event(
+        event_id=event_id,
+        user_id=user_id,
+        item_id=item_id,
+        type=kind,
+        timestamp_ms=ts,
+        request_id=_id(obj, "request_id", required=False),
+        value=value,
+        context=dict(context),
+    )

@@ -1,0 +1,116 @@
+"""Parameter sync: the versioned message the trainer publishes and the thread that sends it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from embedding_store.base import TableDelta
+
+log = logging.getLogger(__name__)
+
+
+def _empty_keys() -> np.ndarray:
+    return np.zeros(0, dtype=np.uint64)
+
+
+@dataclass
+class SyncMessage:
+    """Everything serving needs to move from one model version to the next.
+
+    Args:
+        version: position in the ordered stream of versions (assigned by the sink).
+        created_ms: when the trainer built it.
+        users, items: changed rows of the user and item tables.
+        item_names: raw item ids of keys first seen in this version, {key: item_id}.
+        seen_users, seen_items: aligned uint64 arrays of new (user, item) interactions.
+        popular_keys, popular_scores: the current most popular items, for cold users.
+        full: True for a bootstrap snapshot that replaces all state instead of updating it.
+    """
+
+    users: TableDelta
+    items: TableDelta
+    item_names: dict[int, str] = field(default_factory=dict)
+    seen_users: np.ndarray = field(default_factory=_empty_keys)
+    seen_items: np.ndarray = field(default_factory=_empty_keys)
+    popular_keys: np.ndarray = field(default_factory=_empty_keys)
+    popular_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    version: int = 0
+    created_ms: int = 0
+    full: bool = False
+
+    def is_empty(self) -> bool:
+        return not (len(self.users) or len(self.items) or self.item_names or len(self.seen_users))
+
+
+class SyncSink(Protocol):
+    """Where versions go (the serving store)."""
+
+    def publish(self, message: SyncMessage) -> int:
+        """Store `message` as the next version and return that version."""
+        ...
+
+
+class SyncPublisher:
+    """Publish the trainer's changes every `interval_s` seconds, in order, never dropping one.
+
+    A message whose publish fails is kept and sent again before anything newer, so the
+    serving side sees every change exactly in training order.
+
+    Args:
+        collect: returns the changes since the previous call (None when nothing changed).
+        sink: the serving store.
+        interval_s: seconds between publishes.
+        on_publish: called with each published message (metrics).
+    """
+
+    def __init__(
+        self,
+        collect: Callable[[], SyncMessage | None],
+        sink: SyncSink,
+        interval_s: float,
+        on_publish: Callable[[SyncMessage], None] | None = None,
+    ) -> None:
+        self._collect = collect
+        self._sink = sink
+        self._interval_s = interval_s
+        self._on_publish = on_publish
+        self._pending: list[SyncMessage] = []
+        self._lock = threading.Lock()
+
+    def publish_now(self) -> int:
+        """Collect and publish once; returns how many messages went out."""
+        with self._lock:
+            message = self._collect()
+            if message is not None:
+                self._pending.append(message)
+            sent = 0
+            while self._pending:
+                msg = self._pending[0]
+                msg.version = self._sink.publish(msg)
+                self._pending.pop(0)
+                sent += 1
+                if self._on_publish:
+                    self._on_publish(msg)
+            return sent
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self._interval_s):
+            try:
+                self.publish_now()
+            except Exception:  # keep syncing after a store outage; the message stays pending
+                log.exception("parameter sync failed; retrying in %.1fs", self._interval_s)
+        try:
+            self.publish_now()
+        except Exception:
+            log.exception("final parameter sync failed")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
