@@ -27,7 +27,5 @@ def feature_key(slot: str, value: str) -> int:
 def feature_keys(slot: str, values: Iterable[str]) -> np.ndarray:
     """Vector form of `feature_key`: a uint64 array with one key per value."""
     person = slot.encode("utf-8")[:16]
-    joined = b"".join(
-        hashlib.blake2b(v.encode("utf-8"), digest_size=8, person=person).digest() for v in values
-    )
+    joined = b"".join(hashlib.blake2b(v.encode("utf-8"), digest_size=8, person=person).digest() for v in values)
     return np.frombuffer(joined, dtype="<u8").astype(np.uint64)

@@ -65,7 +65,7 @@ class ItemIndex:
 
     def publish(self) -> None:
         """Make all writes so far visible to searches (rebuilds the GPU copy when on GPU)."""
-        if not self.use_gpu:
+        if self._gpu_resources is None:
             return
         with self._lock:
             copy = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)

@@ -52,15 +52,20 @@ def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "train
     config = _config(args)
     node = Node(config, roles)
     if "gateway" in roles:
-        print(f"freshrec {'+'.join(roles)}: log {config.log_url}, serving store {config.serving_store_url}",
-              flush=True)
+        print(f"freshrec {'+'.join(roles)}: log {config.log_url}, serving store {config.serving_store_url}", flush=True)
     return _serve(node)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.dataset)
-    report = replay(dataset, url=args.url.rstrip("/"), rate=args.rate, batch_size=args.batch_size,
-                    metrics_url=args.metrics_url, watch_user=args.watch_user)
+    report = replay(
+        dataset,
+        url=args.url.rstrip("/"),
+        rate=args.rate,
+        batch_size=args.batch_size,
+        metrics_url=args.metrics_url,
+        watch_user=args.watch_user,
+    )
     return 0 if report.trained and report.accepted == report.sent else 1
 
 
@@ -77,9 +82,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         report = replay(dataset, url=url, rate=args.rate, watch_user=user)
         if not report.trained:
             return 1
-        print(f"\nThe API stays up: try\n  curl -s {url}/v1/recommendations -H 'content-type: application/json' "
-              f"-d '{{\"user_id\": \"{user}\", \"k\": 5}}'\n  curl -s {url}/metrics | grep freshrec_\n"
-              "Ctrl-C to stop.", flush=True)
+        print(
+            f"\nThe API stays up: try\n  curl -s {url}/v1/recommendations -H 'content-type: application/json' "
+            f'-d \'{{"user_id": "{user}", "k": 5}}\'\n  curl -s {url}/metrics | grep freshrec_\n'
+            "Ctrl-C to stop.",
+            flush=True,
+        )
         if args.exit:
             return 0
         node.wait()
@@ -126,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("kafka", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

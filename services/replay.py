@@ -38,8 +38,15 @@ def read_metric(client: httpx.Client, metrics_url: str, name: str) -> float:
     return float(sum(values)) if values else float("nan")
 
 
-def show_recommendations(client: httpx.Client, url: str, user_id: str, names: dict[str, str], label: str,
-                         k: int = 5, out: Callable[[str], None] = print) -> list[str]:
+def show_recommendations(
+    client: httpx.Client,
+    url: str,
+    user_id: str,
+    names: dict[str, str],
+    label: str,
+    k: int = 5,
+    out: Callable[[str], None] = print,
+) -> list[str]:
     """Print (and return) the top-k recommendations for `user_id`."""
     body = client.post(f"{url}/v1/recommendations", json={"user_id": user_id, "k": k}).raise_for_status().json()
     items = [i["item_id"] for i in body["items"]]
@@ -95,8 +102,7 @@ def replay(
                     if ahead > 0:
                         time.sleep(ahead)
                 if watch_user and any(offset < m <= done for m in marks) and done < len(events):
-                    show_recommendations(client, url, watch_user, dataset.item_names,
-                                         f"after {done:,} events", out=out)
+                    show_recommendations(client, url, watch_user, dataset.item_names, f"after {done:,} events", out=out)
         seconds = time.perf_counter() - start
 
         deadline = time.monotonic() + wait_s
@@ -111,7 +117,9 @@ def replay(
             time.sleep(1.5)  # one sync interval, so the last rows reach serving
             show_recommendations(client, url, watch_user, dataset.item_names, "after replay", out=out)
     report = ReplayReport(len(events), accepted, seconds, trained, auc)
-    out(f"\nreplayed {report.accepted:,}/{report.sent:,} events in {report.seconds:.1f}s "
+    out(
+        f"\nreplayed {report.accepted:,}/{report.sent:,} events in {report.seconds:.1f}s "
         f"({report.events_per_s:,.0f} events/s); trainer caught up: {'yes' if trained else 'NO'}; "
-        f"progressive AUC: {report.progressive_auc:.4f}")
+        f"progressive AUC: {report.progressive_auc:.4f}"
+    )
     return report

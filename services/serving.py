@@ -141,8 +141,10 @@ class ServingReplica:
                     keys, scores = cand[order], ranked[order]
             if len(keys) < k:
                 keys, scores = self._fill_popular(keys, scores, seen, k)
-            items = [ScoredItem(state.names.get(key, str(key)), float(s))
-                     for key, s in zip(keys.tolist(), scores.tolist(), strict=True)]
+            items = [
+                ScoredItem(state.names.get(key, str(key)), float(s))
+                for key, s in zip(keys.tolist(), scores.tolist(), strict=True)
+            ]
             return Recommendation(uuid.uuid4().hex, state.version, items)
 
     def _fill_popular(
@@ -153,8 +155,10 @@ class ServingReplica:
         popular, counts = popular[keep], counts[keep]
         total = float(self._state.popular_scores.sum()) or 1.0
         extra = k - len(keys)
-        return (np.concatenate([keys, popular[:extra]]),
-                np.concatenate([scores, (counts[:extra] / total).astype(np.float32)]))
+        return (
+            np.concatenate([keys, popular[:extra]]),
+            np.concatenate([scores, (counts[:extra] / total).astype(np.float32)]),
+        )
 
     def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]:
         """Items whose vectors are nearest to `item_id`'s; (model version, items).
@@ -172,6 +176,8 @@ class ServingReplica:
                 raise NotFound(f"item {item_id!r} is unknown to the model")
             cand, scores = self._index.search(vectors[0], k + 1)
             keep = cand != item[0]
-            items = [ScoredItem(state.names.get(key, str(key)), float(s))
-                     for key, s in zip(cand[keep][:k].tolist(), scores[keep][:k].tolist(), strict=True)]
+            items = [
+                ScoredItem(state.names.get(key, str(key)), float(s))
+                for key, s in zip(cand[keep][:k].tolist(), scores[keep][:k].tolist(), strict=True)
+            ]
             return state.version, items

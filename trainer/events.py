@@ -22,9 +22,7 @@ POSITIVE_TYPES = frozenset({"click", "like", "share", "purchase", "rating"})
 
 MAX_ID_LENGTH = 256
 MAX_CONTEXT_ENTRIES = 64
-_EVENT_FIELDS = frozenset(
-    {"event_id", "user_id", "item_id", "type", "timestamp_ms", "request_id", "value", "context"}
-)
+_EVENT_FIELDS = frozenset({"event_id", "user_id", "item_id", "type", "timestamp_ms", "request_id", "value", "context"})
 
 
 class InvalidEvent(ValueError):

@@ -75,12 +75,18 @@ class Trainer:
     ) -> None:
         self.config = config
         self._consumer = consumer
-        table = TableConfig(name="user", dim=config.dim, learning_rate=config.learning_rate,
-                            init_std=config.init_std, seed=config.seed)
+        table = TableConfig(
+            name="user", dim=config.dim, learning_rate=config.learning_rate, init_std=config.init_std, seed=config.seed
+        )
         self.users = users or LocalTable(table)
         self.items = items or LocalTable(
-            TableConfig(name="item", dim=config.dim, learning_rate=config.learning_rate,
-                        init_std=config.init_std, seed=config.seed + 1)
+            TableConfig(
+                name="item",
+                dim=config.dim,
+                learning_rate=config.learning_rate,
+                init_std=config.init_std,
+                seed=config.seed + 1,
+            )
         )
         self.model = TwoTower()
         self.catalog = ItemCatalog(seed=config.seed)

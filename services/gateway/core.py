@@ -70,8 +70,9 @@ class Gateway:
                 results.append(EventResult(i, True))
             except InvalidEvent as e:
                 metrics.EVENTS_REJECTED.labels(field=e.field or "event").inc()
-                results.append(EventResult(i, False, f"events[{i}].{e.field}" if e.field else f"events[{i}]",
-                                           e.message))
+                results.append(
+                    EventResult(i, False, f"events[{i}].{e.field}" if e.field else f"events[{i}]", e.message)
+                )
         if not good:
             first = results[0]
             raise InvalidArgument(f"no valid event in the batch; first error: {first.field}: {first.message}")

@@ -49,12 +49,22 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         raise AssertionError("unreachable: abort raises")
 
     def Ingest(self, request: pb.IngestRequest, context: grpc.ServicerContext) -> pb.IngestResponse:
-        return self._call("Ingest", context, lambda: adapt.ingest_to_pb(
-            self._gateway.ingest([adapt.event_from_pb(e) for e in request.events], transport="grpc")))
+        return self._call(
+            "Ingest",
+            context,
+            lambda: adapt.ingest_to_pb(
+                self._gateway.ingest([adapt.event_from_pb(e) for e in request.events], transport="grpc")
+            ),
+        )
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
-        return self._call("Recommend", context, lambda: adapt.recommendation_to_pb(
-            self._gateway.recommend(request.user_id, request.k, request.exclude_seen)))
+        return self._call(
+            "Recommend",
+            context,
+            lambda: adapt.recommendation_to_pb(
+                self._gateway.recommend(request.user_id, request.k, request.exclude_seen)
+            ),
+        )
 
     def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext) -> Any:
         def run() -> pb.SimilarItemsResponse:

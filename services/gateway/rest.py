@@ -107,8 +107,9 @@ def create_app(gateway: Gateway) -> FastAPI:
             results=[
                 EventResultBody(index=r.index, status="accepted")
                 if r.accepted
-                else EventResultBody(index=r.index, status="rejected", error=EventError(field=r.field,
-                                                                                      message=r.message))
+                else EventResultBody(
+                    index=r.index, status="rejected", error=EventError(field=r.field, message=r.message)
+                )
                 for r in result.results
             ],
         )

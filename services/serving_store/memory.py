@@ -60,4 +60,3 @@ class MemoryServingStore:
 
     def close(self) -> None:
         pass
-

@@ -16,6 +16,8 @@ see half a version and concurrent publishers cannot both claim one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import redis
 
@@ -61,7 +63,8 @@ class RedisServingStore:
             with self._redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(vkey)
-                    message.version = int(pipe.get(vkey) or 0) + 1
+                    current: Any = pipe.get(vkey)  # immediate-mode read while watching
+                    message.version = int(current or 0) + 1
                     pipe.multi()
                     self._write(pipe, message)
                     pipe.execute()
@@ -98,8 +101,9 @@ class RedisServingStore:
             )
             pipe.set(self._k("popular"), codec.encode(popular))
         pipe.set(self._k("version"), m.version)
-        pipe.xadd(self._k("deltas"), {"m": codec.encode(m)}, id=f"{m.version}-0",
-                  maxlen=self._retention, approximate=True)
+        pipe.xadd(
+            self._k("deltas"), {"m": codec.encode(m)}, id=f"{m.version}-0", maxlen=self._retention, approximate=True
+        )
 
     def latest_version(self) -> int:
         return int(self._redis.get(self._k("version")) or 0)
@@ -125,8 +129,9 @@ class RedisServingStore:
         return SyncMessage(
             users=self._table("user", users),
             items=self._table("item", items),
-            item_names={int(k): v.decode("utf-8") for k, v in zip(_keys(list(names)).tolist(), names.values(),
-                                                                    strict=True)},
+            item_names={
+                int(k): v.decode("utf-8") for k, v in zip(_keys(list(names)).tolist(), names.values(), strict=True)
+            },
             seen_users=np.concatenate(seen_users) if seen_users else np.zeros(0, np.uint64),
             seen_items=np.concatenate(seen_items) if seen_items else np.zeros(0, np.uint64),
             popular_keys=pop.popular_keys if pop else np.zeros(0, np.uint64),

@@ -68,8 +68,7 @@ class KafkaLog:
     def append(self, events: Sequence[Event]) -> None:
         try:
             futures = [
-                self._producer.send(self._topic, key=e.user_id.encode("utf-8"), value=e.to_json())
-                for e in events
+                self._producer.send(self._topic, key=e.user_id.encode("utf-8"), value=e.to_json()) for e in events
             ]
             self._producer.flush(timeout=self._timeout_s)
             for f in futures:
@@ -105,11 +104,7 @@ class KafkaLogConsumer:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as e:
             raise LogUnavailable(f"poll {self._topic}: {e}") from e
-        return [
-            LogRecord(tp.partition, msg.offset, msg.value)
-            for tp, messages in batches.items()
-            for msg in messages
-        ]
+        return [LogRecord(tp.partition, msg.offset, msg.value) for tp, messages in batches.items() for msg in messages]
 
     def commit(self, offsets: dict[int, int]) -> None:
         if not offsets:

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from services.config import load_config
+from trainer.config import TrainerConfig
+
+
+def test_defaults_are_embedded() -> None:
+    config = load_config(env={})
+    assert config.embedded and config.server.http_port == 8000 and config.server.grpc_port == 50051
+
+
+def test_file_then_env_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('[server]\nhttp_port = 8100\ngrpc_port = 50100\n[trainer]\ndim = 16\n')
+    config = load_config(path, env={"FRESHREC_GRPC_PORT": "50200", "FRESHREC_EMBEDDING_DIM": "8"},
+                         overrides={"server.http_port": 8300})
+    assert (config.server.http_port, config.server.grpc_port, config.trainer.dim) == (8300, 50200, 8)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nhttp_prot = 1\n", "server.http_prot: unknown"),
+        ("[trainer]\ndim = 'big'\n", "trainer.dim: expected int"),
+        ("[trainer]\ndim = 0\n", "trainer.dim"),
+        ("log_url = 'kafak://x'\n", "log_url"),
+        ("log_url = 'kafka://h:1'\n", "memory:// must be used for both"),
+        ("[server]\nhttp_port = 70000\n", "server.http_port"),
+    ],
+)
+def test_bad_values_name_their_path(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("/", "/")):
+        load_config(path, env={})
+
+
+def test_env_value_of_wrong_type_is_rejected() -> None:
+    with pytest.raises(ValueError, match="server.http_port"):
+        load_config(env={"FRESHREC_HTTP_PORT": "eighty"})
+
+
+def test_trainer_config_validates() -> None:
+    with pytest.raises(ValueError, match="trainer.sync_interval_s"):
+        TrainerConfig(sync_interval_s=0)
