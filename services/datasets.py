@@ -145,7 +145,7 @@ def synthetic(
     user_ids = rng.integers(0, users, events)
     in_cluster = rng.random(events) < 0.9
     per_cluster = items // clusters
-    rank = np.minimum(rng.zipf(1.3, events) - 1, per_cluster - 1)
+    rank = (rng.zipf(1.3, events) - 1) % per_cluster  # wrap the heavy tail instead of piling it on the last rank
     cluster = np.where(in_cluster, user_ids % clusters, rng.integers(0, clusters, events))
     item_ids = rank * clusters + cluster
     out = [

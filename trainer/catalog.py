@@ -47,9 +47,13 @@ class ItemCatalog:
             self._new_names[int(keys[i])] = names[i]
         np.add.at(self._counts, rows, positive_weights)
 
-    def sample(self, n: int) -> np.ndarray:
-        """Draw `n` item keys with probability proportional to count ** 0.75."""
+    def sample(self, n: int, uniform_share: float = 0.0) -> np.ndarray:
+        """Draw `n` item keys with probability proportional to count ** 0.75, mixed with
+        `uniform_share` of draws uniform over all items seen (so rare items also meet negatives)."""
         weights = self._counts**0.75
+        if uniform_share > 0 and weights.sum() > 0:
+            live = self._counts > 0
+            weights = (1 - uniform_share) * weights / weights.sum() + uniform_share * live / live.sum()
         cdf = np.cumsum(weights)
         if n == 0 or not len(cdf) or cdf[-1] <= 0:
             return np.zeros(0, dtype=np.uint64)

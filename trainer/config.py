@@ -14,6 +14,9 @@ class TrainerConfig:
         learning_rate: row-wise Adagrad step size of the embedding tables.
         init_std: initial row scale.
         negatives: popularity-sampled negatives per positive event (data without impressions).
+        uniform_negatives: share of sampled negatives drawn uniformly over items instead of by
+            popularity; without it, rare items almost never appear as negatives and drift to the
+            top of every list.
         batch_size: most events per training step.
         poll_timeout_s: how long one poll of the log waits for events.
         sync_interval_s: how often changed rows are published to the serving store.
@@ -26,9 +29,10 @@ class TrainerConfig:
     """
 
     dim: int = 32
-    learning_rate: float = 0.1
-    init_std: float = 0.05
+    learning_rate: float = 0.2
+    init_std: float = 0.1
     negatives: int = 4
+    uniform_negatives: float = 0.5
     batch_size: int = 512
     poll_timeout_s: float = 0.2
     sync_interval_s: float = 1.0
@@ -42,6 +46,7 @@ class TrainerConfig:
             "learning_rate": self.learning_rate > 0,
             "init_std": self.init_std >= 0,
             "negatives": 0 <= self.negatives <= 1000,
+            "uniform_negatives": 0.0 <= self.uniform_negatives <= 1.0,
             "batch_size": self.batch_size >= 1,
             "poll_timeout_s": self.poll_timeout_s >= 0,
             "sync_interval_s": self.sync_interval_s > 0,

@@ -40,6 +40,12 @@ class StepResult:
     loss: float
 
 
+def _pair_ids(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """One uint64 per (user, item) pair, for set tests on pairs (a collision only drops a negative)."""
+    with np.errstate(over="ignore"):
+        return users * np.uint64(0x9E3779B97F4A7C15) ^ items
+
+
 class Trainer:
     """Train the two-tower model online from a consumer of the event log.
 
@@ -135,8 +141,11 @@ class Trainer:
         self._seen.append((user_keys[positive], item_keys[positive]))
 
         n_neg = int(positive.sum()) * self.config.negatives
-        neg_items = self.catalog.sample(n_neg)
+        neg_items = self.catalog.sample(n_neg, self.config.uniform_negatives)
         neg_users = np.repeat(user_keys[positive], self.config.negatives)[: len(neg_items)]
+        # Drop accidental hits: a sampled negative the same user clicked in this batch.
+        hit = np.isin(_pair_ids(neg_users, neg_items), _pair_ids(user_keys[positive], item_keys[positive]))
+        neg_users, neg_items = neg_users[~hit], neg_items[~hit]
         labelled = positive | skipped
         u = np.concatenate([user_keys[labelled], neg_users])
         i = np.concatenate([item_keys[labelled], neg_items])

@@ -1,0 +1,52 @@
+"""Helpers to run a whole freshrec process in-process on free ports."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from services.config import load_config
+from services.node import Node
+from tests.conftest import wait_until
+
+
+@contextmanager
+def running_node(log_url: str = "memory://", store_url: str = "memory://", **overrides: object) -> Iterator[Node]:
+    """An all-in-one node (gateway + trainer) on free loopback ports, stopped afterwards."""
+    config = load_config(
+        env={},
+        overrides={
+            "log_url": log_url,
+            "serving_store_url": store_url,
+            "server.host": "127.0.0.1",
+            "server.http_port": 0,
+            "server.grpc_port": 0,
+            "trainer.group_id": f"trainer-{uuid.uuid4().hex[:8]}",
+            "trainer.sync_interval_s": 0.5,
+            "trainer.poll_timeout_s": 0.05,
+            **overrides,
+        },
+    )
+    node = Node(config)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def rest(node: Node) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=10)
+
+
+def wait_trained_and_served(node: Node, events: int, timeout_s: float = 60) -> None:
+    """Wait until the trainer has trained on `events` events in all and serving caught up with it."""
+    assert node.trainer is not None and node.publisher is not None and node.replica is not None
+    trainer, replica = node.trainer, node.replica
+    wait_until(lambda: trainer.events_trained >= events, timeout_s, f"trainer to train on {events} events")
+    node.publisher.publish_now()
+    target = node.store.latest_version()
+    wait_until(lambda: replica.version >= target, timeout_s, f"serving to apply version {target}")

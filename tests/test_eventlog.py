@@ -1,0 +1,80 @@
+"""One suite for the EventLog interface, run against the in-process log and real Kafka."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.conftest import wait_until
+from trainer.eventlog import EventLog, LogConsumer, LogRecord, open_log
+from trainer.events import Event
+
+
+@pytest.fixture(params=["memory", "kafka"])
+def event_log(request: pytest.FixtureRequest) -> EventLog:
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("kafka_url")
+    log = open_log(url, partitions=3)
+    request.addfinalizer(log.close)
+    return log
+
+
+def events(n: int, users: int = 5, start: int = 0) -> list[Event]:
+    return [Event(f"e{i}", f"u{i % users}", f"i{i}", "click", 1_000 + i) for i in range(start, start + n)]
+
+
+def drain(consumer: LogConsumer, expected: int, timeout_s: float = 20) -> list[LogRecord]:
+    got: list[LogRecord] = []
+
+    def more() -> bool:
+        got.extend(consumer.poll(1000, 0.2))
+        return len(got) >= expected
+
+    wait_until(more, timeout_s, f"{expected} records")
+    return got
+
+
+def test_every_event_is_delivered_once_in_user_order(event_log: EventLog) -> None:
+    event_log.append(events(60))
+    consumer = event_log.consumer(f"g-{uuid.uuid4().hex}")
+    try:
+        records = drain(consumer, 60)
+        decoded = [Event.from_json(r.value) for r in records]
+        assert sorted(e.event_id for e in decoded) == sorted(f"e{i}" for i in range(60))
+        by_user: dict[str, list[int]] = {}
+        partition_of: dict[str, set[int]] = {}
+        for r, e in zip(records, decoded, strict=True):
+            by_user.setdefault(e.user_id, []).append(e.timestamp_ms)
+            partition_of.setdefault(e.user_id, set()).add(r.partition)
+        assert all(ts == sorted(ts) for ts in by_user.values()), "a user's events must stay in order"
+        assert all(len(p) == 1 for p in partition_of.values()), "a user's events must share a partition"
+    finally:
+        consumer.close()
+
+
+def test_group_resumes_from_committed_offsets(event_log: EventLog) -> None:
+    group = f"g-{uuid.uuid4().hex}"
+    event_log.append(events(30))
+    first = event_log.consumer(group)
+    records = drain(first, 30)
+    # commit only the first record of each partition: the rest must come again
+    committed: dict[int, int] = {}
+    for r in records:
+        committed.setdefault(r.partition, r.offset + 1)
+    first.commit(committed)
+    first.close()
+    event_log.append(events(10, start=30))
+    second = event_log.consumer(group)
+    try:
+        again = drain(second, 30 - len(committed) + 10)
+        ids = {Event.from_json(r.value).event_id for r in again}
+        assert len(again) == 30 - len(committed) + 10
+        assert {f"e{i}" for i in range(30, 40)} <= ids
+        assert all(r.offset >= committed.get(r.partition, 0) for r in again)
+    finally:
+        second.close()
+
+
+def test_unknown_scheme_names_the_url() -> None:
+    with pytest.raises(ValueError, match="nats://x"):
+        open_log("nats://x")

@@ -1,0 +1,114 @@
+"""One suite for the ServingStore interface, run against the in-process store and real Redis."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from embedding_store.base import TableDelta
+from services.serving_store import MemoryServingStore, ServingStore, VersionGap, open_serving_store
+from services.serving_store.redis import RedisServingStore
+from services.serving_store.state import ServingState
+from trainer.sync import SyncMessage
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> ServingStore:
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    s = open_serving_store(url)
+    request.addfinalizer(s.close)
+    return s
+
+
+def message(rng: np.random.Generator, n_users: int = 3, n_items: int = 4, dim: int = 4) -> SyncMessage:
+    users = rng.integers(0, 50, n_users).astype(np.uint64)
+    items = rng.integers(1000, 1050, n_items).astype(np.uint64)
+    return SyncMessage(
+        users=TableDelta("user", users, rng.normal(size=(n_users, dim)).astype(np.float32)),
+        items=TableDelta("item", items, rng.normal(size=(n_items, dim)).astype(np.float32),
+                         evicted=rng.integers(1000, 1050, 1).astype(np.uint64)),
+        item_names={int(k): f"name-{int(k)}" for k in items},
+        seen_users=users[:2],
+        seen_items=items[:2],
+        popular_keys=items[:3],
+        popular_scores=np.array([3, 2, 1], dtype=np.float32),
+        created_ms=1,
+    )
+
+
+def same_state(a: SyncMessage, b: SyncMessage) -> None:
+    sa, sb = ServingState(), ServingState()
+    sa.apply(a)
+    sb.apply(b)
+    assert sa.version == sb.version
+    for ta, tb in ((sa.users, sb.users), (sa.items, sb.items)):
+        assert (ta is None) == (tb is None)
+        if ta is not None and tb is not None:
+            ka, ra = ta.items()
+            kb, rb = tb.items()
+            oa, ob = np.argsort(ka), np.argsort(kb)
+            np.testing.assert_array_equal(ka[oa], kb[ob])
+            np.testing.assert_array_equal(ra[oa], rb[ob])
+    assert sa.names == sb.names
+    assert {u: set(h) for u, h in sa.seen.items()} == {u: set(h) for u, h in sb.seen.items()}
+    np.testing.assert_array_equal(sa.popular_keys, sb.popular_keys)
+
+
+def test_versions_are_ordered_and_tailable(store: ServingStore) -> None:
+    rng = np.random.default_rng(0)
+    assert store.latest_version() == 0
+    versions = [store.publish(message(rng)) for _ in range(5)]
+    assert versions == [1, 2, 3, 4, 5] and store.latest_version() == 5
+    tail = store.read_since(2, timeout_s=0.1)
+    assert [m.version for m in tail] == [3, 4, 5]
+    assert store.read_since(5, timeout_s=0.05) == []
+
+
+def test_snapshot_equals_replaying_every_version(store: ServingStore) -> None:
+    rng = np.random.default_rng(1)
+    replica = ServingState()
+    for _ in range(20):
+        store.publish(message(rng))
+    for m in store.read_since(0, timeout_s=0.1):
+        replica.apply(m)
+    snap = store.snapshot()
+    assert snap.full and snap.version == 20
+    same_state(snap, replica.to_message())
+
+
+def test_rows_are_stored_as_fp16(store: ServingStore) -> None:
+    m = message(np.random.default_rng(2))
+    store.publish(m)
+    snap = store.snapshot()
+    order = np.argsort(snap.users.keys)
+    keys, idx = np.unique(m.users.keys, return_index=True)
+    np.testing.assert_array_equal(snap.users.keys[order], keys)
+    np.testing.assert_array_equal(snap.users.rows[order], m.users.rows[idx].astype(np.float16).astype(np.float32))
+
+
+def test_read_since_wakes_up_on_publish(store: ServingStore) -> None:
+    rng = np.random.default_rng(3)
+    timer = threading.Timer(0.2, lambda: store.publish(message(rng)))
+    timer.start()
+    got = store.read_since(0, timeout_s=5)
+    timer.join()
+    assert [m.version for m in got] == [1]
+
+
+def test_trimmed_stream_reports_a_gap(redis_url: str) -> None:
+    rng = np.random.default_rng(4)
+    for s in (MemoryServingStore(retention=3), RedisServingStore(redis_url.split("?")[0],
+                                                                 prefix=redis_url.rsplit("=", 1)[1] + "g",
+                                                                 retention=3)):
+        for _ in range(200):
+            s.publish(message(rng))
+        with pytest.raises(VersionGap):
+            s.read_since(1, timeout_s=0.1)
+        s.close()
+
+
+def test_unknown_scheme_names_the_url() -> None:
+    with pytest.raises(ValueError, match="mongodb://x"):
+        open_serving_store("mongodb://x")
