@@ -13,9 +13,10 @@ def test_defaults_are_embedded() -> None:
 
 def test_file_then_env_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "f.toml"
-    path.write_text('[server]\nhttp_port = 8100\ngrpc_port = 50100\n[trainer]\ndim = 16\n')
-    config = load_config(path, env={"FRESHREC_GRPC_PORT": "50200", "FRESHREC_EMBEDDING_DIM": "8"},
-                         overrides={"server.http_port": 8300})
+    path.write_text("[server]\nhttp_port = 8100\ngrpc_port = 50100\n[trainer]\ndim = 16\n")
+    config = load_config(
+        path, env={"FRESHREC_GRPC_PORT": "50200", "FRESHREC_EMBEDDING_DIM": "8"}, overrides={"server.http_port": 8300}
+    )
     assert (config.server.http_port, config.server.grpc_port, config.trainer.dim) == (8300, 50200, 8)
 
 

@@ -45,8 +45,16 @@ def test_new_users_interactions_change_their_recommendations(node: Node) -> None
         # the new user clicks only cluster-0 items (every other of its 12 most popular), half of
         # the clicks over REST, half over gRPC
         liked = [f"i{8 * r}" for r in range(6)]
-        events = [{"event_id": f"newbie-{n}", "user_id": "newbie", "item_id": item, "type": "click",
-                   "timestamp_ms": 1_800_000_000_000 + n} for n, item in enumerate(liked * 4)]
+        events = [
+            {
+                "event_id": f"newbie-{n}",
+                "user_id": "newbie",
+                "item_id": item,
+                "type": "click",
+                "timestamp_ms": 1_800_000_000_000 + n,
+            }
+            for n, item in enumerate(liked * 4)
+        ]
         assert client.post("/v1/events", json={"events": events[:12]}).json()["accepted"] == 12
         with grpc.insecure_channel(f"127.0.0.1:{node.grpc_port}") as channel:
             stub = pb_grpc.GatewayStub(channel)
@@ -54,8 +62,9 @@ def test_new_users_interactions_change_their_recommendations(node: Node) -> None
             assert reply.accepted == 12 and reply.rejected == 0
             wait_trained_and_served(node, len(background.events) + len(events))
 
-            after_rest = client.post("/v1/recommendations",
-                                     json={"user_id": "newbie", "k": 10, "exclude_seen": True}).json()
+            after_rest = client.post(
+                "/v1/recommendations", json={"user_id": "newbie", "k": 10, "exclude_seen": True}
+            ).json()
             after_grpc = stub.Recommend(pb.RecommendRequest(user_id="newbie", k=10, exclude_seen=True))
 
     rest_items = [i["item_id"] for i in after_rest["items"]]

@@ -27,8 +27,12 @@ def message(rng: np.random.Generator, n_users: int = 3, n_items: int = 4, dim: i
     items = rng.integers(1000, 1050, n_items).astype(np.uint64)
     return SyncMessage(
         users=TableDelta("user", users, rng.normal(size=(n_users, dim)).astype(np.float32)),
-        items=TableDelta("item", items, rng.normal(size=(n_items, dim)).astype(np.float32),
-                         evicted=rng.integers(1000, 1050, 1).astype(np.uint64)),
+        items=TableDelta(
+            "item",
+            items,
+            rng.normal(size=(n_items, dim)).astype(np.float32),
+            evicted=rng.integers(1000, 1050, 1).astype(np.uint64),
+        ),
         item_names={int(k): f"name-{int(k)}" for k in items},
         seen_users=users[:2],
         seen_items=items[:2],
@@ -99,9 +103,10 @@ def test_read_since_wakes_up_on_publish(store: ServingStore) -> None:
 
 def test_trimmed_stream_reports_a_gap(redis_url: str) -> None:
     rng = np.random.default_rng(4)
-    for s in (MemoryServingStore(retention=3), RedisServingStore(redis_url.split("?")[0],
-                                                                 prefix=redis_url.rsplit("=", 1)[1] + "g",
-                                                                 retention=3)):
+    for s in (
+        MemoryServingStore(retention=3),
+        RedisServingStore(redis_url.split("?")[0], prefix=redis_url.rsplit("=", 1)[1] + "g", retention=3),
+    ):
         for _ in range(200):
             s.publish(message(rng))
         with pytest.raises(VersionGap):

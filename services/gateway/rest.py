@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from services import metrics
 from services.errors import FreshrecError, Unavailable
@@ -44,7 +45,7 @@ class EventsResponse(BaseModel):
 
 class RecommendRequest(BaseModel):
     user_id: str = Field(min_length=1, max_length=256)
-    k: int | None = Field(default=None, description="number of items (server default when absent)")
+    k: int | None = Field(default=None, ge=1, description="number of items (server default when absent)")
     exclude_seen: bool = True
     context: dict[str, str] = Field(default_factory=dict)
 
@@ -82,6 +83,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()]
         return _error(422, "InvalidArgument", "; ".join(problems) or "invalid request")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {400: "InvalidArgument", 404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "Error")
+        return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -124,7 +130,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarResponse)
-    def similar(item_id: str, k: int | None = Query(default=None)) -> SimilarResponse:
+    def similar(item_id: str, k: int | None = Query(default=None, ge=1)) -> SimilarResponse:
         version, items = gateway.similar_items(item_id, k)
         return SimilarResponse(
             model_version=version, items=[ScoredItemBody(item_id=i.item_id, score=i.score) for i in items]

@@ -1,0 +1,103 @@
+"""The `freshrec` command as users run it: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, wait_until
+
+FRESHREC = [sys.executable, "-m", "services.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [*FRESHREC, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_http(url: str, proc: subprocess.Popen[str]) -> None:
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(up, 60, url, interval_s=0.2)
+
+
+def replay(url: str, *extra: str) -> str:
+    result = subprocess.run(
+        [*FRESHREC, "replay", "synthetic", "--url", url, *extra], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_up_then_replay_embedded() -> None:
+    port, grpc_port = free_port(), free_port()
+    with process(["up", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)]) as up:
+        wait_http(f"http://127.0.0.1:{port}/readyz", up)
+        out = replay(f"http://127.0.0.1:{port}", "--watch-user", "u1")
+    assert "replayed 20,000/20,000 events" in out and "trainer caught up: yes" in out
+    auc = float(out.rsplit("progressive AUC:", 1)[1].split()[0])
+    assert auc > 0.6, out
+    assert "[after replay] top 5 for user u1" in out
+
+
+def test_cluster_roles_on_kafka_and_redis(kafka_broker: str, redis_url: str) -> None:
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    flags = ["--host", "127.0.0.1", "--kafka", f"{kafka_broker}/events-{uuid.uuid4().hex[:8]}", "--redis", redis_url]
+    env = {"FRESHREC_METRICS_PORT": str(metrics_port), "FRESHREC_GROUP_ID": f"g-{uuid.uuid4().hex[:8]}"}
+    with (
+        process(["trainer", *flags, "--port", "0", "--grpc-port", "0"], env) as trainer,
+        process(["gateway", *flags, "--port", str(port), "--grpc-port", str(grpc_port)]) as gateway,
+    ):
+        wait_http(f"http://127.0.0.1:{port}/readyz", gateway)
+        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", trainer)
+        out = replay(f"http://127.0.0.1:{port}", "--metrics-url", f"http://127.0.0.1:{metrics_port}/metrics")
+        assert "trainer caught up: yes" in out
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").json()["model_version"] > 0,
+            30,
+            "the gateway to serve a trained version",
+        )
+
+
+def test_bad_flags_fail_with_a_clear_message() -> None:
+    result = subprocess.run(
+        [*FRESHREC, "up", "--kafka", "127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "memory:// must be used for both or neither" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["nope"])
+def test_unknown_dataset_is_refused(name: str) -> None:
+    result = subprocess.run([*FRESHREC, "replay", name], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
