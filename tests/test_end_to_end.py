@@ -3,6 +3,8 @@ embedded, and on a real Kafka-protocol broker and a real Redis."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
@@ -45,7 +47,7 @@ def test_new_users_interactions_change_their_recommendations(node: Node) -> None
         # the new user clicks only cluster-0 items (every other of its 12 most popular), half of
         # the clicks over REST, half over gRPC
         liked = [f"i{8 * r}" for r in range(6)]
-        events = [
+        events: list[dict[str, Any]] = [
             {
                 "event_id": f"newbie-{n}",
                 "user_id": "newbie",
