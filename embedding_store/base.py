@@ -16,6 +16,9 @@ class TableConfig:
         name: table name, used in deltas and metrics ("user", "item").
         dim: embedding width.
         learning_rate: row-wise Adagrad step size.
+        initial_accumulator: starting value of each row's Adagrad accumulator. Zero makes the
+            first step of every new row a full `learning_rate` step whatever its gradient,
+            which lets rows seen once jump as far as rows seen a thousand times.
         init_std: rows start as N(0, init_std^2).
         initial_rows: rows to reserve up front; tables grow past it.
         seed: seed of the row initialiser.
@@ -27,6 +30,7 @@ class TableConfig:
     name: str
     dim: int = 32
     learning_rate: float = 0.05
+    initial_accumulator: float = 0.1
     init_std: float = 0.05
     initial_rows: int = 1024
     seed: int = 0
@@ -38,6 +42,8 @@ class TableConfig:
             raise ValueError(f"dim: must be in [1, 4096], got {self.dim}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if not self.initial_accumulator >= 0:
+            raise ValueError(f"initial_accumulator: must be >= 0, got {self.initial_accumulator}")
         if not self.init_std >= 0:
             raise ValueError(f"init_std: must be >= 0, got {self.init_std}")
         if self.initial_rows < 1:

@@ -97,7 +97,7 @@ class LocalTable:
                 self._grow(self._index.row_capacity)
             init = self._rng.normal(0.0, self._config.init_std, (new_rows.size, self._config.dim))
             self._rows[new_rows] = init
-            self._accum[new_rows] = 0.0
+            self._accum[new_rows] = self._config.initial_accumulator
             self._row_keys[new_rows] = new_keys
         return rows
 

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--dataset", choices=DATASETS, default="movielens-100k")
     qs.add_argument("--port", type=int, default=8000)
     qs.add_argument("--grpc-port", type=int, default=50051)
-    qs.add_argument("--rate", type=float, default=0.0)
+    qs.add_argument("--rate", type=float, default=10000.0, help="events per second (0 = as fast as accepted)")
     qs.add_argument("--exit", action="store_true", help="stop after the replay instead of serving on")
     qs.set_defaults(func=cmd_quickstart)
     return parser

@@ -14,6 +14,7 @@ from embedding_store.keys import feature_key
 from ranking.base import Ranker
 from ranking.dot import DotProductRanker
 from retrieval.index import ItemIndex
+from retrieval.two_tower import TwoTower
 from services.errors import NotFound
 from services.serving_store.base import ServingStore, VersionGap
 from services.serving_store.state import ServingState
@@ -133,10 +134,11 @@ class ServingReplica:
             if state.users is not None and state.items is not None and self._index is not None:
                 vectors, found = state.users.get(user)
                 if found[0]:
-                    cand, _ = self._index.search(vectors[0], self._candidates + len(seen))
+                    query = TwoTower.user_query(vectors[0])
+                    cand, _ = self._index.search(query, self._candidates + len(seen))
                     cand = cand[~np.isin(cand, seen)][: self._candidates]
                     item_vectors, _ = state.items.get(cand)
-                    ranked = self._ranker.score(vectors[0], item_vectors)
+                    ranked = self._ranker.score(query, item_vectors)
                     order = np.argsort(-ranked, kind="stable")[:k]
                     keys, scores = cand[order], ranked[order]
             if len(keys) < k:

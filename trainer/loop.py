@@ -88,13 +88,13 @@ class Trainer:
         self.items = items or LocalTable(
             TableConfig(
                 name="item",
-                dim=config.dim,
+                dim=config.dim + 1,  # the last column is the item bias (see TwoTower)
                 learning_rate=config.learning_rate,
                 init_std=config.init_std,
                 seed=config.seed + 1,
             )
         )
-        self.model = TwoTower()
+        self.model = TwoTower(config.dim)
         self.catalog = ItemCatalog(seed=config.seed)
         self.auc = StreamingAUC()
         self.events_trained = 0
