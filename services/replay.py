@@ -51,6 +51,8 @@ def show_recommendations(
     body = client.post(f"{url}/v1/recommendations", json={"user_id": user_id, "k": k}).raise_for_status().json()
     items = [i["item_id"] for i in body["items"]]
     out(f"\n[{label}] top {k} for user {user_id} (model version {body['model_version']}):")
+    if not items:
+        out("  (nothing yet: the model has seen no events)")
     for rank, item in enumerate(body["items"], 1):
         out(f"  {rank}. {names.get(item['item_id'], item['item_id'])}  score={item['score']:.3f}")
     return items
