@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from services.config import Config, load_config
@@ -36,10 +37,14 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-def _serve(node: Node) -> int:
+def _serve(node: Node, then: Callable[[], int | None] | None = None) -> int:
+    """Start `node`, run `then` (its int result ends the process with that code), serve until stopped."""
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     node.start()
     try:
+        code = then() if then is not None else None
+        if code is not None:
+            return code
         node.wait()
     except KeyboardInterrupt:
         pass
@@ -70,17 +75,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    config = load_config(overrides={"server.http_port": args.port, "server.grpc_port": args.grpc_port})
-    node = Node(config)
-    node.start()
-    url = f"http://127.0.0.1:{node.http_port}"
-    print(f"freshrec is up: REST {url}, gRPC 127.0.0.1:{node.grpc_port} (embedded mode)", flush=True)
-    try:
+    node = Node(load_config(overrides={"server.http_port": args.port, "server.grpc_port": args.grpc_port}))
+
+    def replay_into_it() -> int | None:
+        url = f"http://127.0.0.1:{node.http_port}"
+        print(f"freshrec is up: REST {url}, gRPC 127.0.0.1:{node.grpc_port} (embedded mode)", flush=True)
         dataset = load_dataset(args.dataset)
         user = dataset.most_active_user()
         print(f"replaying {len(dataset.events):,} {dataset.name} events; watching user {user}", flush=True)
-        report = replay(dataset, url=url, rate=args.rate, watch_user=user)
-        if not report.trained:
+        if not replay(dataset, url=url, rate=args.rate, watch_user=user).trained:
             return 1
         print(
             f"\nThe API stays up: try\n  curl -s {url}/v1/recommendations -H 'content-type: application/json' "
@@ -88,14 +91,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             "Ctrl-C to stop.",
             flush=True,
         )
-        if args.exit:
-            return 0
-        node.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.stop()
-    return 0
+        return 0 if args.exit else None
+
+    return _serve(node, replay_into_it)
 
 
 def build_parser() -> argparse.ArgumentParser:

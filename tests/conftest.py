@@ -11,6 +11,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,23 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, int
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str) -> None:
+@contextmanager
+def _server(command: list[str], port: int, name: str) -> Iterator[None]:
+    """Run a server process until the block ends; returns once its port accepts connections."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def is_open() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with code {proc.returncode}")
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    wait_until(is_open, 20, f"{name} on port {port}")
+    try:
+        wait_until(is_open, 20, f"{name} on port {port}")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -50,18 +60,10 @@ def redis_server() -> Iterator[str]:
     if not Path(binary).exists():
         pytest.fail("redis-server is not installed: run scripts/setup.sh --dev")
     port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_port(port, proc, "redis-server")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with _server(command, port, "redis-server"):
         wait_until(lambda: redis.Redis(port=port).ping(), 10, "redis PING")
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
@@ -82,26 +84,18 @@ def kafka_broker() -> Iterator[str]:
     """host:port of a Kafka-protocol broker (tansu, in-memory storage) for the whole session."""
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            str(tansu_binary()),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_port(port, proc, "tansu broker")
+    command = [
+        str(tansu_binary()),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+    with _server(command, port, "tansu broker"):
         yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture

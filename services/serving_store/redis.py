@@ -122,7 +122,8 @@ class RedisServingStore:
         seen_items: list[np.ndarray] = []
         for key in self._redis.scan_iter(match=self._k("seen:*"), count=1000):
             user = int(key.rsplit(b":", 1)[1], 16)
-            items_of_user = _keys(self._redis.lrange(key, 0, -1))
+            raw_items: Any = self._redis.lrange(key, 0, -1)  # bytes: the client does not decode
+            items_of_user = _keys(raw_items)
             seen_users.append(np.full(len(items_of_user), user, dtype=np.uint64))
             seen_items.append(items_of_user)
         pop = codec.decode(popular) if popular else None
@@ -150,7 +151,7 @@ class RedisServingStore:
 
     def read_since(self, version: int, timeout_s: float) -> list[SyncMessage]:
         block_ms = max(1, int(timeout_s * 1000))
-        reply = self._redis.xread({self._k("deltas"): f"{version}-0"}, count=1000, block=block_ms)
+        reply: Any = self._redis.xread({self._k("deltas"): f"{version}-0"}, count=1000, block=block_ms)
         if not reply:
             return []
         entries = reply[0][1]
