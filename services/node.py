@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 import uvicorn
@@ -82,8 +82,8 @@ class Node:
         metrics.SYNC_ROWS.labels("user").inc(len(message.users.keys))
         metrics.SYNC_ROWS.labels("item").inc(len(message.items.keys))
 
-    def _spawn(self, name: str, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, name: str, target: Callable[..., object], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 

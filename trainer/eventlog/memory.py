@@ -11,7 +11,12 @@ from trainer.events import Event
 
 
 class MemoryLog:
-    """Partitions as in-memory lists, committed offsets per group, blocking polls.
+    """Partitions as in-memory lists, consumer groups with committed offsets, blocking polls.
+
+    As in Kafka, the partitions are split among the live members of a group (round-robin,
+    reassigned whenever a member joins or leaves), and a member that is handed a partition
+    starts reading it at the group's committed offset — so uncommitted records are read
+    again after a rebalance (at-least-once).
 
     Args:
         partitions: number of partitions; a user's events always land in the same one.
@@ -29,6 +34,7 @@ class MemoryLog:
             raise ValueError(f"partitions: must be >= 1, got {partitions}")
         self._partitions: list[list[bytes]] = [[] for _ in range(partitions)]
         self._committed: dict[str, dict[int, int]] = {}
+        self._members: dict[str, list[MemoryConsumer]] = {}
         self._cond = threading.Condition()
 
     @property
@@ -43,25 +49,44 @@ class MemoryLog:
             self._cond.notify_all()
 
     def consumer(self, group: str) -> MemoryConsumer:
+        member = MemoryConsumer(self, group)
         with self._cond:
-            committed = self._committed.setdefault(group, {})
-        return MemoryConsumer(self, group, dict(committed))
+            self._members.setdefault(group, []).append(member)
+            self._rebalance(group)
+        return member
 
-    def end_offsets(self) -> dict[int, int]:
+    def _leave(self, member: MemoryConsumer) -> None:
         with self._cond:
-            return {p: len(records) for p, records in enumerate(self._partitions)}
+            members = self._members.get(member.group, [])
+            if member in members:
+                members.remove(member)
+                self._rebalance(member.group)
+
+    def _rebalance(self, group: str) -> None:
+        """Hand partition p to member p mod n; new owners resume at the committed offset (lock held)."""
+        members = self._members[group]
+        committed = self._committed.setdefault(group, {})
+        for i, member in enumerate(members):
+            owned = range(i, self.partitions, len(members))
+            member._positions = {p: member._positions.get(p, committed.get(p, 0)) for p in owned}
+        self._cond.notify_all()
 
     def close(self) -> None:
         pass
 
 
 class MemoryConsumer:
-    """A consumer of a `MemoryLog`; one group member owns all partitions."""
+    """A member of a consumer group of a `MemoryLog`; reads the partitions it is assigned."""
 
-    def __init__(self, log: MemoryLog, group: str, positions: dict[int, int]) -> None:
+    def __init__(self, log: MemoryLog, group: str) -> None:
         self._log = log
-        self._group = group
-        self._positions = {p: positions.get(p, 0) for p in range(log.partitions)}
+        self.group = group
+        self._positions: dict[int, int] = {}
+
+    @property
+    def assignment(self) -> list[int]:
+        with self._log._cond:
+            return sorted(self._positions)
 
     def poll(self, max_records: int, timeout_s: float) -> list[LogRecord]:
         deadline = time.monotonic() + timeout_s
@@ -69,9 +94,9 @@ class MemoryConsumer:
         with log._cond:
             while True:
                 out: list[LogRecord] = []
-                for p, records in enumerate(log._partitions):
+                for p in sorted(self._positions):
                     start = self._positions[p]
-                    take = records[start : start + max_records - len(out)]
+                    take = log._partitions[p][start : start + max_records - len(out)]
                     out.extend(LogRecord(p, start + i, v) for i, v in enumerate(take))
                     self._positions[p] = start + len(take)
                     if len(out) >= max_records:
@@ -83,9 +108,9 @@ class MemoryConsumer:
 
     def commit(self, offsets: dict[int, int]) -> None:
         with self._log._cond:
-            committed = self._log._committed.setdefault(self._group, {})
+            committed = self._log._committed.setdefault(self.group, {})
             for p, off in offsets.items():
                 committed[p] = max(committed.get(p, 0), off)
 
     def close(self) -> None:
-        pass
+        self._log._leave(self)
