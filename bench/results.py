@@ -1,0 +1,49 @@
+"""Where benchmarks write their figures: one JSON file per benchmark under bench/results/."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def interleaved_medians(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Call each function in `runs` `repeats` times, interleaved (a, b, a, b, ...) so that machine
+    noise hits all of them alike; each returns the seconds of its own timed part (set-up excluded).
+    Returns the median seconds of each."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(fn())
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+class Stopwatch:
+    """`with Stopwatch() as sw: ...` then `sw.seconds`."""
+
+    def __enter__(self) -> Stopwatch:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
+def write(name: str, figures: dict[str, Any]) -> Path:
+    """Write `figures` with the machine's description to bench/results/<name>.json."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    record = {
+        "benchmark": name,
+        "machine": {"python": platform.python_version(), "processor": platform.machine(), "system": platform.system()},
+        **figures,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
