@@ -183,3 +183,24 @@ def test_openapi_lists_the_contract(node: Node) -> None:
     with rest(node) as client:
         paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/events", "/v1/recommendations", "/v1/items/{item_id}/similar", "/healthz", "/readyz"} <= set(paths)
+
+
+def test_exclude_seen_defaults_to_true_on_both_transports(node: Node, stub: pb_grpc.GatewayStub) -> None:
+    assert node.trainer is not None
+    before = node.trainer.events_trained
+    events = [event(n, "seer", item_id=f"seen-{n % 4}") for n in range(12)]
+    events += [event(100 + n, f"other-{n}", item_id=f"seen-{n % 4}") for n in range(12)]
+    with rest(node) as client:
+        client.post("/v1/events", json={"events": events})
+        wait_trained_and_served(node, before + len(events))
+        default = client.post("/v1/recommendations", json={"user_id": "seer", "k": 50}).json()["items"]
+        everything = client.post(
+            "/v1/recommendations", json={"user_id": "seer", "k": 50, "exclude_seen": False}
+        ).json()["items"]
+    seen = {f"seen-{n}" for n in range(4)}
+    assert not seen & {i["item_id"] for i in default}
+    assert seen <= {i["item_id"] for i in everything}
+    grpc_default = stub.Recommend(pb.RecommendRequest(user_id="seer", k=50)).items
+    grpc_everything = stub.Recommend(pb.RecommendRequest(user_id="seer", k=50, exclude_seen=False)).items
+    assert [i.item_id for i in grpc_default] == [i["item_id"] for i in default]
+    assert [i.item_id for i in grpc_everything] == [i["item_id"] for i in everything]

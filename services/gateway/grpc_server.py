@@ -62,7 +62,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             "Recommend",
             context,
             lambda: adapt.recommendation_to_pb(
-                self._gateway.recommend(request.user_id, request.k, request.exclude_seen)
+                self._gateway.recommend(request.user_id, request.k, adapt.exclude_seen(request))
             ),
         )
 

@@ -28,6 +28,11 @@ def event_from_pb(event: pb.Event) -> dict[str, Any]:
     return raw
 
 
+def exclude_seen(request: pb.RecommendRequest) -> bool:
+    """Unset means true, the same default as the REST API."""
+    return request.exclude_seen if request.HasField("exclude_seen") else True
+
+
 def ingest_to_pb(result: IngestResult) -> pb.IngestResponse:
     return pb.IngestResponse(
         accepted=result.accepted,
