@@ -35,8 +35,13 @@ class Node:
         roles: "gateway" (REST + gRPC + serving replica) and/or "trainer" (trainer + sync).
 
     Example:
-        >>> node = Node(load_config(overrides={"server.http_port": 0, "server.grpc_port": 0}))
-        >>> node.start(); node.stop()  # doctest: +SKIP
+        >>> from services.config import load_config
+        >>> ports = {"server.host": "127.0.0.1", "server.http_port": 0, "server.grpc_port": 0}
+        >>> node = Node(load_config(env={}, overrides=ports))
+        >>> node.start()
+        >>> node.http_port > 0 and node.grpc_port > 0
+        True
+        >>> node.stop()
     """
 
     def __init__(self, config: Config, roles: Iterable[str] = ROLES) -> None:

@@ -81,20 +81,13 @@ class Trainer:
     ) -> None:
         self.config = config
         self._consumer = consumer
-        table = TableConfig(
-            name="user", dim=config.dim, learning_rate=config.learning_rate, init_std=config.init_std, seed=config.seed
-        )
-        self.users = users or LocalTable(table)
-        self.items = items or LocalTable(
-            TableConfig(
-                name="item",
-                dim=config.dim + 1,  # the last column is the item bias (see TwoTower)
-                learning_rate=config.learning_rate,
-                init_std=config.init_std,
-                seed=config.seed + 1,
-            )
-        )
         self.model = TwoTower(config.dim)
+
+        def table(name: str, dim: int, seed: int) -> TableConfig:
+            return TableConfig(name, dim, config.learning_rate, init_std=config.init_std, seed=seed)
+
+        self.users = users or LocalTable(table("user", config.dim, config.seed))
+        self.items = items or LocalTable(table("item", self.model.item_dim, config.seed + 1))
         self.catalog = ItemCatalog(seed=config.seed)
         self.auc = StreamingAUC()
         self.events_trained = 0
@@ -138,7 +131,8 @@ class Trainer:
         positive = np.fromiter((e.is_positive for e in events), dtype=bool, count=len(events))
         skipped = np.fromiter((e.type == "skip" for e in events), dtype=bool, count=len(events))
         self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64))
-        self._seen.append((user_keys[positive], item_keys[positive]))
+        labelled = positive | skipped
+        self._seen.append((user_keys[labelled], item_keys[labelled]))  # what exclude_seen leaves out
 
         n_neg = int(positive.sum()) * self.config.negatives
         neg_items = self.catalog.sample(n_neg, self.config.uniform_negatives)
@@ -146,7 +140,6 @@ class Trainer:
         # Drop accidental hits: a sampled negative the same user clicked in this batch.
         hit = np.isin(_pair_ids(neg_users, neg_items), _pair_ids(user_keys[positive], item_keys[positive]))
         neg_users, neg_items = neg_users[~hit], neg_items[~hit]
-        labelled = positive | skipped
         u = np.concatenate([user_keys[labelled], neg_users])
         i = np.concatenate([item_keys[labelled], neg_items])
         y = np.concatenate([positive[labelled], np.zeros(len(neg_items), dtype=bool)]).astype(np.float32)
@@ -155,7 +148,7 @@ class Trainer:
             return StepResult(len(events), invalid, 0, float("nan"))
 
         user_rows = torch.from_numpy(self.users.lookup(u)).requires_grad_()  # [n, dim]
-        item_rows = torch.from_numpy(self.items.lookup(i)).requires_grad_()  # [n, dim]
+        item_rows = torch.from_numpy(self.items.lookup(i)).requires_grad_()  # [n, dim + 1], bias last
         logits = self.model(user_rows, item_rows)  # [n]
         self.auc.update(torch.sigmoid(logits).detach().numpy(), y)  # scored before training
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
