@@ -9,10 +9,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from services.config import Config, load_config
 from services.datasets import DATASETS, DatasetUnavailable, load_dataset
 from services.node import Node
 from services.replay import replay
+from trainer.eventlog import LogUnavailable
 
 log = logging.getLogger("freshrec")
 
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
-    except (ValueError, DatasetUnavailable) as e:
+    except (ValueError, DatasetUnavailable, LogUnavailable, redis.ConnectionError) as e:
         print(f"freshrec: error: {e}", file=sys.stderr)
         return 2
 

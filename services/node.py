@@ -100,7 +100,10 @@ class Node:
             if "gateway" not in self.roles and self.config.metrics_port:
                 start_http_server(self.config.metrics_port)
         if self.gateway is not None and self.replica is not None:
-            self.replica.bootstrap()
+            try:
+                self.replica.bootstrap()
+            except Exception as e:  # serve (cold) and keep retrying in the replica thread; /readyz says 503
+                log.warning("serving store unavailable at start (%s); retrying in the background", e)
             self._spawn("replica", self.replica.run, self._stop)
             host = self.config.server.host
             grpc_server, self.grpc_port = create_server(self.gateway, f"{host}:{self.config.server.grpc_port}")

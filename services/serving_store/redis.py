@@ -120,12 +120,17 @@ class RedisServingStore:
         # version, which the replica then sees twice (a history is a recency list, so harmless).
         seen_users: list[np.ndarray] = []
         seen_items: list[np.ndarray] = []
-        for key in self._redis.scan_iter(match=self._k("seen:*"), count=1000):
-            user = int(key.rsplit(b":", 1)[1], 16)
-            raw_items: Any = self._redis.lrange(key, 0, -1)  # bytes: the client does not decode
-            items_of_user = _keys(raw_items)
-            seen_users.append(np.full(len(items_of_user), user, dtype=np.uint64))
-            seen_items.append(items_of_user)
+        seen_keys = list(self._redis.scan_iter(match=self._k("seen:*"), count=1000))
+        for start in range(0, len(seen_keys), 1000):  # one round trip per 1,000 users
+            chunk = seen_keys[start : start + 1000]
+            with self._redis.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    pipe.lrange(key, 0, -1)
+                lists: list[Any] = pipe.execute()
+            for key, raw_items in zip(chunk, lists, strict=True):
+                items_of_user = _keys(raw_items)
+                seen_users.append(np.full(len(items_of_user), int(key.rsplit(b":", 1)[1], 16), dtype=np.uint64))
+                seen_items.append(items_of_user)
         pop = codec.decode(popular) if popular else None
         return SyncMessage(
             users=self._table("user", users),
