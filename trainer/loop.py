@@ -179,11 +179,15 @@ class Trainer:
         return None if message.is_empty() else message
 
     def run(self, stop: threading.Event) -> None:
-        """Train until `stop` is set; a log outage is retried, not fatal."""
+        """Train until `stop` is set, then leave the consumer group; a log outage is retried, not fatal."""
         while not stop.is_set():
             try:
                 self.poll_and_train()
             except LogUnavailable as e:
                 log.warning("event log unavailable: %s; retrying", e)
                 stop.wait(1.0)
+        self.close()
+
+    def close(self) -> None:
+        """Leave the consumer group (its partitions go to the other members)."""
         self._consumer.close()

@@ -1,0 +1,96 @@
+"""The trainer against the event log: at-least-once commits, bad records, sync contents."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from embedding_store import feature_keys
+from tests.conftest import wait_until
+from trainer.config import TrainerConfig
+from trainer.eventlog import EventLog, open_log
+from trainer.events import Event
+from trainer.loop import Trainer
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from kafka import KafkaProducer
+
+
+@pytest.fixture(params=["memory", "kafka"])
+def event_log(request: pytest.FixtureRequest) -> EventLog:
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("kafka_url")
+    log = open_log(url, partitions=2)
+    request.addfinalizer(log.close)
+    return log
+
+
+def clicks(n: int, start: int = 0) -> list[Event]:
+    return [Event(f"c{i}", f"u{i % 7}", f"i{i % 11}", "click", 1_000 + i) for i in range(start, start + n)]
+
+
+def train_until(trainer: Trainer, done: Callable[[], bool], timeout_s: float = 30) -> None:
+    def step() -> bool:
+        trainer.poll_and_train()
+        return done()
+
+    wait_until(step, timeout_s, "the trainer to get through the log")
+
+
+def test_offsets_are_committed_after_training_so_a_restart_resumes(event_log: EventLog) -> None:
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    event_log.append(clicks(50))
+    first = Trainer(TrainerConfig(poll_timeout_s=0.2), event_log.consumer(group))
+    train_until(first, lambda: first.events_trained >= 50)
+    first.close()
+    event_log.append(clicks(20, start=50))
+    second = Trainer(TrainerConfig(poll_timeout_s=0.2), event_log.consumer(group))
+    train_until(second, lambda: second.events_trained >= 20)
+    for _ in range(3):
+        second.poll_and_train()
+    assert second.events_trained == 20, "a restarted trainer must not see already-trained events again"
+    second.close()
+
+
+def test_records_that_are_not_events_are_skipped_and_counted(kafka_url: str) -> None:
+    log = open_log(kafka_url, partitions=1)
+    bootstrap, topic = kafka_url.removeprefix("kafka://").split("/")
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for value in (b"\xff\xfe not json", b'{"event_id": "x"}', b"[1, 2]", clicks(1)[0].to_json()):
+        producer.send(topic, value=value)
+    producer.flush()
+    producer.close()
+    trainer = Trainer(TrainerConfig(poll_timeout_s=0.2), log.consumer(f"g-{uuid.uuid4().hex[:8]}"))
+    train_until(trainer, lambda: trainer.invalid_records + trainer.events_trained >= 4)
+    assert (trainer.invalid_records, trainer.events_trained) == (3, 1)
+    log.close()
+
+
+def test_sync_message_holds_exactly_what_changed() -> None:
+    log = open_log("memory://")
+    log.append([Event("e1", "alice", "book", "click", 1), Event("e2", "bob", "film", "skip", 2)])
+    trainer = Trainer(TrainerConfig(negatives=0), log.consumer("g"))
+    trainer.poll_and_train()
+    message = trainer.collect_sync()
+    assert message is not None
+    alice, bob = feature_keys("user", ["alice", "bob"]).tolist()
+    book, film = feature_keys("item", ["book", "film"]).tolist()
+    assert set(message.users.keys.tolist()) == {alice, bob}
+    assert set(message.items.keys.tolist()) == {book, film}
+    assert message.users.rows.shape == (2, trainer.config.dim)
+    assert message.items.rows.shape == (2, trainer.config.dim + 1)  # + item bias
+    assert message.item_names == {book: "book", film: "film"}
+    assert set(zip(message.seen_users.tolist(), message.seen_items.tolist(), strict=True)) == {
+        (alice, book),
+        (bob, film),
+    }
+    assert message.popular_keys.tolist() == [book]  # only positives count towards popularity
+    assert trainer.collect_sync() is None  # nothing changed since
+    np.testing.assert_array_equal(
+        trainer.users.lookup(np.array([alice], np.uint64))[0],
+        message.users.rows[message.users.keys.tolist().index(alice)],
+    )
