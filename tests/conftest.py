@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from trainer.eventlog import EventLog, open_log
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -102,3 +104,12 @@ def kafka_broker() -> Iterator[str]:
 def kafka_url(kafka_broker: str) -> str:
     """A topic of this test's own on the session broker."""
     return f"kafka://{kafka_broker}/events-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["memory", "kafka"])
+def event_log(request: pytest.FixtureRequest) -> Iterator[EventLog]:
+    """Each EventLog backend in turn: in-process, and a topic of its own on the real broker."""
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("kafka_url")
+    log = open_log(url, partitions=3)
+    yield log
+    log.close()

@@ -11,14 +11,6 @@ from trainer.eventlog import EventLog, LogConsumer, LogRecord, MemoryLog, open_l
 from trainer.events import Event
 
 
-@pytest.fixture(params=["memory", "kafka"])
-def event_log(request: pytest.FixtureRequest) -> EventLog:
-    url = "memory://" if request.param == "memory" else request.getfixturevalue("kafka_url")
-    log = open_log(url, partitions=3)
-    request.addfinalizer(log.close)
-    return log
-
-
 def events(n: int, users: int = 5, start: int = 0) -> list[Event]:
     return [Event(f"e{i}", f"u{i % users}", f"i{i}", "click", 1_000 + i) for i in range(start, start + n)]
 

@@ -7,7 +7,6 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-import pytest
 
 from embedding_store import feature_keys
 from tests.conftest import wait_until
@@ -19,14 +18,6 @@ from trainer.loop import Trainer
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from kafka import KafkaProducer
-
-
-@pytest.fixture(params=["memory", "kafka"])
-def event_log(request: pytest.FixtureRequest) -> EventLog:
-    url = "memory://" if request.param == "memory" else request.getfixturevalue("kafka_url")
-    log = open_log(url, partitions=2)
-    request.addfinalizer(log.close)
-    return log
 
 
 def clicks(n: int, start: int = 0) -> list[Event]:
