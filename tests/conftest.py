@@ -64,7 +64,7 @@ def redis_server() -> Iterator[str]:
     port = free_port()
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     with _server(command, port, "redis-server"):
-        wait_until(lambda: redis.Redis(port=port).ping(), 10, "redis PING")
+        wait_until(lambda: redis.Redis(host="127.0.0.1", port=port).ping(), 10, "redis PING")
         yield f"redis://127.0.0.1:{port}/0"
 
 
