@@ -42,7 +42,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _serve(node: Node, then: Callable[[], int | None] | None = None) -> int:
     """Start `node`, run `then` (its int result ends the process with that code), serve until stopped."""
-    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
     node.start()
     try:
         code = then() if then is not None else None

@@ -52,6 +52,7 @@ class Node:
         self.log = open_log(config.log_url, partitions=config.log_partitions)
         self.store = open_serving_store(config.serving_store_url)
         self._stop = threading.Event()
+        self._stopped = False
         self._threads: list[threading.Thread] = []
         self.http_port = 0
         self.grpc_port = 0
@@ -122,10 +123,18 @@ class Node:
             log.info("REST on %s:%d, gRPC on %s:%d", host, self.http_port, host, self.grpc_port)
 
     def wait(self) -> None:
-        """Block until `stop()` (or Ctrl-C in the caller)."""
+        """Block until `request_stop()` or `stop()` (or Ctrl-C in the caller)."""
         self._stop.wait()
 
+    def request_stop(self) -> None:
+        """Ask the node to stop (safe from a signal handler); `wait()` then returns."""
+        self._stop.set()
+
     def stop(self) -> None:
+        """Stop every part and close the log and the store; calling it again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self._http is not None:
             self._http.should_exit = True

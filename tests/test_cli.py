@@ -101,3 +101,11 @@ def test_bad_flags_fail_with_a_clear_message() -> None:
 def test_unknown_dataset_is_refused(name: str) -> None:
     result = subprocess.run([*FRESHREC, "replay", name], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_sigterm_stops_up_cleanly() -> None:
+    port = free_port()
+    with process(["up", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]) as up:
+        wait_http(f"http://127.0.0.1:{port}/readyz", up)
+        up.terminate()
+        assert up.wait(20) == 0
