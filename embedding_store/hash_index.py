@@ -26,6 +26,17 @@ def _mix(keys: np.ndarray) -> np.ndarray:
     return z
 
 
+def fit_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with its first axis grown (zero-filled, at least doubling) to hold `rows` rows.
+
+    Arrays indexed by `KeyIndex` row ids grow with this as the index hands out new ids.
+    """
+    if rows <= len(array):
+        return array
+    size = max(rows, 2 * len(array))
+    return np.concatenate([array, np.zeros((size - len(array), *array.shape[1:]), dtype=array.dtype)])
+
+
 class KeyIndex:
     """Map uint64 keys to dense int64 row ids; freed ids are reused.
 
@@ -35,11 +46,13 @@ class KeyIndex:
 
     Example:
         >>> index = KeyIndex()
-        >>> rows = index.insert(np.array([7, 9, 7], dtype=np.uint64))
-        >>> bool(rows[0] == rows[2] and rows[0] != rows[1])
-        True
+        >>> rows, created = index.insert(np.array([7, 9, 7], dtype=np.uint64))
+        >>> bool(rows[0] == rows[2] and rows[0] != rows[1]), created.tolist()
+        (True, [True, True, True])
         >>> index.find(np.array([9, 8], dtype=np.uint64))[1]
         np.int64(-1)
+        >>> index.keys_of(rows).tolist()
+        [7, 9, 7]
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -50,6 +63,7 @@ class KeyIndex:
         self._tombstones = 0
         self._next_row = 0
         self._free_rows = np.empty(0, dtype=np.int64)
+        self._row_keys = np.zeros(0, dtype=np.uint64)  # key owning each row id
 
     def __len__(self) -> int:
         return self._size
@@ -81,18 +95,30 @@ class KeyIndex:
         """Row id of each key, -1 where absent. `keys`: uint64 [n] -> int64 [n]."""
         return self._probe(np.asarray(keys, dtype=np.uint64))[1]
 
-    def insert(self, keys: np.ndarray) -> np.ndarray:
-        """Row id of each key, giving absent keys fresh rows. Returns int64 [n]."""
+    def insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row id of each key, giving absent keys fresh rows.
+
+        Returns:
+            (rows int64 [n], created bool [n]): `created` marks the keys that had no row
+            before this call (every occurrence of a repeated new key).
+        """
         keys = np.asarray(keys, dtype=np.uint64)
         uniq, inverse = np.unique(keys, return_inverse=True)
         _, rows = self._probe(uniq)
-        missing = np.flatnonzero(rows < 0)
-        if missing.size:
-            self._reserve(missing.size)
-            new_rows = self._allocate_rows(missing.size)
-            self._place(uniq[missing], new_rows)
+        missing = rows < 0
+        if missing.any():
+            new_keys = uniq[missing]
+            self._reserve(new_keys.size)
+            new_rows = self._allocate_rows(new_keys.size)
+            self._place(new_keys, new_rows)
+            self._row_keys = fit_rows(self._row_keys, self._next_row)
+            self._row_keys[new_rows] = new_keys
             rows[missing] = new_rows
-        return rows[inverse]
+        return rows[inverse], missing[inverse]
+
+    def keys_of(self, rows: np.ndarray) -> np.ndarray:
+        """The key that owns each (live) row id: int64 [n] -> uint64 [n]."""
+        return self._row_keys[rows]
 
     def delete(self, keys: np.ndarray) -> np.ndarray:
         """Remove keys; return the row ids that were freed (absent keys are ignored)."""
@@ -107,9 +133,9 @@ class KeyIndex:
         return freed
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
-        """All live (keys, rows), in slot order."""
-        live = self._slot_rows >= 0
-        return self._slot_keys[live].copy(), self._slot_rows[live].copy()
+        """All live (keys, rows), in row order."""
+        rows = np.sort(self._slot_rows[self._slot_rows >= 0])
+        return self._row_keys[rows], rows
 
     def _allocate_rows(self, n: int) -> np.ndarray:
         reused = self._free_rows[:n]
@@ -125,7 +151,8 @@ class KeyIndex:
         new_cap = cap
         while self._size + extra > _MAX_LOAD * new_cap:
             new_cap *= 2
-        keys, rows = self.items()
+        live = self._slot_rows >= 0
+        keys, rows = self._slot_keys[live], self._slot_rows[live]
         self._slot_keys = np.zeros(new_cap, dtype=np.uint64)
         self._slot_rows = np.full(new_cap, _EMPTY, dtype=np.int64)
         self._size = 0

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from embedding_store.base import TableConfig, TableDelta
-from embedding_store.hash_index import KeyIndex
+from embedding_store.hash_index import KeyIndex, fit_rows
 
 
 class LocalTable:
@@ -36,7 +36,6 @@ class LocalTable:
         self._index = KeyIndex(capacity=2 * config.initial_rows)
         self._rows = np.zeros((config.initial_rows, config.dim), dtype=np.float32)
         self._accum = np.zeros(config.initial_rows, dtype=np.float32)
-        self._row_keys = np.zeros(config.initial_rows, dtype=np.uint64)
         self._dirty = np.zeros(config.initial_rows, dtype=bool)
         self._rng = np.random.default_rng(config.seed)
         self._lock = threading.Lock()
@@ -79,32 +78,15 @@ class LocalTable:
         with self._lock:
             rows = np.flatnonzero(self._dirty)
             self._dirty[rows] = False
-            return TableDelta(
-                table=self._config.name,
-                keys=self._row_keys[rows].copy(),
-                rows=self._rows[rows].copy(),
-            )
+            return TableDelta(table=self._config.name, keys=self._index.keys_of(rows), rows=self._rows[rows])
 
     def _rows_for(self, keys: np.ndarray) -> np.ndarray:
         """Row ids for keys, creating and initialising rows for new keys (lock held)."""
-        rows = self._index.find(keys)
-        new = rows < 0
-        if new.any():
-            new_keys, first = np.unique(keys[new], return_index=True)
-            rows[new] = self._index.insert(keys[new])
-            new_rows = rows[np.flatnonzero(new)[first]]
-            if self._index.row_capacity > len(self._rows):
-                self._grow(self._index.row_capacity)
-            init = self._rng.normal(0.0, self._config.init_std, (new_rows.size, self._config.dim))
-            self._rows[new_rows] = init
+        rows, created = self._index.insert(keys)
+        if created.any():
+            new_rows = np.unique(rows[created])
+            n = self._index.row_capacity
+            self._rows, self._accum, self._dirty = (fit_rows(a, n) for a in (self._rows, self._accum, self._dirty))
+            self._rows[new_rows] = self._rng.normal(0.0, self._config.init_std, (new_rows.size, self._config.dim))
             self._accum[new_rows] = self._config.initial_accumulator
-            self._row_keys[new_rows] = new_keys
         return rows
-
-    def _grow(self, needed: int) -> None:
-        size = max(needed, 2 * len(self._rows))
-        pad = size - len(self._rows)
-        self._rows = np.concatenate([self._rows, np.zeros((pad, self._config.dim), dtype=np.float32)])
-        self._accum = np.concatenate([self._accum, np.zeros(pad, dtype=np.float32)])
-        self._row_keys = np.concatenate([self._row_keys, np.zeros(pad, dtype=np.uint64)])
-        self._dirty = np.concatenate([self._dirty, np.zeros(pad, dtype=bool)])

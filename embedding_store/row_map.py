@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedding_store.hash_index import KeyIndex
+from embedding_store.hash_index import KeyIndex, fit_rows
 
 
 class RowMap:
@@ -27,7 +27,6 @@ class RowMap:
         self.dtype = np.dtype(dtype)
         self._index = KeyIndex()
         self._rows = np.zeros((0, dim), dtype=self.dtype)
-        self._keys = np.zeros(0, dtype=np.uint64)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -38,13 +37,9 @@ class RowMap:
         if not len(keys):
             return
         rows = np.asarray(rows).reshape(len(keys), self.dim)
-        ids = self._index.insert(keys)
-        if self._index.row_capacity > len(self._rows):
-            size = max(self._index.row_capacity, 2 * len(self._rows))
-            self._rows = np.concatenate([self._rows, np.zeros((size - len(self._rows), self.dim), self.dtype)])
-            self._keys = np.concatenate([self._keys, np.zeros(size - len(self._keys), np.uint64)])
+        ids, _ = self._index.insert(keys)
+        self._rows = fit_rows(self._rows, self._index.row_capacity)
         self._rows[ids] = rows
-        self._keys[ids] = keys
 
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows [n, dim] as float32, found bool [n]); rows of absent keys are zero."""
@@ -59,6 +54,5 @@ class RowMap:
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """All (keys [n], rows [n, dim]) in storage dtype."""
-        _, ids = self._index.items()
-        ids = np.sort(ids)
-        return self._keys[ids].copy(), self._rows[ids].copy()
+        keys, ids = self._index.items()
+        return keys, self._rows[ids]

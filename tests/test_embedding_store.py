@@ -20,7 +20,9 @@ def test_key_index_matches_dict_model(ops: list, capacity: int) -> None:
     for op, keys in ops:
         arr = np.array(keys, dtype=np.uint64)
         if op == "insert":
-            rows = index.insert(arr)
+            known = set(model)
+            rows, created = index.insert(arr)
+            assert created.tolist() == [k not in known for k in keys]
             for k, r in zip(keys, rows.tolist(), strict=True):
                 assert model.setdefault(k, r) == r  # an existing key keeps its row
         elif op == "delete":
@@ -40,7 +42,9 @@ def test_key_index_grows_and_stays_exact_for_many_keys() -> None:
     rng = np.random.default_rng(1)
     keys = np.unique(rng.integers(0, 2**63, 200_000, dtype=np.int64).astype(np.uint64))
     index = KeyIndex(8)
-    rows = index.insert(keys)
+    rows, created = index.insert(keys)
+    assert created.all()
+    assert np.array_equal(index.keys_of(rows), keys)
     assert len(np.unique(rows)) == len(keys) == len(index)
     assert np.array_equal(index.find(keys), rows)
     assert (index.find(keys + np.uint64(1))[~np.isin(keys + np.uint64(1), keys)] == -1).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedding_store.hash_index import KeyIndex
+from embedding_store.hash_index import KeyIndex, fit_rows
 
 
 class ItemCatalog:
@@ -25,7 +25,6 @@ class ItemCatalog:
 
     def __init__(self, seed: int = 0) -> None:
         self._index = KeyIndex()
-        self._keys = np.zeros(0, dtype=np.uint64)
         self._counts = np.zeros(0, dtype=np.float64)
         self._rng = np.random.default_rng(seed)
         self._new_names: dict[int, str] = {}
@@ -35,17 +34,11 @@ class ItemCatalog:
 
     def observe(self, keys: np.ndarray, names: list[str], positive_weights: np.ndarray) -> None:
         """Register items (keys [n] with their raw ids) and add `positive_weights` [n] to counts."""
-        before = self._index.row_capacity
-        rows = self._index.insert(keys)
-        if self._index.row_capacity > len(self._keys):
-            grow = self._index.row_capacity - len(self._keys)
-            self._keys = np.concatenate([self._keys, np.zeros(grow, dtype=np.uint64)])
-            self._counts = np.concatenate([self._counts, np.zeros(grow)])
-        fresh = np.flatnonzero(rows >= before)
-        self._keys[rows[fresh]] = keys[fresh]
-        for i in fresh:  # only items never seen before
+        rows, created = self._index.insert(keys)
+        self._counts = fit_rows(self._counts, self._index.row_capacity)
+        for i in np.flatnonzero(created):  # only items never seen before
             self._new_names[int(keys[i])] = names[i]
-        np.add.at(self._counts, rows, positive_weights)
+        self._counts += np.bincount(rows, weights=positive_weights, minlength=len(self._counts))
 
     def sample(self, n: int, uniform_share: float = 0.0) -> np.ndarray:
         """Draw `n` item keys with probability proportional to count ** 0.75, mixed with
@@ -58,7 +51,7 @@ class ItemCatalog:
         if n == 0 or not len(cdf) or cdf[-1] <= 0:
             return np.zeros(0, dtype=np.uint64)
         picks = np.searchsorted(cdf, self._rng.random(n) * cdf[-1], side="right")
-        return self._keys[np.minimum(picks, len(cdf) - 1)]
+        return self._index.keys_of(np.minimum(picks, len(cdf) - 1))
 
     def popular(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The `n` most interacted-with items: (keys, counts), most popular first."""
@@ -68,7 +61,7 @@ class ItemCatalog:
         top = np.argpartition(-self._counts, n - 1)[:n]
         top = top[np.argsort(-self._counts[top], kind="stable")]
         top = top[self._counts[top] > 0]
-        return self._keys[top], self._counts[top].astype(np.float32)
+        return self._index.keys_of(top), self._counts[top].astype(np.float32)
 
     def drain_new_names(self) -> dict[int, str]:
         """Raw ids of items first seen since the previous drain, by key."""
