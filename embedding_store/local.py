@@ -64,11 +64,17 @@ class LocalTable:
     def apply_gradients(self, keys: np.ndarray, grads: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.uint64)
         grads = np.asarray(grads, dtype=np.float32).reshape(len(keys), self._config.dim)
+        if not len(keys):
+            return
         with self._lock:
             rows = self._rows_for(keys)
-            uniq, inverse = np.unique(rows, return_inverse=True)
-            summed = np.zeros((len(uniq), self._config.dim), dtype=np.float32)
-            np.add.at(summed, inverse, grads)  # [n, dim] -> [unique rows, dim]
+            # Sum the gradients of repeated rows: sort once, add contiguous runs ([n, dim] -> [unique, dim]);
+            # np.add.at does the same several times slower.
+            order = np.argsort(rows, kind="stable")
+            sorted_rows = rows[order]
+            starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+            uniq = sorted_rows[starts]
+            summed = np.add.reduceat(grads[order], starts, axis=0)
             self._accum[uniq] += np.mean(summed * summed, axis=1)
             step = self._config.learning_rate / (np.sqrt(self._accum[uniq]) + 1e-8)
             self._rows[uniq] -= step[:, None] * summed
