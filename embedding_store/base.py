@@ -69,6 +69,11 @@ class TableDelta:
     def __len__(self) -> int:
         return len(self.keys) + len(self.evicted)
 
+    @classmethod
+    def empty(cls, table: str, dim: int = 1) -> TableDelta:
+        """A delta with no rows."""
+        return cls(table, np.zeros(0, dtype=np.uint64), np.zeros((0, dim), dtype=np.float32))
+
 
 class EmbeddingTable(Protocol):
     """A collisionless table of trainable rows addressed by 64-bit keys."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +44,15 @@ class SyncMessage:
     version: int = 0
     created_ms: int = 0
     full: bool = False
+
+    def seen_by_user(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(user key, that user's new item keys in order) for each user with new interactions."""
+        if not len(self.seen_users):
+            return
+        order = np.argsort(self.seen_users, kind="stable")
+        users, items = self.seen_users[order], self.seen_items[order]
+        bounds = np.flatnonzero(np.diff(users)) + 1
+        yield from zip(users[np.r_[0, bounds]].tolist(), np.split(items, bounds), strict=True)
 
     def is_empty(self) -> bool:
         return not (len(self.users) or len(self.items) or self.item_names or len(self.seen_users))

@@ -6,7 +6,7 @@ Layout under a key prefix P (default "freshrec"):
 - `P:users`, `P:items`: hashes from 8-byte little-endian key to fp16 row bytes;
 - `P:names`: hash from item key to item id;
 - `P:seen:<user key hex>`: list of the user's recent item keys, trimmed to `max_seen`;
-- `P:popular`: the popular list (encoded message holding only that);
+- `P:popular`, `P:popular_scores`: the popular list (uint64 keys, float32 scores);
 - `P:deltas`: stream with one entry `<version>-0` per version, field `m` the encoded message,
   trimmed to about `retention` entries.
 
@@ -84,22 +84,13 @@ class RedisServingStore:
         if m.item_names:
             keys = np.fromiter(m.item_names.keys(), dtype=np.uint64, count=len(m.item_names))
             pipe.hset(self._k("names"), mapping=dict(zip(_field(keys), m.item_names.values(), strict=True)))
-        if len(m.seen_users):
-            order = np.argsort(m.seen_users, kind="stable")
-            users, items = m.seen_users[order], m.seen_items[order]
-            bounds = np.flatnonzero(np.diff(users)) + 1
-            for user, u_items in zip(users[np.r_[0, bounds]].tolist(), np.split(items, bounds), strict=True):
-                key = self._k(f"seen:{user:016x}")
-                pipe.rpush(key, *_field(u_items))
-                pipe.ltrim(key, -self._max_seen, -1)
+        for user, items in m.seen_by_user():
+            key = self._k(f"seen:{user:016x}")
+            pipe.rpush(key, *_field(items))
+            pipe.ltrim(key, -self._max_seen, -1)
         if len(m.popular_keys):
-            popular = SyncMessage(
-                users=TableDelta("user", np.zeros(0, np.uint64), np.zeros((0, 1), np.float32)),
-                items=TableDelta("item", np.zeros(0, np.uint64), np.zeros((0, 1), np.float32)),
-                popular_keys=m.popular_keys,
-                popular_scores=m.popular_scores,
-            )
-            pipe.set(self._k("popular"), codec.encode(popular))
+            pipe.set(self._k("popular"), np.ascontiguousarray(m.popular_keys, dtype="<u8").tobytes())
+            pipe.set(self._k("popular_scores"), np.ascontiguousarray(m.popular_scores, dtype="<f4").tobytes())
         pipe.set(self._k("version"), m.version)
         pipe.xadd(
             self._k("deltas"), {"m": codec.encode(m)}, id=f"{m.version}-0", maxlen=self._retention, approximate=True
@@ -115,7 +106,8 @@ class RedisServingStore:
             pipe.hgetall(self._k("items"))
             pipe.hgetall(self._k("names"))
             pipe.get(self._k("popular"))
-            version, users, items, names, popular = pipe.execute()
+            pipe.get(self._k("popular_scores"))
+            version, users, items, names, popular, popular_scores = pipe.execute()
         # Seen lists are read after the transaction; they may already hold items of a later
         # version, which the replica then sees twice (a history is a recency list, so harmless).
         seen_users: list[np.ndarray] = []
@@ -131,7 +123,6 @@ class RedisServingStore:
                 items_of_user = _keys(raw_items)
                 seen_users.append(np.full(len(items_of_user), int(key.rsplit(b":", 1)[1], 16), dtype=np.uint64))
                 seen_items.append(items_of_user)
-        pop = codec.decode(popular) if popular else None
         return SyncMessage(
             users=self._table("user", users),
             items=self._table("item", items),
@@ -140,8 +131,8 @@ class RedisServingStore:
             },
             seen_users=np.concatenate(seen_users) if seen_users else np.zeros(0, np.uint64),
             seen_items=np.concatenate(seen_items) if seen_items else np.zeros(0, np.uint64),
-            popular_keys=pop.popular_keys if pop else np.zeros(0, np.uint64),
-            popular_scores=pop.popular_scores if pop else np.zeros(0, np.float32),
+            popular_keys=np.frombuffer(popular or b"", dtype="<u8").astype(np.uint64),
+            popular_scores=np.frombuffer(popular_scores or b"", dtype="<f4").astype(np.float32),
             version=int(version or 0),
             full=True,
         )
@@ -149,7 +140,7 @@ class RedisServingStore:
     @staticmethod
     def _table(name: str, mapping: dict[bytes, bytes]) -> TableDelta:
         if not mapping:
-            return TableDelta(name, np.zeros(0, np.uint64), np.zeros((0, 1), np.float32))
+            return TableDelta.empty(name)
         keys = _keys(list(mapping))
         rows = np.frombuffer(b"".join(mapping.values()), dtype=np.float16).reshape(len(keys), -1)
         return TableDelta(name, keys, rows.astype(np.float32))

@@ -44,7 +44,11 @@ class ServingState:
             for key in message.items.evicted.tolist():
                 self.names.pop(key, None)
         self.names.update(message.item_names)
-        self._apply_seen(message.seen_users, message.seen_items)
+        for user, items in message.seen_by_user():
+            history = self.seen.get(user)
+            if history is None:
+                history = self.seen[user] = deque(maxlen=self.max_seen)
+            history.extend(items.tolist())
         if len(message.popular_keys) or message.full:
             self.popular_keys = message.popular_keys
             self.popular_scores = message.popular_scores
@@ -59,24 +63,12 @@ class ServingState:
         table.upsert(delta.keys, delta.rows)
         return table
 
-    def _apply_seen(self, users: np.ndarray, items: np.ndarray) -> None:
-        if not len(users):
-            return
-        order = np.argsort(users, kind="stable")
-        users, items = users[order], items[order]
-        bounds = np.flatnonzero(np.diff(users)) + 1
-        for u_items, user in zip(np.split(items, bounds), users[np.r_[0, bounds]].tolist(), strict=True):
-            history = self.seen.get(user)
-            if history is None:
-                history = self.seen[user] = deque(maxlen=self.max_seen)
-            history.extend(u_items.tolist())
-
     def to_message(self) -> SyncMessage:
         """The whole state as a `full` message at the current version."""
 
         def table(name: str, rows: RowMap | None) -> TableDelta:
             if rows is None:
-                return TableDelta(name, np.zeros(0, np.uint64), np.zeros((0, 1), np.float32))
+                return TableDelta.empty(name)
             keys, values = rows.items()
             return TableDelta(name, keys, values.astype(np.float32))
 
