@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ def replay(
     accepted = 0
     with httpx.Client(timeout=30.0) as client:
         trained_before = read_metric(client, metrics_url, "freshrec_trainer_events_total")
-        trained_before = 0.0 if trained_before != trained_before else trained_before
+        trained_before = 0.0 if math.isnan(trained_before) else trained_before  # no series yet
         if watch_user:
             show_recommendations(client, url, watch_user, dataset.item_names, "before replay", out=out)
         start = time.perf_counter()

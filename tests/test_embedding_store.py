@@ -97,8 +97,10 @@ def test_gradients_of_repeated_keys_add_up() -> None:
 def test_feature_keys_are_stable_and_slot_specific() -> None:
     assert feature_key("item", "42") == int(feature_keys("item", ["42"])[0])
     assert feature_key("item", "42") != feature_key("user", "42")
-    # a fixed value: the hash must not change between runs or versions (serving relies on it)
-    assert feature_key("user", "1") == feature_key("user", "1") == int(feature_keys("user", ["1"])[0])
+    # Pinned values: keys are persisted (tables, Redis, Kafka partitions), so the hash must never
+    # change between runs, processes or versions.
+    assert feature_key("user", "1") == 1026803376307868667
+    assert int(feature_keys("item", ["42"])[0]) == 17994764305165146179
 
 
 def test_row_map_upsert_get_delete() -> None:

@@ -86,3 +86,11 @@ def test_memory_group_members_split_partitions_and_take_over_on_leave() -> None:
     redelivered = a.poll(1000, 0.0)  # b's partitions come back from b's committed offsets
     assert len(redelivered) == len(got_b) - 1
     assert {(r.partition, r.offset) for r in redelivered} == {(r.partition, r.offset) for r in got_b[1:]}
+
+
+def test_memory_polls_take_turns_across_partitions() -> None:
+    log = MemoryLog(partitions=2)
+    log.append(events(400, users=10))
+    consumer = log.consumer("g")
+    first, second = consumer.poll(50, 0.0), consumer.poll(50, 0.0)
+    assert {r.partition for r in first} != {r.partition for r in second}, "a backlog in one partition starved the other"

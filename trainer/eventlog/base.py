@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from embedding_store.keys import feature_key
 from trainer.events import Event
 
 
@@ -72,6 +73,4 @@ class EventLog(Protocol):
 
 def partition_for(user_id: str, partitions: int) -> int:
     """The partition of a user's events: stable across processes (not Python's `hash`)."""
-    from embedding_store.keys import feature_key
-
     return feature_key("partition", user_id) % partitions

@@ -82,6 +82,7 @@ class MemoryConsumer:
         self._log = log
         self.group = group
         self._positions: dict[int, int] = {}
+        self._turn = 0
 
     @property
     def assignment(self) -> list[int]:
@@ -94,7 +95,10 @@ class MemoryConsumer:
         with log._cond:
             while True:
                 out: list[LogRecord] = []
-                for p in sorted(self._positions):
+                # Start each poll at the next partition, so one partition's backlog cannot starve the rest.
+                owned = sorted(self._positions)
+                self._turn = (self._turn + 1) % max(1, len(owned))
+                for p in owned[self._turn :] + owned[: self._turn]:
                     start = self._positions[p]
                     take = log._partitions[p][start : start + max_records - len(out)]
                     out.extend(LogRecord(p, start + i, v) for i, v in enumerate(take))
