@@ -1,22 +1,74 @@
 """Collisionless embedding tables: every 64-bit feature key owns its own row.
 
 - `keys`: stable 64-bit feature keys from (slot, raw value).
-- `hash_index`: vectorised open-addressing map from keys to dense row ids.
-- `base`: the table interface, its config and the delta it drains for sync.
-- `local`: the in-process table (rows, row-wise Adagrad state, change tracking).
+- `hash_index`: compiled open-addressing map from keys to dense row ids.
+- `optimizers`: per-row SGD, Adagrad, row-wise Adagrad and lazy Adam.
+- `frequency`: the count-min sketch behind the frequency filter.
+- `snapshot`: atomic, checksummed snapshot files.
+- `base`: the table and store interfaces, table config, deltas and stats.
+- `local`: in-process tables and stores; `remote`: a shard served over gRPC and its client;
+  `sharded`: N shards acting as one store.
+- `row_map`: rows without optimizer state, for serving.
+
+Stores are opened by URL with `open_store`.
 """
 
-from embedding_store.base import EmbeddingTable, TableConfig, TableDelta
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlparse
+
+from embedding_store.base import EmbeddingTable, Store, TableConfig, TableDelta, TableStats
 from embedding_store.hash_index import KeyIndex
 from embedding_store.keys import feature_key, feature_keys
-from embedding_store.local import LocalTable
+from embedding_store.local import LocalStore, LocalTable
+from embedding_store.sharded import ShardedStore, ShardedTable
+from embedding_store.snapshot import CorruptSnapshot
+
+
+def open_store(url: str, configs: list[TableConfig]) -> Store:
+    """Open the embedding store at `url` holding tables `configs`.
+
+    - `local://` — in this process; `local://?shards=N` splits each table into N in-process shards.
+    - `grpc://HOST:PORT[,HOST:PORT...]` — one `freshrec store-shard` process per address, in
+      shard order (the order is part of the layout).
+
+    Raises:
+        ValueError: unknown scheme or malformed URL (the message names the URL).
+        embedding_store.remote.StoreUnavailable: a shard cannot be reached.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "local":
+        try:
+            shards = int(parse_qs(parsed.query).get("shards", ["1"])[0])
+        except ValueError:
+            raise ValueError(f"store URL {url!r}: shards must be an integer") from None
+        if shards < 1:
+            raise ValueError(f"store URL {url!r}: shards must be >= 1")
+        return LocalStore(configs) if shards == 1 else ShardedStore([LocalStore(configs) for _ in range(shards)])
+    if parsed.scheme == "grpc":
+        from embedding_store.remote import RemoteStore
+
+        addresses = [a for a in parsed.netloc.split(",") if a]
+        if not addresses or any(":" not in a for a in addresses):
+            raise ValueError(f"store URL {url!r}: expected grpc://HOST:PORT[,HOST:PORT...]")
+        remotes: list[Store] = [RemoteStore(a, configs) for a in addresses]
+        return remotes[0] if len(remotes) == 1 else ShardedStore(remotes)
+    raise ValueError(f"store URL {url!r}: unknown scheme {parsed.scheme!r} (use local:// or grpc://)")
+
 
 __all__ = [
+    "CorruptSnapshot",
     "EmbeddingTable",
     "KeyIndex",
+    "LocalStore",
     "LocalTable",
+    "ShardedStore",
+    "ShardedTable",
+    "Store",
     "TableConfig",
     "TableDelta",
+    "TableStats",
     "feature_key",
     "feature_keys",
+    "open_store",
 ]

@@ -1,120 +1,248 @@
-"""Open-addressing hash index from 64-bit keys to dense row ids, vectorised with numpy.
+"""Open-addressing hash index from 64-bit keys to dense row ids, compiled with numba.
 
-Each distinct key maps to its own row id, so tables built on it are collisionless. All
-operations take batches: the Python loop runs over probe rounds (a handful at load <= 0.5),
-never over keys.
+Each distinct key maps to its own row id, so tables built on it are collisionless. Keys sit in
+a power-of-two slot array probed linearly from a splitmix64 hash; the slot holds the key and
+its row id, and the rows themselves live densely elsewhere (indexed by row id), so a table
+pays 16 bytes per slot plus its rows, not a full row per slot. Batch `find` runs in parallel;
+`insert` and `delete` run one key after another inside one compiled call (no Python loop per
+key). Freed row ids go on a free list and are handed out again before new ones.
 """
 
 from __future__ import annotations
 
+import threading
+
+import numba
 import numpy as np
 
 _EMPTY = -1
 _TOMBSTONE = -2
 _MAX_LOAD = 0.5
+ROW_GROWTH = 1.5
+
+# Numba's default thread pool (workqueue) must not run two parallel kernels at once; tables are
+# used from several threads (trainer, sync, gRPC workers), so parallel kernels take this lock.
+PARALLEL_LOCK = threading.Lock()
 
 
-def _mix(keys: np.ndarray) -> np.ndarray:
+@numba.njit(cache=True, inline="always")
+def mix64(z: np.uint64) -> np.uint64:
     """splitmix64 finaliser: spreads sequential or clustered keys over all slots."""
-    with np.errstate(over="ignore"):
-        z = keys.astype(np.uint64, copy=True)
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
     return z
 
 
-def fit_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    """`array` with its first axis grown (zero-filled, at least doubling) to hold `rows` rows.
+@numba.njit(cache=True, parallel=True)
+def _find(slot_keys: np.ndarray, slot_rows: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(len(slot_keys) - 1)
+    for i in numba.prange(len(keys)):
+        key = keys[i]
+        pos = mix64(key) & mask
+        while True:
+            row = slot_rows[pos]
+            if row == _EMPTY:
+                out[i] = -1
+                break
+            if row >= 0 and slot_keys[pos] == key:
+                out[i] = row
+                break
+            pos = (pos + np.uint64(1)) & mask
 
-    Arrays indexed by `KeyIndex` row ids grow with this as the index hands out new ids.
+
+@numba.njit(cache=True)
+def _insert(
+    slot_keys: np.ndarray,
+    slot_rows: np.ndarray,
+    row_keys: np.ndarray,
+    row_live: np.ndarray,
+    free: np.ndarray,
+    counts: np.ndarray,
+    keys: np.ndarray,
+    out: np.ndarray,
+    created: np.ndarray,
+) -> None:
+    """Find or place each key in order; `counts` = [size, tombstones, next_row, n_free]."""
+    mask = np.uint64(len(slot_keys) - 1)
+    for i in range(len(keys)):
+        key = keys[i]
+        pos = mix64(key) & mask
+        grave = np.int64(-1)
+        while True:
+            row = slot_rows[pos]
+            if row == _EMPTY:
+                break
+            if row == _TOMBSTONE:
+                if grave < 0:
+                    grave = np.int64(pos)
+            elif slot_keys[pos] == key:
+                break
+            pos = (pos + np.uint64(1)) & mask
+        if slot_rows[pos] >= 0:
+            out[i] = slot_rows[pos]
+            created[i] = False
+            continue
+        if grave >= 0:
+            pos = np.uint64(grave)
+            counts[1] -= 1
+        if counts[3] > 0:
+            counts[3] -= 1
+            row = free[counts[3]]
+        else:
+            row = counts[2]
+            counts[2] += 1
+        slot_keys[pos] = key
+        slot_rows[pos] = row
+        row_keys[row] = key
+        row_live[row] = True
+        counts[0] += 1
+        out[i] = row
+        created[i] = True
+
+
+@numba.njit(cache=True)
+def _delete(
+    slot_keys: np.ndarray,
+    slot_rows: np.ndarray,
+    row_live: np.ndarray,
+    free: np.ndarray,
+    counts: np.ndarray,
+    keys: np.ndarray,
+    freed: np.ndarray,
+) -> int:
+    mask = np.uint64(len(slot_keys) - 1)
+    n = 0
+    for i in range(len(keys)):
+        key = keys[i]
+        pos = mix64(key) & mask
+        while True:
+            row = slot_rows[pos]
+            if row == _EMPTY:
+                break
+            if row >= 0 and slot_keys[pos] == key:
+                slot_rows[pos] = _TOMBSTONE
+                row_live[row] = False
+                free[counts[3]] = row
+                counts[3] += 1
+                counts[0] -= 1
+                counts[1] += 1
+                freed[n] = row
+                n += 1
+                break
+            pos = (pos + np.uint64(1)) & mask
+    return n
+
+
+@numba.njit(cache=True)
+def _place_all(slot_keys: np.ndarray, slot_rows: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> None:
+    """Place distinct keys, known absent, into an index without tombstones (rehash)."""
+    mask = np.uint64(len(slot_keys) - 1)
+    for i in range(len(keys)):
+        pos = mix64(keys[i]) & mask
+        while slot_rows[pos] != _EMPTY:
+            pos = (pos + np.uint64(1)) & mask
+        slot_keys[pos] = keys[i]
+        slot_rows[pos] = rows[i]
+
+
+def grow_rows(array: np.ndarray, rows: int, limit: int | None = None) -> np.ndarray:
+    """`array` with its first axis grown (zero-filled) to hold `rows` rows.
+
+    Arrays indexed by `KeyIndex` row ids grow with this as the index hands out new ids: by at
+    least `ROW_GROWTH`x (1.5x rather than 2x keeps the unused tail, and so the bytes per id,
+    small), but not past `limit` rows when the caller knows it will never need more.
     """
     if rows <= len(array):
         return array
-    size = max(rows, 2 * len(array))
-    return np.concatenate([array, np.zeros((size - len(array), *array.shape[1:]), dtype=array.dtype)])
+    size = max(rows, int(len(array) * ROW_GROWTH) + 1)
+    if limit is not None:
+        size = max(rows, min(size, limit))
+    out = np.zeros((size, *array.shape[1:]), dtype=array.dtype)
+    out[: len(array)] = array
+    return out
 
 
 class KeyIndex:
     """Map uint64 keys to dense int64 row ids; freed ids are reused.
 
+    Not thread-safe: the table that owns an index serialises calls.
+
     Args:
         capacity: initial number of slots (rounded up to a power of two); the index doubles
             whenever live keys plus tombstones would pass half the slots.
+        max_rows: the most rows the owner will keep; row arrays are not grown past it.
 
     Example:
         >>> index = KeyIndex()
         >>> rows, created = index.insert(np.array([7, 9, 7], dtype=np.uint64))
         >>> bool(rows[0] == rows[2] and rows[0] != rows[1]), created.tolist()
-        (True, [True, True, True])
+        (True, [True, True, False])
         >>> index.find(np.array([9, 8], dtype=np.uint64))[1]
         np.int64(-1)
         >>> index.keys_of(rows).tolist()
         [7, 9, 7]
     """
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, max_rows: int | None = None) -> None:
+        self._max_rows = max_rows
         cap = 1 << max(4, int(capacity - 1).bit_length())
         self._slot_keys = np.zeros(cap, dtype=np.uint64)
         self._slot_rows = np.full(cap, _EMPTY, dtype=np.int64)
-        self._size = 0
-        self._tombstones = 0
-        self._next_row = 0
-        self._free_rows = np.empty(0, dtype=np.int64)
-        self._row_keys = np.zeros(0, dtype=np.uint64)  # key owning each row id
+        self._row_keys = np.zeros(16, dtype=np.uint64)  # key owning each row id
+        self._row_live = np.zeros(16, dtype=bool)
+        self._free = np.zeros(16, dtype=np.int64)  # stack of freed row ids
+        self._counts = np.zeros(4, dtype=np.int64)  # size, tombstones, next_row, n_free
 
     def __len__(self) -> int:
-        return self._size
+        return int(self._counts[0])
 
     @property
     def row_capacity(self) -> int:
         """One past the largest row id handed out so far (size of arrays indexed by row)."""
-        return self._next_row
+        return int(self._counts[2])
 
-    def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (slot, row) for each key; slot and row are -1 where the key is absent."""
-        mask = np.uint64(len(self._slot_keys) - 1)
-        n = len(keys)
-        slots = np.full(n, -1, dtype=np.int64)
-        rows = np.full(n, -1, dtype=np.int64)
-        active = np.arange(n)
-        pos = (_mix(keys) & mask).astype(np.int64)
-        while active.size:
-            r = self._slot_rows[pos]
-            hit = (r >= 0) & (self._slot_keys[pos] == keys[active])
-            slots[active[hit]] = pos[hit]
-            rows[active[hit]] = r[hit]
-            go_on = ~hit & (r != _EMPTY)
-            active = active[go_on]
-            pos = (pos[go_on] + 1) & int(mask)
-        return slots, rows
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the index (slots, row owners, free list)."""
+        arrays = (self._slot_keys, self._slot_rows, self._row_keys, self._row_live, self._free)
+        return sum(a.nbytes for a in arrays)
+
+    @property
+    def live(self) -> np.ndarray:
+        """bool [row_capacity]: which row ids are in use."""
+        return self._row_live[: self.row_capacity]
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """Row id of each key, -1 where absent. `keys`: uint64 [n] -> int64 [n]."""
-        return self._probe(np.asarray(keys, dtype=np.uint64))[1]
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        out = np.empty(len(keys), dtype=np.int64)
+        with PARALLEL_LOCK:
+            _find(self._slot_keys, self._slot_rows, keys, out)
+        return out
 
     def insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row id of each key, giving absent keys fresh rows.
 
         Returns:
-            (rows int64 [n], created bool [n]): `created` marks the keys that had no row
-            before this call (every occurrence of a repeated new key).
+            (rows int64 [n], created bool [n]): `created` marks the first occurrence of each
+            key that had no row before this call.
         """
-        keys = np.asarray(keys, dtype=np.uint64)
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        _, rows = self._probe(uniq)
-        missing = rows < 0
-        if missing.any():
-            new_keys = uniq[missing]
-            self._reserve(new_keys.size)
-            new_rows = self._allocate_rows(new_keys.size)
-            self._place(new_keys, new_rows)
-            self._row_keys = fit_rows(self._row_keys, self._next_row)
-            self._row_keys[new_rows] = new_keys
-            rows[missing] = new_rows
-        return rows[inverse], missing[inverse]
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        rows = self.find(keys)
+        created = np.zeros(len(keys), dtype=bool)
+        missing = np.flatnonzero(rows < 0)
+        if missing.size:
+            # Only keys without a row count against the load factor and row capacity.
+            self._reserve(missing.size)
+            out = np.empty(missing.size, dtype=np.int64)
+            made = np.empty(missing.size, dtype=bool)
+            counts, slots = self._counts, (self._slot_keys, self._slot_rows, self._row_keys, self._row_live)
+            _insert(*slots, self._free, counts, keys[missing], out, made)
+            rows[missing], created[missing] = out, made
+        return rows, created
 
     def keys_of(self, rows: np.ndarray) -> np.ndarray:
         """The key that owns each (live) row id: int64 [n] -> uint64 [n]."""
@@ -122,60 +250,31 @@ class KeyIndex:
 
     def delete(self, keys: np.ndarray) -> np.ndarray:
         """Remove keys; return the row ids that were freed (absent keys are ignored)."""
-        uniq = np.unique(np.asarray(keys, dtype=np.uint64))
-        slots, rows = self._probe(uniq)
-        present = slots >= 0
-        self._slot_rows[slots[present]] = _TOMBSTONE
-        freed = rows[present]
-        self._size -= int(freed.size)
-        self._tombstones += int(freed.size)
-        self._free_rows = np.concatenate([self._free_rows, freed])
-        return freed
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        self._free = grow_rows(self._free, int(self._counts[3]) + len(keys))
+        freed = np.empty(len(keys), dtype=np.int64)
+        n = _delete(self._slot_keys, self._slot_rows, self._row_live, self._free, self._counts, keys, freed)
+        return freed[:n]
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """All live (keys, rows), in row order."""
-        rows = np.sort(self._slot_rows[self._slot_rows >= 0])
+        rows = np.flatnonzero(self.live)
         return self._row_keys[rows], rows
 
-    def _allocate_rows(self, n: int) -> np.ndarray:
-        reused = self._free_rows[:n]
-        self._free_rows = self._free_rows[n:]
-        fresh = np.arange(self._next_row, self._next_row + n - reused.size, dtype=np.int64)
-        self._next_row += fresh.size
-        return np.concatenate([reused, fresh])
-
     def _reserve(self, extra: int) -> None:
+        """Make room for `extra` more keys: row arrays sized for them, slots rehashed if too full."""
+        size, tombstones, next_row, n_free = (int(c) for c in self._counts)
+        rows_needed = next_row + max(0, extra - n_free)  # freed ids are reused first
+        self._row_keys = grow_rows(self._row_keys, rows_needed, self._max_rows)
+        self._row_live = grow_rows(self._row_live, rows_needed, self._max_rows)
         cap = len(self._slot_keys)
-        if self._size + self._tombstones + extra <= _MAX_LOAD * cap:
+        if size + tombstones + extra <= _MAX_LOAD * cap:
             return
         new_cap = cap
-        while self._size + extra > _MAX_LOAD * new_cap:
+        while size + extra > _MAX_LOAD * new_cap:
             new_cap *= 2
-        live = self._slot_rows >= 0
-        keys, rows = self._slot_keys[live], self._slot_rows[live]
+        keys, rows = self.items()
         self._slot_keys = np.zeros(new_cap, dtype=np.uint64)
         self._slot_rows = np.full(new_cap, _EMPTY, dtype=np.int64)
-        self._size = 0
-        self._tombstones = 0
-        self._place(keys, rows)
-
-    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Write distinct keys known to be absent into free slots."""
-        mask = len(self._slot_keys) - 1
-        pos = (_mix(keys) & np.uint64(mask)).astype(np.int64)
-        pending = np.arange(len(keys))
-        while pending.size:
-            free = self._slot_rows[pos] < 0
-            # Of several pending keys probing the same free slot, the first one wins it.
-            cand = np.flatnonzero(free)
-            _, first = np.unique(pos[cand], return_index=True)
-            winners = cand[first]
-            reused = int((self._slot_rows[pos[winners]] == _TOMBSTONE).sum())
-            self._slot_keys[pos[winners]] = keys[pending[winners]]
-            self._slot_rows[pos[winners]] = rows[pending[winners]]
-            self._size += winners.size
-            self._tombstones -= reused
-            lose = np.ones(pending.size, dtype=bool)
-            lose[winners] = False
-            pending = pending[lose]
-            pos = (pos[lose] + 1) & mask
+        self._counts[1] = 0
+        _place_all(self._slot_keys, self._slot_rows, keys, rows)

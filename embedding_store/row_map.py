@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedding_store.hash_index import KeyIndex, fit_rows
+from embedding_store.hash_index import KeyIndex, grow_rows
 
 
 class RowMap:
@@ -38,7 +38,7 @@ class RowMap:
             return
         rows = np.asarray(rows).reshape(len(keys), self.dim)
         ids, _ = self._index.insert(keys)
-        self._rows = fit_rows(self._rows, self._index.row_capacity)
+        self._rows = grow_rows(self._rows, self._index.row_capacity)
         self._rows[ids] = rows
 
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

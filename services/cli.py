@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import redis
+from prometheus_client import start_http_server
 
+from services import metrics
 from services.config import Config, load_config
 from services.datasets import DATASETS, DatasetUnavailable, load_dataset
 from services.node import Node
@@ -64,6 +68,22 @@ def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "train
     return _serve(node)
 
 
+def cmd_store_shard(args: argparse.Namespace) -> int:
+    from embedding_store.remote import serve_shard
+
+    server, port, servicer = serve_shard(f"{args.host}:{args.port}")
+    metrics.STORE.watch(servicer.stats)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.host)
+    print(f"freshrec store-shard: gRPC on {args.host}:{port}, metrics on :{args.metrics_port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    server.stop(grace=2.0).wait()
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.dataset)
     report = replay(
@@ -113,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer = sub.add_parser("trainer", help="cluster role: online trainer + parameter sync")
     _server_flags(trainer)
     trainer.set_defaults(func=lambda a: cmd_up(a, ("trainer",)))
+
+    shard = sub.add_parser("store-shard", help="cluster role: one embedding-store shard served over gRPC")
+    shard.add_argument("--host", default="0.0.0.0", help="interface to bind")
+    shard.add_argument("--port", type=int, default=7070, help="gRPC port (0: any free port)")
+    shard.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0: none)")
+    shard.set_defaults(func=cmd_store_shard)
 
     rp = sub.add_parser("replay", help="stream a data set through the REST API")
     rp.add_argument("dataset", choices=DATASETS)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import threading
+from collections.abc import Callable, Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from embedding_store import TableStats
 
 REQUESTS = Counter(
     "freshrec_requests_total", "Gateway requests by transport, method and outcome", ["transport", "method", "code"]
@@ -21,8 +28,58 @@ TRAINER_INVALID = Counter("freshrec_trainer_invalid_records_total", "Log records
 TRAINER_EXAMPLES = Counter("freshrec_trainer_examples_total", "Labelled examples trained on")
 TRAINER_LOSS = Gauge("freshrec_trainer_loss", "BCE loss of the latest training step")
 TRAINER_AUC = Gauge("freshrec_trainer_progressive_auc", "Progressive (score-before-train) AUC since start")
-STORE_IDS = Gauge("freshrec_store_ids", "Rows in an embedding table", ["table"])
 
 SYNC_VERSION = Gauge("freshrec_sync_published_version", "Latest version published by the trainer")
 SYNC_ROWS = Counter("freshrec_sync_rows_total", "Rows published to the serving store", ["table"])
 SERVING_VERSION = Gauge("freshrec_serving_version", "Model version the serving replica answers with")
+
+
+class StoreCollector(Collector):
+    """Embedding-store series, read from the stores' own counters at scrape time.
+
+    Processes register what they hold with `watch(source)`, where `source()` returns the
+    stats of every table (or shard slice) it holds; stats of the same table name add up.
+    """
+
+    def __init__(self) -> None:
+        self._sources: list[Callable[[], list[TableStats]]] = []
+        self._lock = threading.Lock()
+
+    def watch(self, source: Callable[[], list[TableStats]]) -> None:
+        with self._lock:
+            self._sources.append(source)
+
+    def unwatch(self, source: Callable[[], list[TableStats]]) -> None:
+        with self._lock:
+            if source in self._sources:
+                self._sources.remove(source)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            sources = list(self._sources)
+        totals: dict[str, TableStats] = {}
+        for source in sources:
+            try:
+                for s in source():
+                    totals[s.table] = totals[s.table] + s if s.table in totals else s
+            except Exception:  # a remote shard that is down must not break the whole scrape
+                continue
+        ids = GaugeMetricFamily("freshrec_store_ids", "Rows in an embedding table", labels=["table"])
+        size = GaugeMetricFamily("freshrec_store_bytes", "Memory held by an embedding table", labels=["table"])
+        admissions = CounterMetricFamily("freshrec_store_admissions", "Rows created", labels=["table"])
+        filtered = CounterMetricFamily(
+            "freshrec_store_filtered_lookups", "Lookups answered with the default vector", labels=["table"]
+        )
+        evictions = CounterMetricFamily("freshrec_store_evictions", "Rows removed", labels=["table", "reason"])
+        for name, s in sorted(totals.items()):
+            ids.add_metric([name], s.ids)
+            size.add_metric([name], s.bytes)
+            admissions.add_metric([name], s.admissions)
+            filtered.add_metric([name], s.filtered_lookups)
+            evictions.add_metric([name, "expired"], s.evicted_expired)
+            evictions.add_metric([name, "capacity"], s.evicted_capacity)
+        yield from (ids, size, admissions, filtered, evictions)
+
+
+STORE = StoreCollector()
+REGISTRY.register(STORE)

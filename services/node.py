@@ -11,6 +11,7 @@ import grpc
 import uvicorn
 from prometheus_client import start_http_server
 
+from embedding_store import TableStats
 from services import metrics
 from services.config import Config
 from services.gateway.core import Gateway
@@ -63,6 +64,7 @@ class Node:
         self.publisher: SyncPublisher | None = None
         if "trainer" in self.roles:
             self.trainer = Trainer(config.trainer, self.log.consumer(config.trainer.group_id), on_step=self._on_step)
+            metrics.STORE.watch(self._store_stats)
             self.publisher = SyncPublisher(
                 self.trainer.collect_sync, self.store, config.trainer.sync_interval_s, on_publish=self._on_publish
             )
@@ -80,8 +82,10 @@ class Node:
         if step.examples:
             metrics.TRAINER_LOSS.set(step.loss)
             metrics.TRAINER_AUC.set(self.trainer.auc.value())
-        metrics.STORE_IDS.labels("user").set(len(self.trainer.users))
-        metrics.STORE_IDS.labels("item").set(len(self.trainer.items))
+
+    def _store_stats(self) -> list[TableStats]:
+        assert self.trainer is not None
+        return [self.trainer.users.stats(), self.trainer.items.stats()]
 
     def _on_publish(self, message: SyncMessage) -> None:
         metrics.SYNC_VERSION.set(message.version)
@@ -142,5 +146,6 @@ class Node:
             self._grpc.stop(grace=1.0)
         for thread in self._threads:
             thread.join(timeout=10)
+        metrics.STORE.unwatch(self._store_stats)
         self.log.close()
         self.store.close()

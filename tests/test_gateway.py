@@ -41,7 +41,7 @@ def event(n: int, user: str, **change: object) -> dict:
 
 def users_in_table(node: Node, users: list[str]) -> list[bool]:
     assert node.trainer is not None
-    _, found = node.trainer.users.get(feature_keys("user", users))  # type: ignore[attr-defined]
+    _, found = node.trainer.users.get(feature_keys("user", users))
     return [bool(f) for f in found]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedding_store.hash_index import KeyIndex, fit_rows
+from embedding_store.hash_index import KeyIndex, grow_rows
 
 
 class ItemCatalog:
@@ -35,7 +35,7 @@ class ItemCatalog:
     def observe(self, keys: np.ndarray, names: list[str], positive_weights: np.ndarray) -> None:
         """Register items (keys [n] with their raw ids) and add `positive_weights` [n] to counts."""
         rows, created = self._index.insert(keys)
-        self._counts = fit_rows(self._counts, self._index.row_capacity)
+        self._counts = grow_rows(self._counts, self._index.row_capacity)
         for i in np.flatnonzero(created):  # only items never seen before
             self._new_names[int(keys[i])] = names[i]
         self._counts += np.bincount(rows, weights=positive_weights, minlength=len(self._counts))

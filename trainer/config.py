@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from embedding_store import TableConfig
+from embedding_store.base import EVICTION_POLICIES
+from embedding_store.optimizers import OPTIMIZERS
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -11,8 +15,17 @@ class TrainerConfig:
 
     Args:
         dim: embedding width of the user and item tables.
-        learning_rate: row-wise Adagrad step size of the embedding tables.
+        learning_rate: step size of the embedding tables' optimizer.
         init_std: initial row scale.
+        store_url: where the embedding tables live (`embedding_store.open_store`): `local://`,
+            `local://?shards=N`, or `grpc://HOST:PORT[,HOST:PORT...]` for store-shard processes.
+        optimizer: per-row optimizer of the tables (`embedding_store.optimizers.OPTIMIZERS`).
+        min_count: times a user or item must be seen before it gets its own row (frequency filter).
+        ttl_s: rows not updated for this long, in event time, are expired; 0 keeps them until the
+            row cap evicts them.
+        max_rows: hard cap on the rows of each table; a full table evicts by `eviction`.
+        eviction: "lru" or "lfu".
+        expiry_interval_s: how often (wall clock) the trainer runs expiry.
         negatives: popularity-sampled negatives per positive event (data without impressions).
         uniform_negatives: share of sampled negatives drawn uniformly over items instead of by
             popularity; without it, rare items almost never appear as negatives and drift to the
@@ -31,6 +44,13 @@ class TrainerConfig:
     dim: int = 32
     learning_rate: float = 0.2
     init_std: float = 0.1
+    store_url: str = "local://"
+    optimizer: str = "rowwise_adagrad"
+    min_count: int = 1
+    ttl_s: float = 90 * 86400.0
+    max_rows: int = 5_000_000
+    eviction: str = "lru"
+    expiry_interval_s: float = 60.0
     negatives: int = 4
     uniform_negatives: float = 0.5
     batch_size: int = 512
@@ -45,6 +65,13 @@ class TrainerConfig:
             "dim": 1 <= self.dim <= 4096,
             "learning_rate": self.learning_rate > 0,
             "init_std": self.init_std >= 0,
+            "store_url": bool(self.store_url),
+            "optimizer": self.optimizer in OPTIMIZERS,
+            "min_count": 1 <= self.min_count <= 255,
+            "ttl_s": self.ttl_s >= 0,
+            "max_rows": self.max_rows >= 1,
+            "eviction": self.eviction in EVICTION_POLICIES,
+            "expiry_interval_s": self.expiry_interval_s > 0,
             "negatives": 0 <= self.negatives <= 1000,
             "uniform_negatives": 0.0 <= self.uniform_negatives <= 1.0,
             "batch_size": self.batch_size >= 1,
@@ -56,3 +83,19 @@ class TrainerConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"trainer.{name}: invalid value {getattr(self, name)!r}")
+
+    def table(self, name: str, dim: int, seed: int) -> TableConfig:
+        """The embedding-table config these settings give a table `name` of width `dim`."""
+        return TableConfig(
+            name,
+            dim,
+            optimizer=self.optimizer,
+            learning_rate=self.learning_rate,
+            init_scale=self.init_std,
+            min_count=self.min_count,
+            filter_capacity=min(self.max_rows, 10_000_000),
+            ttl_s=self.ttl_s or None,
+            max_rows=self.max_rows,
+            eviction=self.eviction,
+            seed=seed,
+        )

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from embedding_store import LocalTable, TableConfig, feature_keys
-from embedding_store.base import EmbeddingTable
+from embedding_store import Store, feature_keys, open_store
 from retrieval.two_tower import TwoTower
 from trainer.catalog import ItemCatalog
 from trainer.config import TrainerConfig
@@ -59,7 +59,8 @@ class Trainer:
     Args:
         config: trainer settings.
         consumer: member of the trainer's consumer group.
-        users, items: embedding tables (default: new `LocalTable`s).
+        store: the embedding store holding tables "user" and "item" (default: opened from
+            `config.store_url`).
         on_step: called after each step (metrics).
 
     Example:
@@ -75,19 +76,21 @@ class Trainer:
         self,
         config: TrainerConfig,
         consumer: LogConsumer,
-        users: EmbeddingTable | None = None,
-        items: EmbeddingTable | None = None,
+        store: Store | None = None,
         on_step: Callable[[StepResult], None] | None = None,
     ) -> None:
         self.config = config
         self._consumer = consumer
         self.model = TwoTower(config.dim)
 
-        def table(name: str, dim: int, seed: int) -> TableConfig:
-            return TableConfig(name, dim, config.learning_rate, init_std=config.init_std, seed=seed)
-
-        self.users = users or LocalTable(table("user", config.dim, config.seed))
-        self.items = items or LocalTable(table("item", self.model.item_dim, config.seed + 1))
+        self.store = store or open_store(
+            config.store_url,
+            [config.table("user", config.dim, config.seed), config.table("item", self.model.item_dim, config.seed + 1)],
+        )
+        self.users = self.store.table("user")
+        self.items = self.store.table("item")
+        self.event_time_s = 0.0  # latest event time trained on: the clock of expiry
+        self._next_expiry = time.monotonic() + config.expiry_interval_s
         self.catalog = ItemCatalog(seed=config.seed)
         self.auc = StreamingAUC()
         self.events_trained = 0
@@ -126,6 +129,7 @@ class Trainer:
         self.invalid_records += invalid
         if not events:
             return StepResult(0, invalid, 0, float("nan"))
+        now = self.event_time_s = max(self.event_time_s, max(e.timestamp_ms for e in events) / 1000.0)
         user_keys = feature_keys("user", (e.user_id for e in events))
         item_keys = feature_keys("item", (e.item_id for e in events))
         positive = np.fromiter((e.is_positive for e in events), dtype=bool, count=len(events))
@@ -147,8 +151,8 @@ class Trainer:
         if not len(y):
             return StepResult(len(events), invalid, 0, float("nan"))
 
-        user_rows = torch.from_numpy(self.users.lookup(u)).requires_grad_()  # [n, dim]
-        item_rows = torch.from_numpy(self.items.lookup(i)).requires_grad_()  # [n, dim + 1], bias last
+        user_rows = torch.from_numpy(self.users.lookup(u, now)).requires_grad_()  # [n, dim]
+        item_rows = torch.from_numpy(self.items.lookup(i, now)).requires_grad_()  # [n, dim + 1], bias last
         logits = self.model(user_rows, item_rows)  # [n]
         self.auc.update(torch.sigmoid(logits).detach().numpy(), y)  # scored before training
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
@@ -156,9 +160,19 @@ class Trainer:
         assert user_rows.grad is not None and item_rows.grad is not None
         # Sum (not mean) of per-example losses per row: rows get the same step whatever the batch size.
         scale = float(len(y))
-        self.users.apply_gradients(u, user_rows.grad.numpy() * scale)
-        self.items.apply_gradients(i, item_rows.grad.numpy() * scale)
+        self.users.apply_gradients(u, user_rows.grad.numpy() * scale, now)
+        self.items.apply_gradients(i, item_rows.grad.numpy() * scale, now)
+        if time.monotonic() >= self._next_expiry:
+            self.expire()
         return StepResult(len(events), invalid, len(y), float(loss.item()))
+
+    def expire(self) -> int:
+        """Evict rows whose TTL ran out by the latest event time; return how many (the next sync carries them)."""
+        self._next_expiry = time.monotonic() + self.config.expiry_interval_s
+        evicted = self.users.evict_expired(self.event_time_s) + self.items.evict_expired(self.event_time_s)
+        if evicted:
+            log.info("expired %d rows older than %.0f s of event time", evicted, self.config.ttl_s)
+        return evicted
 
     def collect_sync(self) -> SyncMessage | None:
         """Changes since the previous call, as one sync message (None if nothing changed)."""
@@ -189,5 +203,6 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Leave the consumer group (its partitions go to the other members)."""
+        """Leave the consumer group (its partitions go to the other members) and close the store."""
         self._consumer.close()
+        self.store.close()
