@@ -21,7 +21,7 @@ from embedding_store.base import EmbeddingTable, Store, TableConfig, TableDelta,
 from embedding_store.hash_index import KeyIndex
 from embedding_store.keys import feature_key, feature_keys
 from embedding_store.local import LocalStore, LocalTable
-from embedding_store.sharded import ShardedStore, ShardedTable
+from embedding_store.sharded import ShardedStore, ShardedTable, shard_config
 from embedding_store.snapshot import CorruptSnapshot
 
 
@@ -29,6 +29,8 @@ def open_store(url: str, configs: list[TableConfig]) -> Store:
     """Open the embedding store at `url` holding tables `configs`.
 
     - `local://` — in this process; `local://?shards=N` splits each table into N in-process shards.
+      A sharded table's `max_rows` and filter capacity are split between its shards
+      (`embedding_store.sharded.shard_config`).
     - `grpc://HOST:PORT[,HOST:PORT...]` — one `freshrec store-shard` process per address, in
       shard order (the order is part of the layout).
 
@@ -44,15 +46,21 @@ def open_store(url: str, configs: list[TableConfig]) -> Store:
             raise ValueError(f"store URL {url!r}: shards must be an integer") from None
         if shards < 1:
             raise ValueError(f"store URL {url!r}: shards must be >= 1")
-        return LocalStore(configs) if shards == 1 else ShardedStore([LocalStore(configs) for _ in range(shards)])
+        if shards == 1:
+            return LocalStore(configs)
+        return ShardedStore(configs, [LocalStore([shard_config(c, shards, i) for c in configs]) for i in range(shards)])
     if parsed.scheme == "grpc":
         from embedding_store.remote import RemoteStore
 
         addresses = [a for a in parsed.netloc.split(",") if a]
         if not addresses or any(":" not in a for a in addresses):
             raise ValueError(f"store URL {url!r}: expected grpc://HOST:PORT[,HOST:PORT...]")
-        remotes: list[Store] = [RemoteStore(a, configs) for a in addresses]
-        return remotes[0] if len(remotes) == 1 else ShardedStore(remotes)
+        if len(addresses) == 1:
+            return RemoteStore(addresses[0], configs)
+        n = len(addresses)
+        return ShardedStore(
+            configs, [RemoteStore(a, [shard_config(c, n, i) for c in configs]) for i, a in enumerate(addresses)]
+        )
     raise ValueError(f"store URL {url!r}: unknown scheme {parsed.scheme!r} (use local:// or grpc://)")
 
 
@@ -71,4 +79,5 @@ __all__ = [
     "feature_key",
     "feature_keys",
     "open_store",
+    "shard_config",
 ]

@@ -11,6 +11,8 @@ separate processes work in parallel.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,27 @@ def shard_of(keys: np.ndarray, shards: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = np.asarray(keys, dtype=np.uint64) * _SHARD_SALT  # multiplicative (Fibonacci) hashing
     return ((z >> np.uint64(32)) % np.uint64(shards)).astype(np.int64)
+
+
+def shard_config(config: TableConfig, shards: int, index: int) -> TableConfig:
+    """The config of shard `index`'s slice of a table split `shards` ways.
+
+    The row cap is split (rounded down), so the whole table never holds more than `max_rows`;
+    so are the filter's capacity and the initial reservation. Each shard gets its own seed:
+    with one seed, the first new key of every shard would start from the same vector.
+
+    Example:
+        >>> c = shard_config(TableConfig("item", max_rows=10, seed=1), shards=3, index=2)
+        >>> c.max_rows, c.seed != 1
+        (3, True)
+    """
+    return dataclasses.replace(
+        config,
+        max_rows=max(1, config.max_rows // shards),
+        filter_capacity=math.ceil(config.filter_capacity / shards),
+        initial_rows=max(1, config.initial_rows // shards),
+        seed=config.seed * 1_000_003 + index,
+    )
 
 
 class ShardedTable:
@@ -119,25 +142,30 @@ class ShardedStore:
     """N stores (local or remote) acting as one: every table split across them by key hash.
 
     Args:
-        shards: the shards, each holding the same table configs. Their order is part of the
-            layout: keys route by position, and snapshots are restored shard by shard.
+        configs: the tables as a whole.
+        shards: the shards; shard i must hold `shard_config(c, N, i)` of every table `c`. Their
+            order is part of the layout: keys route by position, and snapshots are restored
+            shard by shard.
+
+    Raises:
+        ValueError: no shards, or a shard holds other table configs.
 
     Example:
         >>> from embedding_store.local import LocalStore
         >>> configs = [TableConfig("item", dim=2)]
-        >>> store = ShardedStore([LocalStore(configs) for _ in range(3)])
+        >>> store = ShardedStore(configs, [LocalStore([shard_config(c, 3, i) for c in configs]) for i in range(3)])
         >>> _ = store.table("item").lookup(np.arange(100, dtype=np.uint64))
         >>> [s.ids for s in store.table("item").shard_stats()]
         [33, 35, 32]
     """
 
-    def __init__(self, shards: list[Store]) -> None:
+    def __init__(self, configs: list[TableConfig], shards: list[Store]) -> None:
         if not shards:
             raise ValueError("a sharded store needs at least one shard")
-        configs = shards[0].configs
-        for i, shard in enumerate(shards[1:], start=1):
-            if shard.configs != configs:
-                raise ValueError(f"shard {i} holds tables with other configs than shard 0")
+        for i, shard in enumerate(shards):
+            if shard.configs != [shard_config(c, len(shards), i) for c in configs]:
+                raise ValueError(f"shard {i} holds other table configs than shard_config() gives it")
+        self._configs = list(configs)
         self._shards = shards
         self._pool = ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="shard-call")
         self._tables = {c.name: ShardedTable(c, [s.table(c.name) for s in shards], self._pool) for c in configs}
@@ -154,7 +182,7 @@ class ShardedStore:
 
     @property
     def configs(self) -> list[TableConfig]:
-        return self._shards[0].configs
+        return list(self._configs)
 
     def _shard_dir(self, directory: str | Path, i: int) -> Path:
         return Path(directory) / f"shard-{i}-of-{len(self._shards)}"
