@@ -100,6 +100,11 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_BATCH_SIZE": "trainer.batch_size",
     "FRESHREC_SYNC_INTERVAL_S": "trainer.sync_interval_s",
     "FRESHREC_GROUP_ID": "trainer.group_id",
+    "FRESHREC_STORE_URL": "trainer.store_url",
+    "FRESHREC_OPTIMIZER": "trainer.optimizer",
+    "FRESHREC_MIN_COUNT": "trainer.min_count",
+    "FRESHREC_TTL_S": "trainer.ttl_s",
+    "FRESHREC_MAX_ROWS": "trainer.max_rows",
 }
 """Environment variable -> config path. Only these variables are read."""
 

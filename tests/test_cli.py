@@ -89,6 +89,40 @@ def test_cluster_roles_on_kafka_and_redis(kafka_broker: str, redis_url: str) -> 
         )
 
 
+def _series(metrics_text: str, name: str, table: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(f'{name}{{table="{table}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} for table {table} in scrape")
+
+
+def test_trainer_on_two_store_shard_processes() -> None:
+    shard_ports, shard_metrics = [free_port(), free_port()], [free_port(), free_port()]
+    port = free_port()
+    shard_args = [
+        ["store-shard", "--host", "127.0.0.1", "--port", str(p), "--metrics-port", str(m)]
+        for p, m in zip(shard_ports, shard_metrics, strict=True)
+    ]
+    store_url = "grpc://" + ",".join(f"127.0.0.1:{p}" for p in shard_ports)
+    with process(shard_args[0]) as a, process(shard_args[1]) as b:
+        for m, proc in zip(shard_metrics, (a, b), strict=True):
+            wait_http(f"http://127.0.0.1:{m}/metrics", proc)
+        up_args = ["up", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]
+        with process(up_args, {"FRESHREC_STORE_URL": store_url, "FRESHREC_MIN_COUNT": "2"}) as up:
+            wait_http(f"http://127.0.0.1:{port}/readyz", up)
+            out = replay(f"http://127.0.0.1:{port}")
+            assert "trainer caught up: yes" in out
+            assert float(out.rsplit("progressive AUC:", 1)[1].split()[0]) > 0.6, out
+            total = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        shards = [httpx.get(f"http://127.0.0.1:{m}/metrics").text for m in shard_metrics]
+    for table in ("user", "item"):
+        held = [_series(s, "freshrec_store_ids", table) for s in shards]
+        assert all(h > 0 for h in held), f"both shards hold {table} rows: {held}"
+        assert sum(held) == _series(total, "freshrec_store_ids", table)
+        # min_count=2: users and items seen once were looked up but got no row
+        assert sum(_series(s, "freshrec_store_filtered_lookups_total", table) for s in shards) > 0
+
+
 def test_bad_flags_fail_with_a_clear_message() -> None:
     result = subprocess.run(
         [*FRESHREC, "up", "--kafka", "127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=60

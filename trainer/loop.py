@@ -151,8 +151,13 @@ class Trainer:
         if not len(y):
             return StepResult(len(events), invalid, 0, float("nan"))
 
-        user_rows = torch.from_numpy(self.users.lookup(u, now)).requires_grad_()  # [n, dim]
-        item_rows = torch.from_numpy(self.items.lookup(i, now)).requires_grad_()  # [n, dim + 1], bias last
+        # Each event is one sighting of its user and item for the frequency filter, which admits
+        # them (creating rows) once seen `min_count` times; the examples then only read rows, so
+        # a user repeated across its sampled negatives is not counted again.
+        self.users.lookup(user_keys, now)
+        self.items.lookup(item_keys, now)
+        user_rows = torch.from_numpy(self.users.get(u)[0]).requires_grad_()  # [n, dim]; zeros if not admitted
+        item_rows = torch.from_numpy(self.items.get(i)[0]).requires_grad_()  # [n, dim + 1], bias last
         logits = self.model(user_rows, item_rows)  # [n]
         self.auc.update(torch.sigmoid(logits).detach().numpy(), y)  # scored before training
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
