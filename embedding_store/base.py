@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from embedding_store.optimizers import OPTIMIZERS
+
+T = TypeVar("T")
 
 INITIALIZERS = ("normal", "uniform", "zeros")
 EVICTION_POLICIES = ("lru", "lfu")
@@ -199,6 +202,14 @@ class EmbeddingTable(Protocol):
         ...
 
     def stats(self) -> TableStats: ...
+
+
+def pick_table(tables: Mapping[str, T], name: str) -> T:
+    """`tables[name]`, or a KeyError that lists the tables there are (every `Store.table`)."""
+    try:
+        return tables[name]
+    except KeyError:
+        raise KeyError(f"no table {name!r} (tables: {sorted(tables)})") from None
 
 
 class Store(Protocol):

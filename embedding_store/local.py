@@ -16,7 +16,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from embedding_store.base import TableConfig, TableDelta, TableStats
+from embedding_store.base import TableConfig, TableDelta, TableStats, pick_table
 from embedding_store.frequency import CountMinSketch
 from embedding_store.hash_index import PARALLEL_LOCK, KeyIndex, grow_rows
 from embedding_store.optimizers import RowOptimizer, initial_state, state_width
@@ -291,10 +291,7 @@ class LocalStore:
         self._tables = {c.name: LocalTable(c) for c in configs}
 
     def table(self, name: str) -> LocalTable:
-        try:
-            return self._tables[name]
-        except KeyError:
-            raise KeyError(f"no table {name!r} (tables: {sorted(self._tables)})") from None
+        return pick_table(self._tables, name)
 
     @property
     def configs(self) -> list[TableConfig]:

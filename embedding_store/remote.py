@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from embedding_store.base import TableConfig, TableDelta, TableStats
+from embedding_store.base import TableConfig, TableDelta, TableStats, pick_table
 from embedding_store.local import LocalStore
 from embedding_store.snapshot import CorruptSnapshot
 from proto import store_pb2 as pb
@@ -261,10 +261,7 @@ class RemoteStore:
             raise ValueError(message) from e
 
     def table(self, name: str) -> RemoteTable:
-        try:
-            return self._tables[name]
-        except KeyError:
-            raise KeyError(f"no table {name!r} (tables: {sorted(self._tables)})") from None
+        return pick_table(self._tables, name)
 
     @property
     def configs(self) -> list[TableConfig]:

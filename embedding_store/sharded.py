@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from embedding_store.base import EmbeddingTable, Store, TableConfig, TableDelta, TableStats
+from embedding_store.base import EmbeddingTable, Store, TableConfig, TableDelta, TableStats, pick_table
 
 _SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
 
@@ -175,10 +175,7 @@ class ShardedStore:
         return list(self._shards)
 
     def table(self, name: str) -> ShardedTable:
-        try:
-            return self._tables[name]
-        except KeyError:
-            raise KeyError(f"no table {name!r} (tables: {sorted(self._tables)})") from None
+        return pick_table(self._tables, name)
 
     @property
     def configs(self) -> list[TableConfig]:
