@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard = sub.add_parser("store-shard", help="cluster role: one embedding-store shard served over gRPC")
     shard.add_argument("--host", default="0.0.0.0", help="interface to bind")
     shard.add_argument("--port", type=int, default=7070, help="gRPC port (0: any free port)")
-    shard.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0: none)")
+    shard.add_argument("--metrics-port", type=int, default=9101, help="Prometheus /metrics port (0: none)")
     shard.set_defaults(func=cmd_store_shard)
 
     rp = sub.add_parser("replay", help="stream a data set through the REST API")

@@ -85,3 +85,36 @@ def test_sync_message_holds_exactly_what_changed() -> None:
         trainer.users.lookup(np.array([alice], np.uint64))[0],
         message.users.rows[message.users.keys.tolist().index(alice)],
     )
+
+
+def test_trainer_expires_rows_by_event_time_and_syncs_the_evictions() -> None:
+    log = open_log("memory://")
+    day = 86_400_000
+    log.append([Event("e1", "old-user", "old-item", "click", 1 * day), Event("e2", "u", "i", "click", 1 * day)])
+    trainer = Trainer(TrainerConfig(negatives=0, ttl_s=7 * 86400.0), log.consumer("g"))
+    trainer.poll_and_train()
+    trainer.collect_sync()
+    log.append([Event("e3", "u", "i", "click", 5 * day)])  # u and i stay fresh
+    trainer.poll_and_train()
+    assert trainer.expire() == 0  # day 5: nothing is 7 days old yet
+    log.append([Event("e4", "u", "i", "click", 9 * day)])
+    trainer.poll_and_train()
+    assert trainer.expire() == 2  # day 9: old-user and old-item were last updated on day 1
+    message = trainer.collect_sync()
+    assert message is not None
+    assert message.users.evicted.tolist() == feature_keys("user", ["old-user"]).tolist()
+    assert message.items.evicted.tolist() == feature_keys("item", ["old-item"]).tolist()
+    assert trainer.users.get(feature_keys("user", ["old-user", "u"]))[1].tolist() == [False, True]
+
+
+def test_frequency_filter_counts_events_not_examples() -> None:
+    log = open_log("memory://")
+    trainer = Trainer(TrainerConfig(negatives=4, min_count=2), log.consumer("g"))
+    log.append([Event("a", "warm", "x", "click", 1), Event("b", "cold", "x", "click", 2)])
+    trainer.poll_and_train()
+    # "cold" appeared in 1 event (and 4 negatives of it): not admitted; "x" in 2 events: admitted
+    assert trainer.users.get(feature_keys("user", ["warm", "cold"]))[1].tolist() == [False, False]
+    assert trainer.items.get(feature_keys("item", ["x"]))[1].tolist() == [True]
+    log.append([Event("c", "warm", "y", "click", 3)])
+    trainer.poll_and_train()
+    assert trainer.users.get(feature_keys("user", ["warm", "cold"]))[1].tolist() == [True, False]
