@@ -40,10 +40,10 @@ class TableConfig:
         filter_capacity: distinct keys the frequency sketch is sized for.
         filter_error: bound on the share of keys seen fewer than `min_count` times that get a
             row anyway, with `filter_capacity` distinct keys.
-        ttl_s: rows not updated for this many seconds of event time are removed by
-            `evict_expired`; None keeps rows until the cap evicts them.
+        ttl_s: rows neither looked up for training nor updated for this many seconds of event
+            time are removed by `evict_expired`; None keeps rows until the cap evicts them.
         max_rows: hard cap on rows; a lookup that would pass it first evicts by `eviction`.
-        eviction: "lru" (least recently updated first) or "lfu" (fewest updates first).
+        eviction: "lru" (least recently used for training first) or "lfu" (fewest updates first).
         initial_rows: rows to reserve up front; tables grow up to `max_rows`.
         seed: seed of the initializer, the sketch and probabilistic admission.
 
@@ -194,7 +194,7 @@ class EmbeddingTable(Protocol):
         ...
 
     def evict_expired(self, now: float) -> int:
-        """Remove rows last updated before `now - ttl_s`; return how many."""
+        """Remove rows last used (looked up or updated) before `now - ttl_s`; return how many."""
         ...
 
     def drain_delta(self) -> TableDelta:

@@ -1,7 +1,7 @@
 """In-process collisionless tables: hash index + dense rows + per-row optimizer state.
 
 A `LocalTable` keeps, per row id of its `KeyIndex`: the embedding, the optimizer state, the
-event time of the last update (expiry, LRU), the number of updates (LFU) and a dirty flag
+event time it was last used for training — looked up or updated — (expiry, LRU), the number of updates (LFU) and a dirty flag
 (deltas). Admission goes through a count-min sketch when `min_count > 1`. A `LocalStore` is a
 set of such tables: one process's shard, or the whole store in embedded mode.
 """
@@ -70,7 +70,7 @@ class LocalTable:
         self._index = KeyIndex(capacity=2 * rows, max_rows=config.max_rows)
         self._rows = np.zeros((rows, config.dim), dtype=np.float32)
         self._state = np.zeros((rows, state_width(config.optimizer, config.dim)), dtype=np.float32)
-        self._updated = np.zeros(rows, dtype=np.float64)  # event time of the last update (s)
+        self._updated = np.zeros(rows, dtype=np.float64)  # event time of the last training lookup or update (s)
         self._hits = np.zeros(rows, dtype=np.uint32)  # updates since admission
         self._dirty = np.zeros(rows, dtype=bool)
         self._sketch = (
@@ -97,6 +97,7 @@ class LocalTable:
             if missing.size:
                 ids[missing] = self._admit(keys[missing], now, protect=ids)
                 self._counters["filtered_lookups"] += int((ids[missing] < 0).sum())
+            self._updated[ids[ids >= 0]] = now  # in use for training: not stale
             out = np.empty((len(keys), self._config.dim), dtype=np.float32)  # [n] -> [n, dim]
             with PARALLEL_LOCK:
                 _gather(self._rows, ids, out)

@@ -53,3 +53,34 @@ class TwoTower(nn.Module):
     def forward(self, user_rows: torch.Tensor, item_rows: torch.Tensor) -> torch.Tensor:
         """Logits for aligned pairs: [batch, dim] x [batch, dim + 1] -> [batch]."""
         return (self.encode_users(user_rows) * self.encode_items(item_rows)).sum(dim=-1)
+
+
+def in_batch_softmax_loss(
+    user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_keys: np.ndarray, log_q: torch.Tensor
+) -> torch.Tensor:
+    """Sampled softmax over the batch's items, with logQ correction (Yi et al., RecSys 2019).
+
+    Each positive pair's item is the target and the other positives' items are its negatives.
+    Popular items turn up as in-batch negatives more often than a uniform sample would, which
+    would push their scores down; subtracting log q (the item's chance to be in a batch) from
+    its logit corrects that. An item that appears twice in the batch is not its own negative.
+
+    Args:
+        user_vecs: [n, d] encoded users of the positive pairs.
+        item_vecs: [n, d] encoded items, aligned with the users.
+        item_keys: uint64 [n] item keys (to find repeats).
+        log_q: [n] log sampling probability of each item.
+
+    Returns:
+        The summed cross-entropy (a scalar).
+
+    Example:
+        >>> u = torch.eye(2); v = torch.eye(2) * 10
+        >>> float(in_batch_softmax_loss(u, v, np.array([1, 2], np.uint64), torch.zeros(2))) < 0.01
+        True
+    """
+    logits = user_vecs @ item_vecs.T - log_q.unsqueeze(0)  # [n, n]
+    same = torch.from_numpy(item_keys[:, None] == item_keys[None, :])
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    return nn.functional.cross_entropy(logits, torch.arange(len(item_keys)), reduction="sum")

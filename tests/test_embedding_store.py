@@ -164,8 +164,10 @@ class TableModel:
                 self.counts[k] += 1
         for i, k in enumerate(keys):
             if k not in self.rows and self.counts[k] >= self.config.min_count:
-                self.rows[k], self.updated[k], self.hits[k] = got[i].copy(), now, 0
+                self.rows[k], self.hits[k] = got[i].copy(), 0
                 self.dirty.add(k)
+            if k in self.rows:
+                self.updated[k] = now  # used for training: not stale
             expected = self.rows.get(k, np.zeros(self.config.dim, np.float32))
             np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-7, err_msg=f"lookup of key {k}")
 

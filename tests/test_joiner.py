@@ -93,7 +93,7 @@ def test_every_impression_gets_exactly_one_label_and_bounds_hold(steps: list, wi
     out = []
     for kind, user, item, dt in steps:
         t += dt
-        ev = Event(f"{kind}{t}{user}{item}", user, item, kind, t * S, request_id="r" if kind == "impression" else None)
+        ev = Event(f"{kind}{t}{user}{item}", user, item, kind, t * S, request_id="r" if kind == "impression" else "")
         out += j.push([ev])
         assert j.pending <= max_pending
     out += j.push([Event("end", "z", "z", "click", (t + 10 * window) * S)])  # close every window

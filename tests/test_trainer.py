@@ -99,7 +99,7 @@ def test_trainer_expires_rows_by_event_time_and_syncs_the_evictions() -> None:
     assert trainer.expire() == 0  # day 5: nothing is 7 days old yet
     log.append([Event("e4", "u", "i", "click", 9 * day)])
     trainer.poll_and_train()
-    assert trainer.expire() == 2  # day 9: old-user and old-item were last updated on day 1
+    assert trainer.expire() == 4  # day 9: old-user and old-item (last used on day 1), in retrieval and ranking tables
     message = trainer.collect_sync()
     assert message is not None
     assert message.users.evicted.tolist() == feature_keys("user", ["old-user"]).tolist()

@@ -53,6 +53,16 @@ class ItemCatalog:
         picks = np.searchsorted(cdf, self._rng.random(n) * cdf[-1], side="right")
         return self._index.keys_of(np.minimum(picks, len(cdf) - 1))
 
+    def share(self, keys: np.ndarray) -> np.ndarray:
+        """Each item's share of all positive counts so far (its chance to be a batch's positive), >= 1e-6."""
+        rows = self._index.find(keys)
+        counts = np.where(rows >= 0, self._counts[np.maximum(rows, 0)], 0.0)
+        return np.maximum(counts / max(float(self._counts.sum()), 1.0), 1e-6)
+
+    def all_items(self) -> np.ndarray:
+        """Keys of every item seen, in row order."""
+        return self._index.items()[0]
+
     def popular(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The `n` most interacted-with items: (keys, counts), most popular first."""
         n = min(n, len(self._counts))

@@ -26,6 +26,10 @@ class TrainerConfig:
         max_rows: hard cap on the rows of each table; a full table evicts by `eviction`.
         eviction: "lru" or "lfu".
         expiry_interval_s: how often (wall clock) the trainer runs expiry.
+        rank_dim: embedding width of the ranking model's tables.
+        dense_learning_rate: Adam step size of the ranking model's dense layers.
+        history_length: recent positive items per user fed to the ranker.
+        join_window_s: how long an impression waits for an action before it is a negative.
         negatives: popularity-sampled negatives per positive event (data without impressions).
         uniform_negatives: share of sampled negatives drawn uniformly over items instead of by
             popularity; without it, rare items almost never appear as negatives and drift to the
@@ -51,6 +55,10 @@ class TrainerConfig:
     max_rows: int = 5_000_000
     eviction: str = "lru"
     expiry_interval_s: float = 60.0
+    rank_dim: int = 16
+    dense_learning_rate: float = 0.003
+    history_length: int = 20
+    join_window_s: float = 300.0
     negatives: int = 4
     uniform_negatives: float = 0.5
     batch_size: int = 512
@@ -72,6 +80,10 @@ class TrainerConfig:
             "max_rows": self.max_rows >= 1,
             "eviction": self.eviction in EVICTION_POLICIES,
             "expiry_interval_s": self.expiry_interval_s > 0,
+            "rank_dim": 1 <= self.rank_dim <= 1024,
+            "dense_learning_rate": self.dense_learning_rate > 0,
+            "history_length": 1 <= self.history_length <= 1000,
+            "join_window_s": self.join_window_s > 0,
             "negatives": 0 <= self.negatives <= 1000,
             "uniform_negatives": 0.0 <= self.uniform_negatives <= 1.0,
             "batch_size": self.batch_size >= 1,

@@ -9,15 +9,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from embedding_store import Store, feature_keys, open_store
-from retrieval.two_tower import TwoTower
 from trainer.catalog import ItemCatalog
 from trainer.config import TrainerConfig
 from trainer.evaluation import StreamingAUC
 from trainer.eventlog.base import LogConsumer, LogRecord, LogUnavailable
 from trainer.events import Event, InvalidEvent
+from trainer.features import FeatureConfig, FeatureState
+from trainer.joiner import Joiner, JoinerConfig
+from trainer.models import TABLES, OnlineModels, table_configs
 from trainer.sync import SyncMessage, now_ms
 
 log = logging.getLogger(__name__)
@@ -47,19 +48,22 @@ def _pair_ids(users: np.ndarray, items: np.ndarray) -> np.ndarray:
 
 
 class Trainer:
-    """Train the two-tower model online from a consumer of the event log.
+    """Train the retrieval and ranking models online from a consumer of the event log.
 
-    Each step decodes a batch of events, turns positives (click, like, share, purchase,
-    rating) into label-1 examples and skips into label-0 examples, adds `negatives`
-    popularity-sampled label-0 items per positive (the data carries no impressions yet),
-    scores every example *before* training on it (progressive AUC), takes one optimizer step
-    on the embedding rows, and only then commits the consumed offsets — so a crash replays
-    events rather than losing them (at-least-once training).
+    Each step decodes a batch of events and feeds the joiner, which labels impressions with
+    the actions on them (positives at once, negatives when their window closes, late clicks
+    as late positives) and passes actions without impressions (ratings) through as positives;
+    those get `negatives` sampled label-0 items each (popularity^0.75 mixed with uniform). Then:
+    one sighting per event for the frequency filter; a retrieval step (two-tower, in-batch
+    softmax with logQ correction) on the positives; a ranking step (DIN + DCN-v2, BCE) on all
+    labelled examples, each scored *before* the step (progressive AUC and log loss); the
+    users' histories grow by the positives. Only then are the consumed offsets committed — a
+    crash replays events rather than losing them (at-least-once training).
 
     Args:
         config: trainer settings.
         consumer: member of the trainer's consumer group.
-        store: the embedding store holding tables "user" and "item" (default: opened from
+        store: the embedding store holding `trainer.models.TABLES` (default: opened from
             `config.store_url`).
         on_step: called after each step (metrics).
 
@@ -81,18 +85,17 @@ class Trainer:
     ) -> None:
         self.config = config
         self._consumer = consumer
-        self.model = TwoTower(config.dim)
-
-        self.store = store or open_store(
-            config.store_url,
-            [config.table("user", config.dim, config.seed), config.table("item", self.model.item_dim, config.seed + 1)],
-        )
-        self.users = self.store.table("user")
-        self.items = self.store.table("item")
+        self.store = store or open_store(config.store_url, table_configs(config))
+        self.catalog = ItemCatalog(seed=config.seed)
+        self.features = FeatureState(FeatureConfig(history_length=config.history_length, max_entities=config.max_rows))
+        self.joiner = Joiner(JoinerConfig(window_s=config.join_window_s))
+        self.models = OnlineModels(config, self.store, self.catalog, self.features)
+        self.users, self.items = self.models.users, self.models.items
+        self.learning = True  # False: score and keep features, but change no parameter (a frozen model)
         self.event_time_s = 0.0  # latest event time trained on: the clock of expiry
         self._next_expiry = time.monotonic() + config.expiry_interval_s
-        self.catalog = ItemCatalog(seed=config.seed)
         self.auc = StreamingAUC()
+        self.retrieval_loss = float("nan")
         self.events_trained = 0
         self.invalid_records = 0
         self._on_step = on_step
@@ -133,48 +136,45 @@ class Trainer:
         user_keys = feature_keys("user", (e.user_id for e in events))
         item_keys = feature_keys("item", (e.item_id for e in events))
         positive = np.fromiter((e.is_positive for e in events), dtype=bool, count=len(events))
-        skipped = np.fromiter((e.type == "skip" for e in events), dtype=bool, count=len(events))
+        labelled = positive | np.fromiter((e.type == "skip" for e in events), dtype=bool, count=len(events))
         self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64))
-        labelled = positive | skipped
+        self.features.observe(events, user_keys, item_keys)
         self._seen.append((user_keys[labelled], item_keys[labelled]))  # what exclude_seen leaves out
-
-        n_neg = int(positive.sum()) * self.config.negatives
-        neg_items = self.catalog.sample(n_neg, self.config.uniform_negatives)
-        neg_users = np.repeat(user_keys[positive], self.config.negatives)[: len(neg_items)]
-        # Drop accidental hits: a sampled negative the same user clicked in this batch.
-        hit = np.isin(_pair_ids(neg_users, neg_items), _pair_ids(user_keys[positive], item_keys[positive]))
-        neg_users, neg_items = neg_users[~hit], neg_items[~hit]
-        u = np.concatenate([user_keys[labelled], neg_users])
-        i = np.concatenate([item_keys[labelled], neg_items])
-        y = np.concatenate([positive[labelled], np.zeros(len(neg_items), dtype=bool)]).astype(np.float32)
         self.events_trained += len(events)
-        if not len(y):
-            return StepResult(len(events), invalid, 0, float("nan"))
+        if self.learning:
+            self.models.sight(user_keys, item_keys, now)
 
-        # Each event is one sighting of its user and item for the frequency filter, which admits
-        # them (creating rows) once seen `min_count` times; the examples then only read rows, so
-        # a user repeated across its sampled negatives is not counted again.
-        self.users.lookup(user_keys, now)
-        self.items.lookup(item_keys, now)
-        user_rows = torch.from_numpy(self.users.get(u)[0]).requires_grad_()  # [n, dim]; zeros if not admitted
-        item_rows = torch.from_numpy(self.items.get(i)[0]).requires_grad_()  # [n, dim + 1], bias last
-        logits = self.model(user_rows, item_rows)  # [n]
-        self.auc.update(torch.sigmoid(logits).detach().numpy(), y)  # scored before training
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
-        loss.backward()
-        assert user_rows.grad is not None and item_rows.grad is not None
-        # Sum (not mean) of per-example losses per row: rows get the same step whatever the batch size.
-        scale = float(len(y))
-        self.users.apply_gradients(u, user_rows.grad.numpy() * scale, now)
-        self.items.apply_gradients(i, item_rows.grad.numpy() * scale, now)
-        if time.monotonic() >= self._next_expiry:
+        examples = self.joiner.push(events)
+        if not examples:
+            return StepResult(len(events), invalid, 0, float("nan"))
+        u = feature_keys("user", (x.event.user_id for x in examples))
+        i = feature_keys("item", (x.event.item_id for x in examples))
+        y = np.fromiter((x.label for x in examples), dtype=np.float32, count=len(examples))
+        unjoined = np.fromiter((x.source == "unjoined" and x.label > 0 for x in examples), dtype=bool)
+        neg_u, neg_i = self._sample_negatives(u[unjoined], i[unjoined])
+        pos = y > 0
+        self.retrieval_loss = self.models.retrieval_step(u[pos], i[pos], now, learn=self.learning)
+        u_all, i_all = np.concatenate([u, neg_u]), np.concatenate([i, neg_i])
+        y_all = np.concatenate([y, np.zeros(len(neg_i), dtype=np.float32)])
+        ranked = self.models.ranking_step(u_all, i_all, y_all, now, learn=self.learning)
+        self.auc.update(ranked.probs, y_all)  # scored before the step: progressive evaluation
+        self.features.add_history(u[pos], i[pos])
+        if self.learning and time.monotonic() >= self._next_expiry:
             self.expire()
-        return StepResult(len(events), invalid, len(y), float(loss.item()))
+        return StepResult(len(events), invalid, len(y_all), ranked.loss)
+
+    def _sample_negatives(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`negatives` sampled items per positive pair without impressions, minus accidental hits."""
+        neg_items = self.catalog.sample(len(users) * self.config.negatives, self.config.uniform_negatives)
+        neg_users = np.repeat(users, self.config.negatives)[: len(neg_items)]
+        # Drop accidental hits: a sampled negative the same user chose in this batch.
+        hit = np.isin(_pair_ids(neg_users, neg_items), _pair_ids(users, items))
+        return neg_users[~hit], neg_items[~hit]
 
     def expire(self) -> int:
         """Evict rows whose TTL ran out by the latest event time; return how many (the next sync carries them)."""
         self._next_expiry = time.monotonic() + self.config.expiry_interval_s
-        evicted = self.users.evict_expired(self.event_time_s) + self.items.evict_expired(self.event_time_s)
+        evicted = sum(self.store.table(name).evict_expired(self.event_time_s) for name in TABLES)
         if evicted:
             log.info("expired %d rows older than %.0f s of event time", evicted, self.config.ttl_s)
         return evicted
@@ -185,6 +185,7 @@ class Trainer:
             seen = self._seen
             self._seen = []
             popular_keys, popular_scores = self.catalog.popular(self.config.popular_items)
+            self.models.drain_unserved()
             message = SyncMessage(
                 users=self.users.drain_delta(),
                 items=self.items.drain_delta(),

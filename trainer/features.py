@@ -1,0 +1,132 @@
+"""Features the trainer keeps between events: user and item attributes, and each user's history.
+
+Attributes arrive in event contexts: a key `user.<name>` describes the event's user and
+`item.<name>` its item (MovieLens: `user.age`, `user.gender`, `user.occupation`, `item.genres`,
+`item.year`); a value may hold several tokens separated by "|" (genres). The latest values are
+kept per user and per item. A user's history is the last `history_length` items they acted on
+positively. Everything becomes 64-bit feature keys (slot = attribute name), padded into
+fixed-width arrays with 0 as padding, ready for embedding lookups.
+
+Memory is bounded: at most `max_entities` users and items each are remembered (least recently
+seen are forgotten first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedding_store import feature_keys
+from trainer.events import Event
+
+PAD = np.uint64(0)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Args:
+    history_length: items kept per user (the ranker's behaviour sequence).
+    max_entities: users (and, separately, items) whose attributes and history are kept.
+    """
+
+    history_length: int = 20
+    max_entities: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.history_length <= 1000:
+            raise ValueError(f"history_length: must be in [1, 1000], got {self.history_length}")
+        if self.max_entities < 1:
+            raise ValueError(f"max_entities: must be >= 1, got {self.max_entities}")
+
+
+@dataclass(frozen=True)
+class Features:
+    """Padded feature keys of a batch of n (user, item) pairs (0 = padding).
+
+    Args:
+        user_attrs: uint64 [n, a] attribute keys of each user.
+        item_attrs: uint64 [n, b] attribute keys of each item.
+        history: uint64 [n, h] item keys of each user's recent positives, most recent last.
+    """
+
+    user_attrs: np.ndarray
+    item_attrs: np.ndarray
+    history: np.ndarray
+
+
+def _pad(rows: list[list[int]]) -> np.ndarray:
+    width = max((len(r) for r in rows), default=0)
+    out = np.zeros((len(rows), max(width, 1)), dtype=np.uint64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+class _Bounded(OrderedDict[int, list[int]]):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: int, value: list[int]) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class FeatureState:
+    """Attributes and histories, updated from events; see the module docstring.
+
+    Args:
+        config: history length and memory bound.
+
+    Example:
+        >>> state = FeatureState(FeatureConfig(history_length=2))
+        >>> u, m = feature_keys("user", ["u1"]), feature_keys("item", ["m1", "m2", "m3"])
+        >>> ctx = {"user.gender": "F", "item.genres": "A|B"}
+        >>> state.observe([Event("e", "u1", "m1", "click", 1, context=ctx)], u, m[:1])
+        >>> state.add_history(u.repeat(3), m)
+        >>> f = state.batch(u, m[:1])
+        >>> f.user_attrs.shape, f.item_attrs.shape, f.history.tolist() == [m[1:].tolist()]
+        ((1, 1), (1, 2), True)
+    """
+
+    def __init__(self, config: FeatureConfig | None = None) -> None:
+        self.config = config or FeatureConfig()
+        self._user_attrs = _Bounded(self.config.max_entities)
+        self._item_attrs = _Bounded(self.config.max_entities)
+        self._history: OrderedDict[int, deque[int]] = OrderedDict()
+
+    def observe(self, events: list[Event], user_keys: np.ndarray, item_keys: np.ndarray) -> None:
+        """Take the attributes carried by the events' contexts (`user_keys`/`item_keys`: their feature keys)."""
+        for e, user, item in zip(events, user_keys.tolist(), item_keys.tolist(), strict=True):
+            if not e.context:
+                continue
+            for prefix, store, owner in (("user.", self._user_attrs, user), ("item.", self._item_attrs, item)):
+                tokens = [(k, t) for k, v in e.context.items() if k.startswith(prefix) for t in v.split("|")]
+                if tokens:
+                    store.put(owner, [int(feature_keys(k, [t])[0]) for k, t in tokens])
+
+    def batch(self, user_keys: np.ndarray, item_keys: np.ndarray) -> Features:
+        """Feature keys of aligned (user, item) pairs, as they stand now (before this batch's history)."""
+        return Features(
+            user_attrs=_pad([self._user_attrs.get(u, []) for u in user_keys.tolist()]),
+            item_attrs=_pad([self._item_attrs.get(i, []) for i in item_keys.tolist()]),
+            history=_pad([list(self._history.get(u, ())) for u in user_keys.tolist()]),
+        )
+
+    def add_history(self, user_keys: np.ndarray, item_keys: np.ndarray) -> None:
+        """Append positives (in order) to their users' histories."""
+        for user, key in zip(user_keys.tolist(), item_keys.tolist(), strict=True):
+            history = self._history.get(user)
+            if history is None:
+                history = self._history[user] = deque(maxlen=self.config.history_length)
+            history.append(key)
+            self._history.move_to_end(user)
+        while len(self._history) > self.config.max_entities:
+            self._history.popitem(last=False)
+
+    def history_of(self, user_key: int) -> list[int]:
+        return list(self._history.get(user_key, ()))

@@ -1,0 +1,176 @@
+"""The two models the trainer learns online, over tables of one embedding store.
+
+- Retrieval: `TwoTower` on tables "user" and "item" (what serving searches with Faiss), trained
+  on positive pairs with in-batch sampled softmax and logQ correction.
+- Ranking: `DinDcnRanker` on tables "rank_id" (user and item ids; history items share the item
+  rows) and "rank_attr" (attribute values), trained with BCE on labelled examples; its dense
+  parameters use Adam.
+
+Sparse gradients go back to the store per distinct key (autograd sums repeated keys); every
+loss is a sum over examples, so a row gets the same step whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embedding_store import EmbeddingTable, Store, TableConfig
+from ranking.din_dcn import DinDcnRanker
+from retrieval.two_tower import TwoTower, in_batch_softmax_loss
+from trainer.catalog import ItemCatalog
+from trainer.config import TrainerConfig
+from trainer.features import Features, FeatureState
+
+TABLES = ("user", "item", "rank_id", "rank_attr")
+
+
+def table_configs(config: TrainerConfig) -> list[TableConfig]:
+    """The store tables the trainer needs, from its settings."""
+    item_dim = TwoTower(config.dim).item_dim
+    dims = {"user": config.dim, "item": item_dim, "rank_id": config.rank_dim, "rank_attr": config.rank_dim}
+    return [config.table(name, dims[name], config.seed + n) for n, name in enumerate(TABLES)]
+
+
+@dataclass(frozen=True)
+class RankingBatch:
+    """Scores of one ranking step: probabilities [n] (before the step) and the mean BCE."""
+
+    probs: np.ndarray
+    loss: float
+
+
+class _Rows:
+    """Rows of one table for a set of keys, as a leaf tensor whose gradient goes back per key."""
+
+    def __init__(self, table: EmbeddingTable, keys: np.ndarray) -> None:
+        self.table = table
+        self.keys, inverse = np.unique(keys, return_inverse=True)
+        self.rows = torch.from_numpy(table.get(self.keys)[0]).requires_grad_()  # [unique, dim]
+        self._inverse = torch.from_numpy(inverse.reshape(keys.shape))
+
+    def gather(self) -> torch.Tensor:
+        return self.rows[self._inverse]  # [...keys.shape, dim]
+
+    def step(self, now: float) -> None:
+        if self.rows.grad is not None:
+            real = self.keys != 0  # key 0 is padding
+            self.table.apply_gradients(self.keys[real], self.rows.grad.numpy()[real], now)
+
+
+class OnlineModels:
+    """Retrieval and ranking models with their tables and optimizer; see the module docstring.
+
+    Args:
+        config: trainer settings (dims, learning rates).
+        store: holds the `TABLES`.
+        catalog: item popularity (logQ correction) and the item list (evaluation).
+        features: attributes and histories.
+    """
+
+    def __init__(self, config: TrainerConfig, store: Store, catalog: ItemCatalog, features: FeatureState) -> None:
+        self.config = config
+        self.store = store
+        self.catalog = catalog
+        self.features = features
+        self.two_tower = TwoTower(config.dim)
+        torch.manual_seed(config.seed)
+        self.ranker = DinDcnRanker(config.rank_dim)
+        self.dense_optimizer = torch.optim.Adam(self.ranker.parameters(), lr=config.dense_learning_rate)
+        self.users, self.items = store.table("user"), store.table("item")
+        self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
+
+    def sight(self, user_keys: np.ndarray, item_keys: np.ndarray, now: float) -> None:
+        """Count one sighting of each event's user, item and attributes (frequency filter; creates admitted rows)."""
+        self.users.lookup(user_keys, now)
+        self.items.lookup(item_keys, now)
+        self.rank_ids.lookup(np.concatenate([user_keys, item_keys]), now)
+        f = self.features.batch(user_keys, item_keys)
+        attrs = np.concatenate([f.user_attrs.ravel(), f.item_attrs.ravel()])
+        if (attrs != 0).any():
+            self.rank_attrs.lookup(attrs[attrs != 0], now)
+
+    def retrieval_step(self, user_keys: np.ndarray, item_keys: np.ndarray, now: float, learn: bool = True) -> float:
+        """One in-batch softmax step on positive pairs; returns the mean loss (NaN under 2 pairs)."""
+        if len(user_keys) < 2:
+            return float("nan")
+        users, items = _Rows(self.users, user_keys), _Rows(self.items, item_keys)
+        log_q = torch.from_numpy(np.log(self.catalog.share(item_keys)).astype(np.float32))
+        loss = in_batch_softmax_loss(
+            self.two_tower.encode_users(users.gather()), self.two_tower.encode_items(items.gather()), item_keys, log_q
+        )
+        if learn:
+            loss.backward()
+            users.step(now)
+            items.step(now)
+        return float(loss.item()) / len(user_keys)
+
+    def rank_logits(
+        self, user_keys: np.ndarray, item_keys: np.ndarray, f: Features
+    ) -> tuple[torch.Tensor, list[_Rows]]:
+        """Ranker logits [n] for aligned pairs, and the row sets that feed them (for the backward step)."""
+        ids = _Rows(self.rank_ids, np.concatenate([user_keys, item_keys, f.history.ravel()]))
+        attrs = _Rows(self.rank_attrs, np.concatenate([f.user_attrs.ravel(), f.item_attrs.ravel()]))
+        n = len(user_keys)
+        id_rows, attr_rows = ids.gather(), attrs.gather()
+        split = n * f.user_attrs.shape[1]
+        logits = self.ranker(
+            id_rows[:n],
+            id_rows[n : 2 * n],
+            attr_rows[:split].view(n, f.user_attrs.shape[1], -1),
+            torch.from_numpy(f.user_attrs != 0),
+            attr_rows[split:].view(n, f.item_attrs.shape[1], -1),
+            torch.from_numpy(f.item_attrs != 0),
+            id_rows[2 * n :].view(n, f.history.shape[1], -1),
+            torch.from_numpy(f.history != 0),
+        )
+        return logits, [ids, attrs]
+
+    def ranking_step(
+        self, user_keys: np.ndarray, item_keys: np.ndarray, labels: np.ndarray, now: float, learn: bool = True
+    ) -> RankingBatch:
+        """Score labelled pairs (progressive: before the step), then one BCE step if `learn`."""
+        f = self.features.batch(user_keys, item_keys)
+        logits, rows = self.rank_logits(user_keys, item_keys, f)
+        probs = torch.sigmoid(logits).detach().numpy()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels), reduction="sum")
+        if learn:
+            self.dense_optimizer.zero_grad()
+            loss.backward()
+            for r in rows:
+                r.step(now)
+            for p in self.ranker.parameters():  # dense: mean over the batch, as Adam expects
+                if p.grad is not None:
+                    p.grad /= len(labels)
+            self.dense_optimizer.step()
+        return RankingBatch(probs, float(loss.item()) / len(labels))
+
+    @torch.no_grad()
+    def recommend(
+        self, user_keys: np.ndarray, k: int, exclude: list[set[int]], candidates: int = 100, rank: bool = True
+    ) -> list[np.ndarray]:
+        """Top-k item keys per user: two-tower retrieval of `candidates` over every known item, minus
+        `exclude`, then ordered by the ranker (or by the retrieval score when `rank` is False)."""
+        items = self.catalog.all_items()
+        item_vecs = torch.from_numpy(self.items.get(items)[0])  # [m, dim + 1]
+        user_vecs = self.two_tower.encode_users(torch.from_numpy(self.users.get(user_keys)[0]))  # [u, dim + 1]
+        scores = (user_vecs @ item_vecs.T).numpy()  # [u, m]
+        position = {int(key): j for j, key in enumerate(items.tolist())}
+        for row, seen in enumerate(exclude):
+            cols = [position[s] for s in seen if s in position]
+            scores[row, cols] = -np.inf
+        top = np.argsort(-scores, axis=1)[:, :candidates]  # [u, c]
+        if not rank:
+            return [items[t[:k]] for t in top]
+        cand = items[top]  # [u, c]
+        u = np.repeat(user_keys, cand.shape[1])
+        logits, _ = self.rank_logits(u, cand.ravel(), self.features.batch(u, cand.ravel()))
+        order = np.argsort(-logits.numpy().reshape(cand.shape), axis=1, kind="stable")[:, :k]
+        return [c[o] for c, o in zip(cand, order, strict=True)]
+
+    def drain_unserved(self) -> None:
+        """Drop the ranking tables' deltas (not synced to serving yet) so their change logs stay empty."""
+        self.rank_ids.drain_delta()
+        self.rank_attrs.drain_delta()
