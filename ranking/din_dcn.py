@@ -7,7 +7,8 @@ the model holds only dense parameters. Per example:
 2. DIN: each history item h is scored against the target item t by a small MLP over
    [h, t, h - t, h * t]; the softmax over the valid positions weights the history into one
    interest vector, so the same history says different things about different targets.
-3. DCN-v2: x0 = [user, item, user attrs, item attrs, interest, user * item]; cross layers
+3. DCN-v2: x0 = [user, item, user attrs, item attrs, interest, user * item, dense features]
+   (such as the item's log trending and all-time counts); cross layers
    x_{l+1} = x0 * (W_l x_l + b_l) + x_l build explicit feature crosses, a deep MLP runs beside
    them, and a linear layer over both gives the click logit.
 """
@@ -32,6 +33,7 @@ class DinDcnRanker(nn.Module):
         cross_layers: DCN-v2 cross layers.
         hidden: widths of the deep tower.
         attention_hidden: width of DIN's attention MLP.
+        dense_features: number of dense (real-valued) inputs per example.
 
     Example:
         >>> m = DinDcnRanker(dim=4)
@@ -43,12 +45,17 @@ class DinDcnRanker(nn.Module):
     """
 
     def __init__(
-        self, dim: int, cross_layers: int = 2, hidden: tuple[int, ...] = (128, 64), attention_hidden: int = 64
+        self,
+        dim: int,
+        cross_layers: int = 2,
+        hidden: tuple[int, ...] = (128, 64),
+        attention_hidden: int = 64,
+        dense_features: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.attention = nn.Sequential(nn.Linear(4 * dim, attention_hidden), nn.ReLU(), nn.Linear(attention_hidden, 1))
-        width = 6 * dim
+        width = 6 * dim + dense_features
         self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(cross_layers))
         layers: list[nn.Module] = []
         last = width
@@ -76,8 +83,10 @@ class DinDcnRanker(nn.Module):
         item_attr_mask: torch.Tensor,
         history: torch.Tensor,
         history_mask: torch.Tensor,
+        dense: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Click logits [n] from [n, d] ids, [n, a|b|h, d] attributes/history and their [n, .] masks."""
+        """Click logits [n] from [n, d] ids, [n, a|b|h, d] attributes/history, their [n, .] masks and
+        [n, dense_features] dense inputs."""
         x0 = torch.cat(
             [
                 user,
@@ -86,9 +95,10 @@ class DinDcnRanker(nn.Module):
                 _masked_mean(item_attrs, item_attr_mask),
                 self.interest(item, history, history_mask),
                 user * item,
+                *([] if dense is None else [dense]),
             ],
             dim=-1,
-        )  # [n, 6d]
+        )  # [n, 6d + dense_features]
         x = x0
         for layer in self.cross:
             x = x0 * layer(x) + x

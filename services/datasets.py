@@ -100,6 +100,10 @@ def _read_atomic(path: Path) -> list[dict[str, str]]:
 def movielens_100k(directory: Path | None = None) -> Dataset:
     """MovieLens-100K ratings as `rating` events in timestamp order.
 
+    Each event's context carries its user's attributes (`user.age` by decade, `user.gender`,
+    `user.occupation`) and its item's (`item.genres`, "|"-separated, and `item.year`), which is
+    how the trainer's features learn them.
+
     Raises:
         DatasetUnavailable: the files are missing and could not be downloaded.
     """
@@ -110,9 +114,22 @@ def movielens_100k(directory: Path | None = None) -> Dataset:
     try:
         ratings = _read_atomic(directory / "ml-100k.inter")
         items = _read_atomic(directory / "ml-100k.item")
+        users = _read_atomic(directory / "ml-100k.user")
     except (OSError, StopIteration, KeyError) as e:
         raise DatasetUnavailable(f"could not read MovieLens-100K from {directory}: {e}") from e
     ratings.sort(key=lambda r: (int(float(r["timestamp"])), r["user_id"], r["item_id"]))
+    user_context = {
+        u["user_id"]: {
+            "user.age": f"{int(u['age']) // 10 * 10}s",
+            "user.gender": u["gender"],
+            "user.occupation": u["occupation"],
+        }
+        for u in users
+    }
+    item_context = {
+        i["item_id"]: {"item.genres": "|".join(i.get("class", "").split()), "item.year": i.get("release_year", "")}
+        for i in items
+    }
     events = [
         {
             "event_id": f"ml100k-{r['user_id']}-{r['item_id']}",
@@ -121,6 +138,7 @@ def movielens_100k(directory: Path | None = None) -> Dataset:
             "type": "rating",
             "value": float(r["rating"]),
             "timestamp_ms": int(float(r["timestamp"])) * 1000,
+            "context": {**user_context.get(r["user_id"], {}), **item_context.get(r["item_id"], {})},
         }
         for r in ratings
     ]

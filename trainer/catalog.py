@@ -8,13 +8,17 @@ from embedding_store.hash_index import KeyIndex, grow_rows
 
 
 class ItemCatalog:
-    """Items the trainer has seen, with positive-interaction counts.
+    """Items the trainer has seen, with positive-interaction counts, all-time and trending.
 
-    Negatives for data without impressions are drawn from the popularity distribution
-    (count ** 0.75, as word2vec), and the most popular items feed cold-start serving.
+    Negatives for data without impressions are drawn from the all-time popularity distribution
+    (count ** 0.75, as word2vec), which is also the logQ correction of retrieval. The trending
+    score is the count with exponential decay in event time (half-life `half_life_s`): what is
+    popular *now*, which is what cold users get. It is stored scaled by 2^(t / half-life), so an
+    update touches only the batch's items, and rescaled before it overflows.
 
     Args:
         seed: seed of the negative sampler.
+        half_life_s: half-life of the trending score, in seconds of event time.
 
     Example:
         >>> catalog = ItemCatalog()
@@ -23,35 +27,59 @@ class ItemCatalog:
         [5, 5, 5]
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, half_life_s: float = 3 * 86400.0) -> None:
         self._index = KeyIndex()
         self._counts = np.zeros(0, dtype=np.float64)
+        self._trending = np.zeros(0, dtype=np.float64)  # decayed counts x 2^((t - t0) / half-life)
+        self._half_life_s = half_life_s
+        self._t0: float | None = None
+        self._scale = 1.0  # 2^((latest time - t0) / half-life)
         self._rng = np.random.default_rng(seed)
         self._new_names: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def observe(self, keys: np.ndarray, names: list[str], positive_weights: np.ndarray) -> None:
-        """Register items (keys [n] with their raw ids) and add `positive_weights` [n] to counts."""
+    def observe(self, keys: np.ndarray, names: list[str], positive_weights: np.ndarray, now_s: float = 0.0) -> None:
+        """Register items (keys [n], raw ids `names`); add `positive_weights` [n] to counts at event time `now_s`."""
         rows, created = self._index.insert(keys)
         self._counts = grow_rows(self._counts, self._index.row_capacity)
+        self._trending = grow_rows(self._trending, self._index.row_capacity)
         for i in np.flatnonzero(created):  # only items never seen before
             self._new_names[int(keys[i])] = names[i]
         self._counts += np.bincount(rows, weights=positive_weights, minlength=len(self._counts))
+        if self._t0 is None:
+            self._t0 = now_s
+        scale = 2.0 ** ((max(now_s, self._t0) - self._t0) / self._half_life_s)
+        if scale > 1e100:  # rescale everything before the stored values overflow
+            self._trending /= scale
+            self._t0, scale = max(now_s, self._t0), 1.0
+        self._scale = scale
+        self._trending += np.bincount(rows, weights=positive_weights * scale, minlength=len(self._trending))
 
-    def sample(self, n: int, uniform_share: float = 0.0) -> np.ndarray:
-        """Draw `n` item keys with probability proportional to count ** 0.75, mixed with
-        `uniform_share` of draws uniform over all items seen (so rare items also meet negatives)."""
+    def _negative_weights(self, uniform_share: float) -> np.ndarray:
         weights = self._counts**0.75
         if uniform_share > 0 and weights.sum() > 0:
             live = self._counts > 0
             weights = (1 - uniform_share) * weights / weights.sum() + uniform_share * live / live.sum()
-        cdf = np.cumsum(weights)
+        return weights
+
+    def sample(self, n: int, uniform_share: float = 0.0) -> np.ndarray:
+        """Draw `n` item keys with probability proportional to count ** 0.75, mixed with
+        `uniform_share` of draws uniform over all items seen (so rare items also meet negatives)."""
+        cdf = np.cumsum(self._negative_weights(uniform_share))
         if n == 0 or not len(cdf) or cdf[-1] <= 0:
             return np.zeros(0, dtype=np.uint64)
         picks = np.searchsorted(cdf, self._rng.random(n) * cdf[-1], side="right")
         return self._index.keys_of(np.minimum(picks, len(cdf) - 1))
+
+    def negative_probability(self, keys: np.ndarray, uniform_share: float = 0.0) -> np.ndarray:
+        """The chance that `sample` draws each item (>= 1e-9): a classifier trained against these
+        negatives learns log(p(item | user) / q(item)), so ranking adds log q back."""
+        weights = self._negative_weights(uniform_share)
+        rows = self._index.find(keys)
+        q = np.where(rows >= 0, weights[np.maximum(rows, 0)], 0.0) / max(float(weights.sum()), 1e-12)
+        return np.maximum(q, 1e-9)
 
     def share(self, keys: np.ndarray) -> np.ndarray:
         """Each item's share of all positive counts so far (its chance to be a batch's positive), >= 1e-6."""
@@ -59,19 +87,29 @@ class ItemCatalog:
         counts = np.where(rows >= 0, self._counts[np.maximum(rows, 0)], 0.0)
         return np.maximum(counts / max(float(self._counts.sum()), 1.0), 1e-6)
 
+    def counts(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(trending, all-time) positive counts of items: float64 [n] each, 0 for unknown items."""
+        rows = self._index.find(keys)
+        known, at = rows >= 0, np.maximum(rows, 0)
+        trending = (
+            np.where(known, self._trending[at] / self._scale, 0.0) if len(self._trending) else np.zeros(len(rows))
+        )
+        return trending, np.where(known, self._counts[at], 0.0) if len(self._counts) else np.zeros(len(rows))
+
     def all_items(self) -> np.ndarray:
         """Keys of every item seen, in row order."""
         return self._index.items()[0]
 
     def popular(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `n` most interacted-with items: (keys, counts), most popular first."""
-        n = min(n, len(self._counts))
+        """The `n` trending items: (keys, relative scores, the top one 1.0), most trending first."""
+        n = min(n, len(self._trending))
         if n == 0:
             return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.float32)
-        top = np.argpartition(-self._counts, n - 1)[:n]
-        top = top[np.argsort(-self._counts[top], kind="stable")]
-        top = top[self._counts[top] > 0]
-        return self._index.keys_of(top), self._counts[top].astype(np.float32)
+        top = np.argpartition(-self._trending, n - 1)[:n]
+        top = top[np.argsort(-self._trending[top], kind="stable")]
+        top = top[self._trending[top] > 0]
+        scores = self._trending[top] / self._trending[top[0]] if len(top) else self._trending[top]
+        return self._index.keys_of(top), scores.astype(np.float32)
 
     def drain_new_names(self) -> dict[int, str]:
         """Raw ids of items first seen since the previous drain, by key."""

@@ -54,3 +54,22 @@ class StreamingAUC:
 
     def log_loss(self) -> float:
         return self._loss_sum / self._count if self._count else float("nan")
+
+    def copy(self) -> StreamingAUC:
+        out = StreamingAUC(self._bins)
+        out.add(self)
+        return out
+
+    def add(self, other: StreamingAUC) -> None:
+        """Count `other`'s examples too (same bins)."""
+        self._pos += other._pos
+        self._neg += other._neg
+        self._loss_sum += other._loss_sum
+        self._count += other._count
+
+    def since(self, earlier: StreamingAUC) -> StreamingAUC:
+        """The examples added after `earlier` (a `copy()` of this one taken before)."""
+        out = StreamingAUC(self._bins)
+        out._pos, out._neg = self._pos - earlier._pos, self._neg - earlier._neg
+        out._loss_sum, out._count = self._loss_sum - earlier._loss_sum, self._count - earlier._count
+        return out

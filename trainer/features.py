@@ -105,7 +105,7 @@ class FeatureState:
             if not e.context:
                 continue
             for prefix, store, owner in (("user.", self._user_attrs, user), ("item.", self._item_attrs, item)):
-                tokens = [(k, t) for k, v in e.context.items() if k.startswith(prefix) for t in v.split("|")]
+                tokens = [(k, t) for k, v in e.context.items() if k.startswith(prefix) for t in v.split("|") if t]
                 if tokens:
                     store.put(owner, [int(feature_keys(k, [t])[0]) for k, t in tokens])
 

@@ -86,7 +86,7 @@ class Trainer:
         self.config = config
         self._consumer = consumer
         self.store = store or open_store(config.store_url, table_configs(config))
-        self.catalog = ItemCatalog(seed=config.seed)
+        self.catalog = ItemCatalog(seed=config.seed, half_life_s=config.trending_half_life_s)
         self.features = FeatureState(FeatureConfig(history_length=config.history_length, max_entities=config.max_rows))
         self.joiner = Joiner(JoinerConfig(window_s=config.join_window_s))
         self.models = OnlineModels(config, self.store, self.catalog, self.features)
@@ -122,6 +122,10 @@ class Trainer:
             except InvalidEvent as e:
                 invalid += 1
                 log.warning("skipping undecodable record p%d@%d: %s", record.partition, record.offset, e)
+        return self.train_events(events, invalid)
+
+    def train_events(self, events: list[Event], invalid: int = 0) -> StepResult:
+        """One step on decoded events (what `train_records` does after decoding; replays call it directly)."""
         with self._lock:
             result = self._train(events, invalid)
         if self._on_step:
@@ -137,7 +141,7 @@ class Trainer:
         item_keys = feature_keys("item", (e.item_id for e in events))
         positive = np.fromiter((e.is_positive for e in events), dtype=bool, count=len(events))
         labelled = positive | np.fromiter((e.type == "skip" for e in events), dtype=bool, count=len(events))
-        self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64))
+        self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64), now)
         self.features.observe(events, user_keys, item_keys)
         self._seen.append((user_keys[labelled], item_keys[labelled]))  # what exclude_seen leaves out
         self.events_trained += len(events)

@@ -77,7 +77,7 @@ class OnlineModels:
         self.features = features
         self.two_tower = TwoTower(config.dim)
         torch.manual_seed(config.seed)
-        self.ranker = DinDcnRanker(config.rank_dim)
+        self.ranker = DinDcnRanker(config.rank_dim, dense_features=2)
         self.dense_optimizer = torch.optim.Adam(self.ranker.parameters(), lr=config.dense_learning_rate)
         self.users, self.items = store.table("user"), store.table("item")
         self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
@@ -96,16 +96,29 @@ class OnlineModels:
         """One in-batch softmax step on positive pairs; returns the mean loss (NaN under 2 pairs)."""
         if len(user_keys) < 2:
             return float("nan")
-        users, items = _Rows(self.users, user_keys), _Rows(self.items, item_keys)
+        history = self.features.batch(user_keys, item_keys).history
+        users = _Rows(self.users, user_keys)
+        items = _Rows(self.items, np.concatenate([item_keys, history.ravel()]))
+        item_rows = items.gather()
+        user_vecs = self._user_tower(users.gather(), item_rows[len(item_keys) :].view(*history.shape, -1), history)
         log_q = torch.from_numpy(np.log(self.catalog.share(item_keys)).astype(np.float32))
         loss = in_batch_softmax_loss(
-            self.two_tower.encode_users(users.gather()), self.two_tower.encode_items(items.gather()), item_keys, log_q
+            self.two_tower.encode_users(user_vecs),
+            self.two_tower.encode_items(item_rows[: len(item_keys)]),
+            item_keys,
+            log_q,
         )
         if learn:
             loss.backward()
             users.step(now)
             items.step(now)
         return float(loss.item()) / len(user_keys)
+
+    def _user_tower(self, user_rows: torch.Tensor, history_rows: torch.Tensor, history: np.ndarray) -> torch.Tensor:
+        """The user's id row plus the mean of its history items' rows (bias column dropped): [n, dim]."""
+        mask = torch.from_numpy(history != 0).to(user_rows.dtype).unsqueeze(-1)  # [n, h, 1]
+        pooled = (history_rows[..., : self.config.dim] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return user_rows + pooled
 
     def rank_logits(
         self, user_keys: np.ndarray, item_keys: np.ndarray, f: Features
@@ -125,8 +138,14 @@ class OnlineModels:
             torch.from_numpy(f.item_attrs != 0),
             id_rows[2 * n :].view(n, f.history.shape[1], -1),
             torch.from_numpy(f.history != 0),
+            self._item_counts(item_keys),
         )
         return logits, [ids, attrs]
+
+    def _item_counts(self, item_keys: np.ndarray) -> torch.Tensor:
+        """The ranker's dense features: log(1 + trending count), log(1 + all-time count) per item: [n, 2]."""
+        trending, total = self.catalog.counts(item_keys)
+        return torch.from_numpy(np.log1p(np.stack([trending, total], axis=1)).astype(np.float32))
 
     def ranking_step(
         self, user_keys: np.ndarray, item_keys: np.ndarray, labels: np.ndarray, now: float, learn: bool = True
@@ -149,26 +168,44 @@ class OnlineModels:
 
     @torch.no_grad()
     def recommend(
-        self, user_keys: np.ndarray, k: int, exclude: list[set[int]], candidates: int = 100, rank: bool = True
+        self, user_keys: np.ndarray, k: int, exclude: list[set[int]], candidates: int = 100, mode: str = "ranked"
     ) -> list[np.ndarray]:
-        """Top-k item keys per user: two-tower retrieval of `candidates` over every known item, minus
-        `exclude`, then ordered by the ranker (or by the retrieval score when `rank` is False)."""
+        """Top-k item keys per user, leaving out `exclude`, as serving would order them (for evaluation).
+
+        "ranked": the two-tower's best `candidates` over every known item plus the `candidates`
+        trending ones, ordered by the ranker; users the model knows nothing of (no row, no
+        history) get the trending list. "two_tower": the two-tower's own top k.
+        "trending": the trending list for everyone.
+        """
+        trending = self.catalog.popular(candidates + max((len(s) for s in exclude), default=0))[0]
+        trending_lists = [np.array([i for i in trending.tolist() if i not in s][:k], np.uint64) for s in exclude]
+        if mode == "trending":
+            return trending_lists
         items = self.catalog.all_items()
         item_vecs = torch.from_numpy(self.items.get(items)[0])  # [m, dim + 1]
-        user_vecs = self.two_tower.encode_users(torch.from_numpy(self.users.get(user_keys)[0]))  # [u, dim + 1]
+        history = self.features.batch(user_keys, user_keys).history
+        history_rows = torch.from_numpy(self.items.get(history.ravel())[0]).view(*history.shape, -1)
+        user_rows = torch.from_numpy(self.users.get(user_keys)[0])
+        user_vecs = self.two_tower.encode_users(self._user_tower(user_rows, history_rows, history))  # [u, dim + 1]
         scores = (user_vecs @ item_vecs.T).numpy()  # [u, m]
         position = {int(key): j for j, key in enumerate(items.tolist())}
         for row, seen in enumerate(exclude):
-            cols = [position[s] for s in seen if s in position]
-            scores[row, cols] = -np.inf
-        top = np.argsort(-scores, axis=1)[:, :candidates]  # [u, c]
-        if not rank:
-            return [items[t[:k]] for t in top]
-        cand = items[top]  # [u, c]
+            scores[row, [position[s] for s in seen if s in position]] = -np.inf
+        if mode == "two_tower":
+            return [items[t] for t in np.argsort(-scores, axis=1)[:, :k]]
+        trending_cols = [position[t] for t in trending[:candidates].tolist() if t in position]
+        scores[:, trending_cols] = np.where(np.isfinite(scores[:, trending_cols]), np.inf, -np.inf)
+        top = np.argsort(-scores, axis=1)[:, : candidates + len(trending_cols)]  # [u, c]
+        cand = items[top]
         u = np.repeat(user_keys, cand.shape[1])
         logits, _ = self.rank_logits(u, cand.ravel(), self.features.batch(u, cand.ravel()))
-        order = np.argsort(-logits.numpy().reshape(cand.shape), axis=1, kind="stable")[:, :k]
-        return [c[o] for c, o in zip(cand, order, strict=True)]
+        # The ranker learned p(item | user) / q(item) against sampled negatives q: add log q back.
+        log_q = np.log(self.catalog.negative_probability(cand.ravel(), self.config.uniform_negatives))
+        logits = logits.numpy().reshape(cand.shape) + log_q.reshape(cand.shape)
+        logits[np.take_along_axis(scores, top, 1) == -np.inf] = -np.inf  # excluded items stay out
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        cold = ~self.users.get(user_keys)[1] & (history == 0).all(axis=1)
+        return [trending_lists[r] if cold[r] else c[o] for r, (c, o) in enumerate(zip(cand, order, strict=True))]
 
     def drain_unserved(self) -> None:
         """Drop the ranking tables' deltas (not synced to serving yet) so their change logs stay empty."""
