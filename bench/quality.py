@@ -253,8 +253,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nsecond half of the stream ({n - bounds[SEGMENTS // 2]:,} events):")
     print(f"{'':32}{'AUC':>8}{'recall@10':>11}{'NDCG@10':>9}{'train s':>9}")
     for name, r in summary.items():
-        auc = "-" if r["auc_second_half"] is None else f"{r['auc_second_half']:.4f}"
-        print(f"{name:32}{auc:>8}{r['recall10_second_half']:>11.4f}{r['ndcg10_second_half']:>9.4f}{r['seconds']:>9.1f}")
+        auc_text = "-" if r["auc_second_half"] is None else f"{r['auc_second_half']:.4f}"
+        print(
+            f"{name:32}{auc_text:>8}{r['recall10_second_half']:>11.4f}{r['ndcg10_second_half']:>9.4f}{r['seconds']:>9.1f}"
+        )
     figures["plot"] = str(_plot(rows, bounds, args).relative_to(RESULTS_DIR.parent.parent))
     return figures
 

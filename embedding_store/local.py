@@ -1,9 +1,10 @@
 """In-process collisionless tables: hash index + dense rows + per-row optimizer state.
 
 A `LocalTable` keeps, per row id of its `KeyIndex`: the embedding, the optimizer state, the
-event time it was last used for training — looked up or updated — (expiry, LRU), the number of updates (LFU) and a dirty flag
-(deltas). Admission goes through a count-min sketch when `min_count > 1`. A `LocalStore` is a
-set of such tables: one process's shard, or the whole store in embedded mode.
+event time it was last used for training, looked up or updated (expiry, LRU), the number of
+updates (LFU) and a dirty flag (deltas). Admission goes through a count-min sketch when
+`min_count > 1`. A `LocalStore` is a set of such tables: one process's shard, or the whole
+store in embedded mode.
 """
 
 from __future__ import annotations

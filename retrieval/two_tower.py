@@ -56,31 +56,48 @@ class TwoTower(nn.Module):
 
 
 def in_batch_softmax_loss(
-    user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_keys: np.ndarray, log_q: torch.Tensor
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    item_keys: np.ndarray,
+    log_q: torch.Tensor,
+    user_keys: np.ndarray | None = None,
+    sampled: tuple[torch.Tensor, np.ndarray, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sampled softmax over the batch's items, with logQ correction (Yi et al., RecSys 2019).
 
     Each positive pair's item is the target and the other positives' items are its negatives.
     Popular items turn up as in-batch negatives more often than a uniform sample would, which
-    would push their scores down; subtracting log q (the item's chance to be in a batch) from
-    its logit corrects that. An item that appears twice in the batch is not its own negative.
+    would push their scores down; subtracting log q (the item's chance to be drawn) from its
+    logit corrects that. An item that appears twice in the batch is not its own negative, and
+    neither is another positive of the same user (with `user_keys`): a user who clicked three
+    items in one batch must not be pushed away from two of them for each click. `sampled` adds
+    items drawn from another distribution as shared negatives (mixed negative sampling, Yang et
+    al. 2020), so that items rarely clicked also meet negatives.
 
     Args:
         user_vecs: [n, d] encoded users of the positive pairs.
         item_vecs: [n, d] encoded items, aligned with the users.
         item_keys: uint64 [n] item keys (to find repeats).
         log_q: [n] log sampling probability of each item.
+        user_keys: uint64 [n] user keys (to find a user's other positives), optional.
+        sampled: ([m, d] encoded items, uint64 [m] their keys, [m] their log sampling probability).
 
     Returns:
         The summed cross-entropy (a scalar).
 
     Example:
         >>> u = torch.eye(2); v = torch.eye(2) * 10
-        >>> float(in_batch_softmax_loss(u, v, np.array([1, 2], np.uint64), torch.zeros(2))) < 0.01
+        >>> float(in_batch_softmax_loss(u, v, np.array([1, 2], np.uint64), torch.zeros(2))) < 0.001
         True
     """
     logits = user_vecs @ item_vecs.T - log_q.unsqueeze(0)  # [n, n]
-    same = torch.from_numpy(item_keys[:, None] == item_keys[None, :])
-    same.fill_diagonal_(False)
-    logits = logits.masked_fill(same, float("-inf"))
+    hide = item_keys[:, None] == item_keys[None, :]
+    if user_keys is not None:
+        hide |= user_keys[:, None] == user_keys[None, :]
+    np.fill_diagonal(hide, False)
+    if sampled is not None:
+        vecs, keys, sampled_log_q = sampled
+        logits = torch.cat([logits, user_vecs @ vecs.T - sampled_log_q.unsqueeze(0)], dim=1)  # [n, n + m]
+        hide = np.concatenate([hide, item_keys[:, None] == keys[None, :]], axis=1)  # accidental hits
+    logits = logits.masked_fill(torch.from_numpy(hide), float("-inf"))
     return nn.functional.cross_entropy(logits, torch.arange(len(item_keys)), reduction="sum")

@@ -118,16 +118,24 @@ def movielens_100k(directory: Path | None = None) -> Dataset:
     except (OSError, StopIteration, KeyError) as e:
         raise DatasetUnavailable(f"could not read MovieLens-100K from {directory}: {e}") from e
     ratings.sort(key=lambda r: (int(float(r["timestamp"])), r["user_id"], r["item_id"]))
+
+    def present(context: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in context.items() if v}
+
     user_context = {
-        u["user_id"]: {
-            "user.age": f"{int(u['age']) // 10 * 10}s",
-            "user.gender": u["gender"],
-            "user.occupation": u["occupation"],
-        }
+        u["user_id"]: present(
+            {
+                "user.age": f"{int(u['age']) // 10 * 10}s" if u.get("age", "").isdigit() else "",
+                "user.gender": u.get("gender", ""),
+                "user.occupation": u.get("occupation", ""),
+            }
+        )
         for u in users
     }
     item_context = {
-        i["item_id"]: {"item.genres": "|".join(i.get("class", "").split()), "item.year": i.get("release_year", "")}
+        i["item_id"]: present(
+            {"item.genres": "|".join(i.get("class", "").split()), "item.year": i.get("release_year", "")}
+        )
         for i in items
     }
     events = [

@@ -28,6 +28,8 @@ TRAINER_INVALID = Counter("freshrec_trainer_invalid_records_total", "Log records
 TRAINER_EXAMPLES = Counter("freshrec_trainer_examples_total", "Labelled examples trained on")
 TRAINER_LOSS = Gauge("freshrec_trainer_loss", "BCE loss of the latest training step")
 TRAINER_AUC = Gauge("freshrec_trainer_progressive_auc", "Progressive (score-before-train) AUC since start")
+TRAINER_LOGLOSS = Gauge("freshrec_trainer_progressive_logloss", "Progressive (score-before-train) log loss since start")
+TRAINER_RETRIEVAL_LOSS = Gauge("freshrec_trainer_retrieval_loss", "In-batch softmax loss of the latest step")
 
 SYNC_VERSION = Gauge("freshrec_sync_published_version", "Latest version published by the trainer")
 SYNC_ROWS = Counter("freshrec_sync_rows_total", "Rows published to the serving store", ["table"])

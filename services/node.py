@@ -82,6 +82,8 @@ class Node:
         if step.examples:
             metrics.TRAINER_LOSS.set(step.loss)
             metrics.TRAINER_AUC.set(self.trainer.auc.value())
+            metrics.TRAINER_LOGLOSS.set(self.trainer.auc.log_loss())
+            metrics.TRAINER_RETRIEVAL_LOSS.set(self.trainer.retrieval_loss)
 
     def _store_stats(self) -> list[TableStats]:
         assert self.trainer is not None

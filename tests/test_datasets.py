@@ -20,8 +20,12 @@ def test_reads_atomic_files_from_a_directory(tmp_path: Path) -> None:
     (tmp_path / "ml-100k.inter").write_text(
         "user_id:token\titem_id:token\trating:float\ttimestamp:float\n2\t20\t5\t200\n1\t10\t3\t100\n"
     )
-    (tmp_path / "ml-100k.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\n10\tHeat\t1995\n")
-    (tmp_path / "ml-100k.user").write_text("user_id:token\tage:token\n1\t20\n")
+    (tmp_path / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n10\tHeat\t1995\tAction Crime\n"
+    )
+    (tmp_path / "ml-100k.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\n1\t24\tM\ttechnician\n"
+    )
     data = movielens_100k(tmp_path)
     assert [e["user_id"] for e in data.events] == ["1", "2"]
     assert data.events[0] == {
@@ -31,7 +35,15 @@ def test_reads_atomic_files_from_a_directory(tmp_path: Path) -> None:
         "type": "rating",
         "value": 3.0,
         "timestamp_ms": 100_000,
+        "context": {
+            "user.age": "20s",
+            "user.gender": "M",
+            "user.occupation": "technician",
+            "item.genres": "Action|Crime",
+            "item.year": "1995",
+        },
     }
+    assert data.events[1]["context"] == {}  # user 2 and item 20 have no attribute rows
     assert data.item_names == {"10": "Heat (1995)"}
 
 

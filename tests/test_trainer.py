@@ -81,10 +81,12 @@ def test_sync_message_holds_exactly_what_changed() -> None:
     }
     assert message.popular_keys.tolist() == [book]  # only positives count towards popularity
     assert trainer.collect_sync() is None  # nothing changed since
-    np.testing.assert_array_equal(
-        trainer.users.lookup(np.array([alice], np.uint64))[0],
-        message.users.rows[message.users.keys.tolist().index(alice)],
+    # serving gets the user tower's output: alice's id row plus the mean of her history (book)
+    expected = (
+        trainer.users.get(np.array([alice], np.uint64))[0][0]
+        + trainer.items.get(np.array([book], np.uint64))[0][0, : trainer.config.dim]
     )
+    np.testing.assert_allclose(message.users.rows[message.users.keys.tolist().index(alice)], expected, rtol=1e-6)
 
 
 def test_trainer_expires_rows_by_event_time_and_syncs_the_evictions() -> None:

@@ -27,7 +27,7 @@ class ItemCatalog:
         [5, 5, 5]
     """
 
-    def __init__(self, seed: int = 0, half_life_s: float = 3 * 86400.0) -> None:
+    def __init__(self, seed: int = 0, half_life_s: float = 7 * 86400.0) -> None:
         self._index = KeyIndex()
         self._counts = np.zeros(0, dtype=np.float64)
         self._trending = np.zeros(0, dtype=np.float64)  # decayed counts x 2^((t - t0) / half-life)

@@ -31,6 +31,8 @@ class TrainerConfig:
         history_length: recent positive items per user fed to the ranker.
         join_window_s: how long an impression waits for an action before it is a negative.
         trending_half_life_s: half-life (event time) of the trending score cold users get.
+        retrieval_negatives: items drawn uniformly per step as extra negatives of the in-batch
+            softmax (mixed negative sampling).
         negatives: popularity-sampled negatives per positive event (data without impressions).
         uniform_negatives: share of sampled negatives drawn uniformly over items instead of by
             popularity; without it, rare items almost never appear as negatives and drift to the
@@ -60,7 +62,8 @@ class TrainerConfig:
     dense_learning_rate: float = 0.003
     history_length: int = 20
     join_window_s: float = 300.0
-    trending_half_life_s: float = 3 * 86400.0
+    trending_half_life_s: float = 7 * 86400.0
+    retrieval_negatives: int = 128
     negatives: int = 4
     uniform_negatives: float = 0.5
     batch_size: int = 512
@@ -87,6 +90,7 @@ class TrainerConfig:
             "history_length": 1 <= self.history_length <= 1000,
             "join_window_s": self.join_window_s > 0,
             "trending_half_life_s": self.trending_half_life_s > 0,
+            "retrieval_negatives": 0 <= self.retrieval_negatives <= 100_000,
             "negatives": 0 <= self.negatives <= 1000,
             "uniform_negatives": 0.0 <= self.uniform_negatives <= 1.0,
             "batch_size": self.batch_size >= 1,

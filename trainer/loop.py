@@ -191,7 +191,7 @@ class Trainer:
             popular_keys, popular_scores = self.catalog.popular(self.config.popular_items)
             self.models.drain_unserved()
             message = SyncMessage(
-                users=self.users.drain_delta(),
+                users=self.models.serving_users(self.users.drain_delta()),
                 items=self.items.drain_delta(),
                 item_names=self.catalog.drain_new_names(),
                 seen_users=np.concatenate([s[0] for s in seen]) if seen else np.zeros(0, np.uint64),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from embedding_store import EmbeddingTable, Store, TableConfig
+from embedding_store import EmbeddingTable, Store, TableConfig, TableDelta
 from ranking.din_dcn import DinDcnRanker
 from retrieval.two_tower import TwoTower, in_batch_softmax_loss
 from trainer.catalog import ItemCatalog
@@ -97,22 +97,38 @@ class OnlineModels:
         if len(user_keys) < 2:
             return float("nan")
         history = self.features.batch(user_keys, item_keys).history
+        sampled = self.catalog.sample(self.config.retrieval_negatives, uniform_share=1.0)
         users = _Rows(self.users, user_keys)
-        items = _Rows(self.items, np.concatenate([item_keys, history.ravel()]))
+        items = _Rows(self.items, np.concatenate([item_keys, sampled, history.ravel()]))
         item_rows = items.gather()
-        user_vecs = self._user_tower(users.gather(), item_rows[len(item_keys) :].view(*history.shape, -1), history)
-        log_q = torch.from_numpy(np.log(self.catalog.share(item_keys)).astype(np.float32))
+        n, m = len(item_keys), len(sampled)
+        user_vecs = self._user_tower(users.gather(), item_rows[n + m :].view(*history.shape, -1), history)
+        # log of each item's expected count among the negatives: n draws by popularity, m uniform draws
+        log_q = torch.from_numpy(np.log(n * self.catalog.share(item_keys)).astype(np.float32))
+        sampled_log_q = torch.full((m,), float(np.log(max(m, 1) / max(len(self.catalog), 1))))
         loss = in_batch_softmax_loss(
             self.two_tower.encode_users(user_vecs),
-            self.two_tower.encode_items(item_rows[: len(item_keys)]),
+            self.two_tower.encode_items(item_rows[:n]),
             item_keys,
             log_q,
+            user_keys,
+            sampled=(self.two_tower.encode_items(item_rows[n : n + m]), sampled, sampled_log_q),
         )
         if learn:
             loss.backward()
             users.step(now)
             items.step(now)
         return float(loss.item()) / len(user_keys)
+
+    def serving_users(self, delta: TableDelta) -> TableDelta:
+        """The user rows serving searches with: each changed user's tower output (id row + history)."""
+        if not len(delta.keys):
+            return delta
+        history = self.features.batch(delta.keys, delta.keys).history
+        history_rows = torch.from_numpy(self.items.get(history.ravel())[0]).view(*history.shape, -1)
+        with torch.no_grad():
+            vectors = self._user_tower(torch.from_numpy(delta.rows), history_rows, history).numpy()
+        return TableDelta(delta.table, delta.keys, vectors, delta.evicted, delta.version)
 
     def _user_tower(self, user_rows: torch.Tensor, history_rows: torch.Tensor, history: np.ndarray) -> torch.Tensor:
         """The user's id row plus the mean of its history items' rows (bias column dropped): [n, dim]."""
@@ -199,9 +215,12 @@ class OnlineModels:
         cand = items[top]
         u = np.repeat(user_keys, cand.shape[1])
         logits, _ = self.rank_logits(u, cand.ravel(), self.features.batch(u, cand.ravel()))
-        # The ranker learned p(item | user) / q(item) against sampled negatives q: add log q back.
+        # The ranker learned p(item | user) / q(item) against sampled negatives q: add log q back,
+        # and move from all-time to current popularity by the log ratio of trending to all-time share.
         log_q = np.log(self.catalog.negative_probability(cand.ravel(), self.config.uniform_negatives))
-        logits = logits.numpy().reshape(cand.shape) + log_q.reshape(cand.shape)
+        trend, total = self.catalog.counts(cand.ravel())
+        drift = np.log((trend + 1e-3) / max(trend.sum(), 1e-9)) - np.log((total + 1e-3) / max(total.sum(), 1e-9))
+        logits = logits.numpy().reshape(cand.shape) + (log_q + drift).reshape(cand.shape)
         logits[np.take_along_axis(scores, top, 1) == -np.inf] = -np.inf  # excluded items stay out
         order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
         cold = ~self.users.get(user_keys)[1] & (history == 0).all(axis=1)
