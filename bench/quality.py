@@ -270,10 +270,13 @@ def _plot(rows: list[Row], bounds: list[int], args: argparse.Namespace) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     checkpoints = [100 * (s + 1) / SEGMENTS for s in range(SEGMENTS - 1)]
     segments = [100 * (s + 0.5) / SEGMENTS for s in range(SEGMENTS)]
-    for r in rows:
-        left.plot(checkpoints, r.recall, marker="o", label=r.name)
+    for n, r in enumerate(rows):
+        # the frozen model was trained on the whole first half, so before 50% it has seen the future
+        start = SEGMENTS // 2 if r.name.startswith("frozen") else 0
+        style = {"marker": "o", "color": f"C{n}", "label": r.name, "linestyle": "--" if r.name.startswith(" ") else "-"}
+        left.plot(checkpoints[max(start - 1, 0) :], r.recall[max(start - 1, 0) :], **style)
         if r.trainer is not None and r.trains:
-            right.plot(segments, r.segment_auc, marker="o", label=r.name)
+            right.plot(segments[start:], r.segment_auc[start:], **style)
     for ax in (left, right):
         ax.axvline(50, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel("position in the stream (%)")
@@ -281,6 +284,7 @@ def _plot(rows: list[Row], bounds: list[int], args: argparse.Namespace) -> Path:
     left.set_ylabel("recall@10 on each user's next ratings")
     right.set_ylabel("progressive AUC of the segment")
     left.legend(fontsize=8)
+    right.legend(fontsize=8)
     fig.suptitle(f"{args.dataset}: online training vs baselines ({bounds[-1]:,} events in time order)")
     fig.tight_layout()
     path = RESULTS_DIR / f"quality_{args.dataset}{'_quick' if args.quick else ''}.png"
