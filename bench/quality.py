@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 truth.setdefault(u, set()).add(i)
         users = sorted(truth)
         if len(users) > args.eval_users:
-            users = sorted(rng.choice(users, args.eval_users, replace=False).tolist())
+            # choose by position: numpy would turn uint64 keys above 2^63 into floats
+            users = sorted(users[j] for j in rng.choice(len(users), args.eval_users, replace=False).tolist())
         keys = np.array(users, dtype=np.uint64)
         exclude = [seen.get(u, set()) for u in users]
         truths = [truth[u] for u in users]
