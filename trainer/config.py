@@ -29,6 +29,8 @@ class TrainerConfig:
         rank_dim: embedding width of the ranking model's tables.
         dense_learning_rate: Adam step size of the ranking model's dense layers.
         history_length: recent positive items per user fed to the ranker.
+        max_feature_entities: users (and, separately, items) whose attributes and history the
+            trainer keeps; the least recently seen are forgotten first.
         join_window_s: how long an impression waits for an action before it is a negative.
         trending_half_life_s: half-life (event time) of the trending score cold users get.
         retrieval_negatives: items drawn uniformly per step as extra negatives of the in-batch
@@ -61,6 +63,7 @@ class TrainerConfig:
     rank_dim: int = 16
     dense_learning_rate: float = 0.003
     history_length: int = 20
+    max_feature_entities: int = 1_000_000
     join_window_s: float = 300.0
     trending_half_life_s: float = 7 * 86400.0
     retrieval_negatives: int = 128
@@ -88,6 +91,7 @@ class TrainerConfig:
             "rank_dim": 1 <= self.rank_dim <= 1024,
             "dense_learning_rate": self.dense_learning_rate > 0,
             "history_length": 1 <= self.history_length <= 1000,
+            "max_feature_entities": self.max_feature_entities >= 1,
             "join_window_s": self.join_window_s > 0,
             "trending_half_life_s": self.trending_half_life_s > 0,
             "retrieval_negatives": 0 <= self.retrieval_negatives <= 100_000,

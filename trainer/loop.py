@@ -87,7 +87,7 @@ class Trainer:
         self._consumer = consumer
         self.store = store or open_store(config.store_url, table_configs(config))
         self.catalog = ItemCatalog(seed=config.seed, half_life_s=config.trending_half_life_s)
-        self.features = FeatureState(FeatureConfig(history_length=config.history_length, max_entities=config.max_rows))
+        self.features = FeatureState(FeatureConfig(config.history_length, config.max_feature_entities))
         self.joiner = Joiner(JoinerConfig(window_s=config.join_window_s))
         self.models = OnlineModels(config, self.store, self.catalog, self.features)
         self.users, self.items = self.models.users, self.models.items
