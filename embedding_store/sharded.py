@@ -127,11 +127,8 @@ class ShardedTable:
         )
 
     def stats(self) -> TableStats:
-        parts = self._map(lambda p: p.stats())
-        total = parts[0]
-        for s in parts[1:]:
-            total = total + s
-        return total
+        parts = self.shard_stats()
+        return sum(parts[1:], parts[0])
 
     def shard_stats(self) -> list[TableStats]:
         """Stats of each shard's slice, in shard order."""

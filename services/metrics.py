@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
@@ -10,6 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from embedding_store import TableStats
+
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter(
     "freshrec_requests_total", "Gateway requests by transport, method and outcome", ["transport", "method", "code"]
@@ -64,7 +67,8 @@ class StoreCollector(Collector):
             try:
                 for s in source():
                     totals[s.table] = totals[s.table] + s if s.table in totals else s
-            except Exception:  # a remote shard that is down must not break the whole scrape
+            except Exception as e:  # a remote shard that is down must not break the whole scrape
+                log.debug("store stats unavailable: %s", e)
                 continue
         ids = GaugeMetricFamily("freshrec_store_ids", "Rows in an embedding table", labels=["table"])
         size = GaugeMetricFamily("freshrec_store_bytes", "Memory held by an embedding table", labels=["table"])

@@ -69,7 +69,7 @@ def test_memory_is_bounded_and_overflow_closes_the_oldest_as_negatives() -> None
     assert j.pending == 100
     assert len(out) == 150 and all(e.source == "forced_close" and e.label == 0.0 for e in out)
     assert [e.event.item_id for e in out[:3]] == ["i0", "i1", "i2"]  # oldest first
-    assert len(j._closed) == 50
+    assert j.closed == 50
     # a click on an impression closed so long ago that it was forgotten is an unjoined positive
     assert labels(j.push([act("click", "u", "i0", 300)])) == [("u", "i0", 1.0, "unjoined")]
 

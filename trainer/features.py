@@ -111,11 +111,19 @@ class FeatureState:
 
     def batch(self, user_keys: np.ndarray, item_keys: np.ndarray) -> Features:
         """Feature keys of aligned (user, item) pairs, as they stand now (before this batch's history)."""
-        return Features(
-            user_attrs=_pad([self._user_attrs.get(u, []) for u in user_keys.tolist()]),
-            item_attrs=_pad([self._item_attrs.get(i, []) for i in item_keys.tolist()]),
-            history=_pad([list(self._history.get(u, ())) for u in user_keys.tolist()]),
-        )
+        return Features(self.user_attributes(user_keys), self.item_attributes(item_keys), self.histories(user_keys))
+
+    def user_attributes(self, user_keys: np.ndarray) -> np.ndarray:
+        """uint64 [n, a] attribute keys of each user (0-padded)."""
+        return _pad([self._user_attrs.get(u, []) for u in user_keys.tolist()])
+
+    def item_attributes(self, item_keys: np.ndarray) -> np.ndarray:
+        """uint64 [n, b] attribute keys of each item (0-padded)."""
+        return _pad([self._item_attrs.get(i, []) for i in item_keys.tolist()])
+
+    def histories(self, user_keys: np.ndarray) -> np.ndarray:
+        """uint64 [n, h] item keys of each user's recent positives, most recent last (0-padded)."""
+        return _pad([list(self._history.get(u, ())) for u in user_keys.tolist()])
 
     def add_history(self, user_keys: np.ndarray, item_keys: np.ndarray) -> None:
         """Append positives (in order) to their users' histories."""
@@ -127,6 +135,3 @@ class FeatureState:
             self._history.move_to_end(user)
         while len(self._history) > self.config.max_entities:
             self._history.popitem(last=False)
-
-    def history_of(self, user_key: int) -> list[int]:
-        return list(self._history.get(user_key, ()))

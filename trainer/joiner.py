@@ -98,7 +98,13 @@ class Joiner:
 
     @property
     def pending(self) -> int:
+        """Impressions waiting for an action."""
         return len(self._pending)
+
+    @property
+    def closed(self) -> int:
+        """Closed impressions remembered to recognise late actions."""
+        return len(self._closed)
 
     def push(self, events: list[Event]) -> list[Example]:
         """Add events (in log order); return the examples they complete, in order."""

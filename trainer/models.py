@@ -42,6 +42,14 @@ class RankingBatch:
     loss: float
 
 
+def _columns(items: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position of each key in `items` (distinct uint64), and whether it is there at all."""
+    order = np.argsort(items)
+    at = np.minimum(np.searchsorted(items, keys, sorter=order), max(len(items) - 1, 0))
+    cols = order[at] if len(items) else np.zeros(len(keys), dtype=np.int64)
+    return cols, items[cols] == keys if len(items) else np.zeros(len(keys), dtype=bool)
+
+
 class _Rows:
     """Rows of one table for a set of keys, as a leaf tensor whose gradient goes back per key."""
 
@@ -87,8 +95,9 @@ class OnlineModels:
         self.users.lookup(user_keys, now)
         self.items.lookup(item_keys, now)
         self.rank_ids.lookup(np.concatenate([user_keys, item_keys]), now)
-        f = self.features.batch(user_keys, item_keys)
-        attrs = np.concatenate([f.user_attrs.ravel(), f.item_attrs.ravel()])
+        attrs = np.concatenate(
+            [self.features.user_attributes(user_keys).ravel(), self.features.item_attributes(item_keys).ravel()]
+        )
         if (attrs != 0).any():
             self.rank_attrs.lookup(attrs[attrs != 0], now)
 
@@ -96,7 +105,7 @@ class OnlineModels:
         """One in-batch softmax step on positive pairs; returns the mean loss (NaN under 2 pairs)."""
         if len(user_keys) < 2:
             return float("nan")
-        history = self.features.batch(user_keys, item_keys).history
+        history = self.features.histories(user_keys)
         sampled = self.catalog.sample(self.config.retrieval_negatives, uniform_share=1.0)
         users = _Rows(self.users, user_keys)
         items = _Rows(self.items, np.concatenate([item_keys, sampled, history.ravel()]))
@@ -124,7 +133,7 @@ class OnlineModels:
         """The user rows serving searches with: each changed user's tower output (id row + history)."""
         if not len(delta.keys):
             return delta
-        history = self.features.batch(delta.keys, delta.keys).history
+        history = self.features.histories(delta.keys)
         history_rows = torch.from_numpy(self.items.get(history.ravel())[0]).view(*history.shape, -1)
         with torch.no_grad():
             vectors = self._user_tower(torch.from_numpy(delta.rows), history_rows, history).numpy()
@@ -199,27 +208,37 @@ class OnlineModels:
             return trending_lists
         items = self.catalog.all_items()
         item_vecs = torch.from_numpy(self.items.get(items)[0])  # [m, dim + 1]
-        history = self.features.batch(user_keys, user_keys).history
+        history = self.features.histories(user_keys)
         history_rows = torch.from_numpy(self.items.get(history.ravel())[0]).view(*history.shape, -1)
         user_rows = torch.from_numpy(self.users.get(user_keys)[0])
         user_vecs = self.two_tower.encode_users(self._user_tower(user_rows, history_rows, history))  # [u, dim + 1]
         scores = (user_vecs @ item_vecs.T).numpy()  # [u, m]
-        position = {int(key): j for j, key in enumerate(items.tolist())}
-        for row, seen in enumerate(exclude):
-            scores[row, [position[s] for s in seen if s in position]] = -np.inf
+        seen_keys = np.fromiter((key for s in exclude for key in s), dtype=np.uint64)
+        seen_rows = np.repeat(np.arange(len(exclude)), [len(s) for s in exclude])
+        seen_cols, known = _columns(items, seen_keys)
+        scores[seen_rows[known], seen_cols[known]] = -np.inf
         if mode == "two_tower":
             return [items[t] for t in np.argsort(-scores, axis=1)[:, :k]]
-        trending_cols = [position[t] for t in trending[:candidates].tolist() if t in position]
+        trending_cols, known = _columns(items, trending[:candidates])
+        trending_cols = trending_cols[known]
         scores[:, trending_cols] = np.where(np.isfinite(scores[:, trending_cols]), np.inf, -np.inf)
         top = np.argsort(-scores, axis=1)[:, : candidates + len(trending_cols)]  # [u, c]
         cand = items[top]
-        u = np.repeat(user_keys, cand.shape[1])
-        logits, _ = self.rank_logits(u, cand.ravel(), self.features.batch(u, cand.ravel()))
-        # The ranker learned p(item | user) / q(item) against sampled negatives q: add log q back,
-        # and move from all-time to current popularity by the log ratio of trending to all-time share.
+        c = cand.shape[1]
+        u = np.repeat(user_keys, c)
+        # per-user features once, repeated over that user's candidates
+        f = Features(
+            np.repeat(self.features.user_attributes(user_keys), c, axis=0),
+            self.features.item_attributes(cand.ravel()),
+            np.repeat(history, c, axis=0),
+        )
+        logits, _ = self.rank_logits(u, cand.ravel(), f)
+        # The ranker learned log(p(item | user) / q(item)) against sampled negatives q: add log q
+        # back, and move from all-time to current popularity by log(trending / all-time count)
+        # (constant factors change no user's order).
         log_q = np.log(self.catalog.negative_probability(cand.ravel(), self.config.uniform_negatives))
         trend, total = self.catalog.counts(cand.ravel())
-        drift = np.log((trend + 1e-3) / max(trend.sum(), 1e-9)) - np.log((total + 1e-3) / max(total.sum(), 1e-9))
+        drift = np.log(trend + 1e-3) - np.log(total + 1e-3)
         logits = logits.numpy().reshape(cand.shape) + (log_q + drift).reshape(cand.shape)
         logits[np.take_along_axis(scores, top, 1) == -np.inf] = -np.inf  # excluded items stay out
         order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
