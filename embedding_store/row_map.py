@@ -13,6 +13,8 @@ class RowMap:
     Args:
         dim: row width.
         dtype: storage dtype (serving keeps fp16 by default to halve memory and sync bytes).
+            fp16 and fp32 rows are read back as float32; any other dtype (uint64 feature keys,
+            float64 counts) as itself.
 
     Example:
         >>> m = RowMap(2)
@@ -42,10 +44,11 @@ class RowMap:
         self._rows[ids] = rows
 
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows [n, dim] as float32, found bool [n]); rows of absent keys are zero."""
+        """(rows [n, dim], found bool [n]); rows of absent keys are zero."""
         ids = self._index.find(np.asarray(keys, dtype=np.uint64))
         found = ids >= 0
-        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        narrow_float = self.dtype.kind == "f" and self.dtype.itemsize <= 4
+        out = np.zeros((len(ids), self.dim), dtype=np.float32 if narrow_float else self.dtype)
         out[found] = self._rows[ids[found]]
         return out, found
 

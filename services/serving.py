@@ -11,13 +11,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedding_store.keys import feature_key
+from embedding_store.row_map import RowMap
 from ranking.base import Ranker
 from ranking.dot import DotProductRanker
+from ranking.scorer import (
+    ITEM_ATTRS,
+    ITEM_COUNTS,
+    RANK_ATTR_TABLE,
+    RANK_ID_TABLE,
+    USER_ATTRS,
+    USER_HISTORY,
+    Candidates,
+    CandidateScorer,
+)
 from retrieval.index import ItemIndex
 from retrieval.two_tower import TwoTower
 from services.errors import NotFound
 from services.serving_store.base import ServingStore, VersionGap
 from services.serving_store.state import ServingState
+from trainer.catalog import ItemCatalog
 from trainer.sync import SyncMessage
 
 log = logging.getLogger(__name__)
@@ -44,14 +56,17 @@ class ServingReplica:
     Each version is applied under the replica's lock, and requests read under the same lock,
     so no request ever sees half a version.
 
-    One request: user vector -> top candidates from the item index (seen items removed when
-    asked) -> the ranker orders them -> top k. Users without a vector, and any shortfall,
-    get the popular items the trainer published.
+    One request: user vector -> top `candidates` from the item index, merged with the top
+    `candidates` trending items (seen items removed when asked) -> the DIN + DCN-v2 ranker
+    and its blend with trending counts (`ranking.scorer`, the same code the trainer evaluates
+    with) order them -> top k. Until the first dense parameters arrive, candidates from the
+    index are ordered by `ranker` (inner product by default). Users the model knows nothing of
+    (no vector, no history), and any shortfall, get the trending items the trainer published.
 
     Args:
         store: where versions come from.
-        ranker: orders candidates (default: inner product).
-        candidates: how many items retrieval hands to the ranker.
+        ranker: orders candidates while no dense parameters have arrived.
+        candidates: how many items each source (index, trending) hands to ranking.
         on_apply: called with each applied message (metrics).
     """
 
@@ -68,6 +83,7 @@ class ServingReplica:
         self._on_apply = on_apply
         self._state = ServingState()
         self._index: ItemIndex | None = None
+        self._scorer: CandidateScorer | None = None
         self._lock = threading.RLock()
         self.bootstrapped = threading.Event()
 
@@ -96,6 +112,13 @@ class ServingReplica:
                     self._index.remove(message.items.evicted)
                 self._index.upsert(keys, rows.astype(np.float32))
                 self._index.publish()
+            if message.dense:
+                try:
+                    self._scorer = CandidateScorer.from_dense(self._state.dense)
+                except ValueError:  # keep ranking with the previous parameters
+                    log.exception("version %d: unusable dense parameters", message.version)
+            elif message.full:
+                self._scorer = None
         if self._on_apply:
             self._on_apply(message)
 
@@ -123,24 +146,13 @@ class ServingReplica:
                 stop.wait(1.0)
 
     def recommend(self, user_id: str, k: int, exclude_seen: bool = True) -> Recommendation:
-        """Top `k` items for `user_id` (popular items for a user the model has not seen)."""
+        """Top `k` items for `user_id` (trending items for a user the model has not seen)."""
         user = np.array([feature_key("user", user_id)], dtype=np.uint64)
         with self._lock:
             state = self._state
             history = state.seen.get(int(user[0])) if exclude_seen else None
             seen = np.fromiter(history, dtype=np.uint64) if history else np.zeros(0, np.uint64)
-            keys = np.zeros(0, dtype=np.uint64)
-            scores = np.zeros(0, dtype=np.float32)
-            if state.users is not None and state.items is not None and self._index is not None:
-                vectors, found = state.users.get(user)
-                if found[0]:
-                    query = TwoTower.user_query(vectors[0])
-                    cand, _ = self._index.search(query, self._candidates + len(seen))
-                    cand = cand[~np.isin(cand, seen)][: self._candidates]
-                    item_vectors, _ = state.items.get(cand)
-                    ranked = self._ranker.score(query, item_vectors)
-                    order = np.argsort(-ranked, kind="stable")[:k]
-                    keys, scores = cand[order], ranked[order]
+            keys, scores = self._ranked(user, seen, k)
             if len(keys) < k:
                 keys, scores = self._fill_popular(keys, scores, seen, k)
             items = [
@@ -148,6 +160,58 @@ class ServingReplica:
                 for key, s in zip(keys.tolist(), scores.tolist(), strict=True)
             ]
             return Recommendation(uuid.uuid4().hex, state.version, items)
+
+    def _ranked(self, user: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, scores) of the ranked top k for one user ([1] key); empty for a user the model does not know."""
+        state, none = self._state, (np.zeros(0, np.uint64), np.zeros(0, np.float32))
+        if state.users is None or state.items is None or self._index is None:
+            return none
+        vectors, found = state.users.get(user)
+        history = self._table_rows(USER_HISTORY, user)
+        if not found[0] and not history.any():
+            return none
+        query = TwoTower.user_query(vectors[0])  # without a row: zeros, so only the item biases count
+        ann = self._index.search(query, self._candidates + len(seen))[0] if found[0] else np.zeros(0, np.uint64)
+        if self._scorer is None:  # no ranker yet: the index's candidates by `ranker`
+            cand = ann[~np.isin(ann, seen)][: self._candidates]
+            ranked = self._ranker.score(query, state.items.get(cand)[0]) if len(cand) else np.zeros(0, np.float32)
+        else:
+            popular = state.popular_keys[: self._candidates + len(seen)]
+            cand = np.concatenate([ann[~np.isin(ann, seen)][: self._candidates], popular[~np.isin(popular, seen)]])
+            cand = cand[np.sort(np.unique(cand, return_index=True)[1])][: 2 * self._candidates]
+            ranked = self._score(user, history, cand, query)
+        order = np.argsort(-ranked, kind="stable")[:k]
+        return cand[order], ranked[order].astype(np.float32)
+
+    def _score(self, user: np.ndarray, history: np.ndarray, cand: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """The scorer's scores [c] of one user's candidates [c], from the synced features."""
+        state = self._state
+        assert self._scorer is not None and state.items is not None
+        counts = self._table_rows(ITEM_COUNTS, cand)
+        known = counts.any(axis=1)
+        trending = np.where(
+            known, ItemCatalog.trending_at(counts[:, 0], state.clock_s, state.trending_half_life_s), 0.0
+        )
+        candidates = Candidates(
+            user,
+            self._table_rows(USER_ATTRS, user),
+            history,
+            cand[None, :],
+            self._table_rows(ITEM_ATTRS, cand),
+            trending[None, :],
+            counts[None, :, 1],
+            (state.items.get(cand)[0] @ query)[None, :],
+        )
+        empty = RowMap(self._scorer.ranker.dim)  # a table with no rows synced yet
+        ids, attrs = state.tables.get(RANK_ID_TABLE, empty), state.tables.get(RANK_ATTR_TABLE, empty)
+        return self._scorer.score(ids, attrs, candidates)[0]
+
+    def _table_rows(self, name: str, keys: np.ndarray) -> np.ndarray:
+        """Rows of a synced feature table (zeros, one column, while it has none)."""
+        table = self._state.tables.get(name)
+        if table is None:
+            return np.zeros((len(keys), 1), dtype=np.float64 if name == ITEM_COUNTS else np.uint64)
+        return table.get(keys)[0]
 
     def _fill_popular(
         self, keys: np.ndarray, scores: np.ndarray, seen: np.ndarray, k: int

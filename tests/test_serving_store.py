@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -38,6 +39,21 @@ def message(rng: np.random.Generator, n_users: int = 3, n_items: int = 4, dim: i
         seen_items=items[:2],
         popular_keys=items[:3],
         popular_scores=np.array([3, 2, 1], dtype=np.float32),
+        tables={  # what the ranking service reads: embeddings (fp16 served), keys and counts (exact)
+            "rank_id": TableDelta(
+                "rank_id",
+                items,
+                rng.normal(size=(n_items, 3)).astype(np.float32),
+                np.setdiff1d(rng.integers(1000, 1050, 2).astype(np.uint64), items),
+            ),
+            "user_attrs": TableDelta(
+                "user_attrs", users, rng.integers(2**63, 2**64 - 1, (n_users, 2), dtype=np.uint64)
+            ),
+            "item_counts": TableDelta("item_counts", items, rng.normal(2000.0, 1.0, (n_items, 2))),
+        },
+        dense={"ranker.w": rng.normal(size=(2, 3)).astype(np.float32)} if rng.random() < 0.5 else {},
+        clock_s=float(rng.uniform(0, 1e9)),
+        trending_half_life_s=3600.0,
         created_ms=1,
     )
 
@@ -58,6 +74,18 @@ def same_state(a: SyncMessage, b: SyncMessage) -> None:
     assert sa.names == sb.names
     assert {u: set(h) for u, h in sa.seen.items()} == {u: set(h) for u, h in sb.seen.items()}
     np.testing.assert_array_equal(sa.popular_keys, sb.popular_keys)
+    assert sorted(sa.tables) == sorted(sb.tables)
+    for name, ta in sa.tables.items():
+        ka, ra = ta.items()
+        kb, rb = sb.tables[name].items()
+        oa, ob = np.argsort(ka), np.argsort(kb)
+        np.testing.assert_array_equal(ka[oa], kb[ob])
+        assert ra.dtype == rb.dtype
+        np.testing.assert_array_equal(ra[oa], rb[ob])
+    assert sa.dense.keys() == sb.dense.keys()
+    for name, value in sa.dense.items():
+        np.testing.assert_array_equal(value, sb.dense[name])
+    assert (sa.clock_s, sa.trending_half_life_s) == (sb.clock_s, sb.trending_half_life_s)
 
 
 def test_versions_are_ordered_and_tailable(store: ServingStore) -> None:
@@ -90,6 +118,28 @@ def test_rows_are_stored_as_fp16(store: ServingStore) -> None:
     keys, idx = np.unique(m.users.keys, return_index=True)
     np.testing.assert_array_equal(snap.users.keys[order], keys)
     np.testing.assert_array_equal(snap.users.rows[order], m.users.rows[idx].astype(np.float16).astype(np.float32))
+
+
+def test_feature_tables_are_exact_and_embeddings_fp16(store: ServingStore) -> None:
+    rng = np.random.default_rng(3)
+    first = message(rng)
+    store.publish(first)
+    m = message(rng)
+    gone = np.setdiff1d(first.tables["rank_id"].keys, m.tables["rank_id"].keys)
+    m.tables["rank_id"] = dataclasses.replace(m.tables["rank_id"], evicted=gone)
+    store.publish(m)
+    snap = store.snapshot()
+    for name, dtype in (("user_attrs", np.uint64), ("item_counts", np.float64)):  # uint64 keys above 2^63 too
+        sent, stored = m.tables[name], snap.tables[name]
+        assert stored.rows.dtype == dtype
+        last = {int(k): r for k, r in zip(sent.keys, sent.rows, strict=True)}  # last write wins
+        at = {int(k): i for i, k in enumerate(stored.keys)}
+        for key, row in last.items():
+            np.testing.assert_array_equal(stored.rows[at[key]], row)
+    rank = snap.tables["rank_id"]
+    assert rank.rows.dtype == np.float32
+    evicted = m.tables["rank_id"].evicted
+    assert len(evicted) and not np.isin(evicted, rank.keys).any()  # evicted rows are gone
 
 
 def test_read_since_wakes_up_on_publish(store: ServingStore) -> None:

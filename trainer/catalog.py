@@ -36,6 +36,8 @@ class ItemCatalog:
         self._scale = 1.0  # 2^((latest time - t0) / half-life)
         self._rng = np.random.default_rng(seed)
         self._new_names: dict[int, str] = {}
+        self._changed = np.zeros(0, dtype=bool)  # rows whose counts changed since `drain_counts`
+        self.clock_s = 0.0  # latest event time observed
 
     def __len__(self) -> int:
         return len(self._index)
@@ -45,11 +47,14 @@ class ItemCatalog:
         rows, created = self._index.insert(keys)
         self._counts = grow_rows(self._counts, self._index.row_capacity)
         self._trending = grow_rows(self._trending, self._index.row_capacity)
+        self._changed = grow_rows(self._changed, self._index.row_capacity)
+        self._changed[rows] = True
         for i in np.flatnonzero(created):  # only items never seen before
             self._new_names[int(keys[i])] = names[i]
         self._counts += np.bincount(rows, weights=positive_weights, minlength=len(self._counts))
         if self._t0 is None:
             self._t0 = now_s
+        self.clock_s = max(self.clock_s, now_s)
         scale = 2.0 ** ((max(now_s, self._t0) - self._t0) / self._half_life_s)
         if scale > 1e100:  # rescale everything before the stored values overflow
             self._trending /= scale
@@ -73,14 +78,6 @@ class ItemCatalog:
         picks = np.searchsorted(cdf, self._rng.random(n) * cdf[-1], side="right")
         return self._index.keys_of(np.minimum(picks, len(cdf) - 1))
 
-    def negative_probability(self, keys: np.ndarray, uniform_share: float = 0.0) -> np.ndarray:
-        """The chance that `sample` draws each item (>= 1e-9): a classifier trained against these
-        negatives learns log(p(item | user) / q(item)), so ranking adds log q back."""
-        weights = self._negative_weights(uniform_share)
-        rows = self._index.find(keys)
-        q = np.where(rows >= 0, weights[np.maximum(rows, 0)], 0.0) / max(float(weights.sum()), 1e-12)
-        return np.maximum(q, 1e-9)
-
     def share(self, keys: np.ndarray) -> np.ndarray:
         """Each item's share of all positive counts so far (its chance to be a batch's positive), >= 1e-6."""
         rows = self._index.find(keys)
@@ -95,6 +92,27 @@ class ItemCatalog:
             np.where(known, self._trending[at] / self._scale, 0.0) if len(self._trending) else np.zeros(len(rows))
         )
         return trending, np.where(known, self._counts[at], 0.0) if len(self._counts) else np.zeros(len(rows))
+
+    def drain_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Items whose counts changed since the previous drain: (keys [n], float64 [n, 2]).
+
+        Columns: the trending count as log2(count) + t / half-life at any time t (constant
+        until the item is counted again: `trending_at` turns it back into a count), and the
+        all-time count.
+        """
+        rows = np.flatnonzero(self._changed)
+        self._changed[:] = False
+        anchored = np.log2(np.maximum(self._trending[rows], 1e-300)) + (self._t0 or 0.0) / self._half_life_s
+        return self._index.keys_of(rows), np.stack([anchored, self._counts[rows]], axis=1)
+
+    @staticmethod
+    def trending_at(anchored: np.ndarray, clock_s: float, half_life_s: float) -> np.ndarray:
+        """Trending counts at event time `clock_s` from `drain_counts`' anchored column."""
+        return np.exp2(np.minimum(anchored - clock_s / half_life_s, 1000.0))
+
+    @property
+    def half_life_s(self) -> float:
+        return self._half_life_s
 
     def all_items(self) -> np.ndarray:
         """Keys of every item seen, in row order."""

@@ -37,13 +37,18 @@ class TrainerConfig:
             softmax (mixed negative sampling).
         negatives: popularity-sampled negatives per positive event (data without impressions).
         uniform_negatives: share of sampled negatives drawn uniformly over items instead of by
-            popularity; without it, rare items almost never appear as negatives and drift to the
-            top of every list.
+            popularity (0 by default: popular negatives are the hard ones the ranker must tell
+            apart; the final blend with trending counts keeps rare items from the top of lists).
         batch_size: most events per training step.
         poll_timeout_s: how long one poll of the log waits for events.
         sync_interval_s: how often changed rows are published to the serving store.
+        dense_sync_interval_s: how often the ranker's dense parameters go with them (the first
+            sync always carries them).
         group_id: consumer group of the trainer on the event log.
         popular_items: length of the popular-items list published for cold users.
+        blend_users: positive pairs per step that train the final blend of ranker logit and
+            trending count (`ranking.blend`); 0 freezes the blend.
+        blend_candidates: trending items each of those pairs competes with.
         seed: seed of row initialisation and negative sampling.
 
     Raises:
@@ -68,12 +73,15 @@ class TrainerConfig:
     trending_half_life_s: float = 7 * 86400.0
     retrieval_negatives: int = 128
     negatives: int = 4
-    uniform_negatives: float = 0.5
+    uniform_negatives: float = 0.0
     batch_size: int = 512
     poll_timeout_s: float = 0.2
     sync_interval_s: float = 1.0
+    dense_sync_interval_s: float = 60.0
     group_id: str = "freshrec-trainer"
     popular_items: int = 200
+    blend_users: int = 32
+    blend_candidates: int = 100
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,8 +108,11 @@ class TrainerConfig:
             "batch_size": self.batch_size >= 1,
             "poll_timeout_s": self.poll_timeout_s >= 0,
             "sync_interval_s": self.sync_interval_s > 0,
+            "dense_sync_interval_s": self.dense_sync_interval_s > 0,
             "group_id": bool(self.group_id),
             "popular_items": self.popular_items >= 1,
+            "blend_users": 0 <= self.blend_users <= 100_000,
+            "blend_candidates": 1 <= self.blend_candidates <= 100_000,
         }
         for name, ok in checks.items():
             if not ok:

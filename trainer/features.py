@@ -29,16 +29,20 @@ class FeatureConfig:
     """Args:
     history_length: items kept per user (the ranker's behaviour sequence).
     max_entities: users (and, separately, items) whose attributes and history are kept.
+    max_attributes: attribute keys kept per user or item (further tokens are dropped).
     """
 
     history_length: int = 20
     max_entities: int = 1_000_000
+    max_attributes: int = 16
 
     def __post_init__(self) -> None:
         if not 1 <= self.history_length <= 1000:
             raise ValueError(f"history_length: must be in [1, 1000], got {self.history_length}")
         if self.max_entities < 1:
             raise ValueError(f"max_entities: must be >= 1, got {self.max_entities}")
+        if not 1 <= self.max_attributes <= 1000:
+            raise ValueError(f"max_attributes: must be in [1, 1000], got {self.max_attributes}")
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,9 @@ class Features:
     history: np.ndarray
 
 
-def _pad(rows: list[list[int]]) -> np.ndarray:
-    width = max((len(r) for r in rows), default=0)
+def _pad(rows: list[list[int]], width: int | None = None) -> np.ndarray:
+    """Rows as uint64 [n, width] (default: the longest row's length), 0-padded."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
     out = np.zeros((len(rows), max(width, 1)), dtype=np.uint64)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
@@ -98,32 +103,47 @@ class FeatureState:
         self._user_attrs = _Bounded(self.config.max_entities)
         self._item_attrs = _Bounded(self.config.max_entities)
         self._history: OrderedDict[int, deque[int]] = OrderedDict()
+        self._changed_users: set[int] = set()  # since the last `drain_changed`
+        self._changed_items: set[int] = set()
 
     def observe(self, events: list[Event], user_keys: np.ndarray, item_keys: np.ndarray) -> None:
         """Take the attributes carried by the events' contexts (`user_keys`/`item_keys`: their feature keys)."""
         for e, user, item in zip(events, user_keys.tolist(), item_keys.tolist(), strict=True):
             if not e.context:
                 continue
-            for prefix, store, owner in (("user.", self._user_attrs, user), ("item.", self._item_attrs, item)):
+            for prefix, store, owner, changed in (
+                ("user.", self._user_attrs, user, self._changed_users),
+                ("item.", self._item_attrs, item, self._changed_items),
+            ):
                 tokens = [(k, t) for k, v in e.context.items() if k.startswith(prefix) for t in v.split("|") if t]
                 if tokens:
-                    store.put(owner, [int(feature_keys(k, [t])[0]) for k, t in tokens])
+                    keys = [int(feature_keys(k, [t])[0]) for k, t in tokens[: self.config.max_attributes]]
+                    if store.get(owner) != keys:
+                        changed.add(owner)
+                    store.put(owner, keys)
 
     def batch(self, user_keys: np.ndarray, item_keys: np.ndarray) -> Features:
         """Feature keys of aligned (user, item) pairs, as they stand now (before this batch's history)."""
         return Features(self.user_attributes(user_keys), self.item_attributes(item_keys), self.histories(user_keys))
 
-    def user_attributes(self, user_keys: np.ndarray) -> np.ndarray:
-        """uint64 [n, a] attribute keys of each user (0-padded)."""
-        return _pad([self._user_attrs.get(u, []) for u in user_keys.tolist()])
+    def user_attributes(self, user_keys: np.ndarray, width: int | None = None) -> np.ndarray:
+        """uint64 [n, a] attribute keys of each user (0-padded; a = `width` or the longest)."""
+        return _pad([self._user_attrs.get(u, []) for u in user_keys.tolist()], width)
 
-    def item_attributes(self, item_keys: np.ndarray) -> np.ndarray:
-        """uint64 [n, b] attribute keys of each item (0-padded)."""
-        return _pad([self._item_attrs.get(i, []) for i in item_keys.tolist()])
+    def item_attributes(self, item_keys: np.ndarray, width: int | None = None) -> np.ndarray:
+        """uint64 [n, b] attribute keys of each item (0-padded; b = `width` or the longest)."""
+        return _pad([self._item_attrs.get(i, []) for i in item_keys.tolist()], width)
 
-    def histories(self, user_keys: np.ndarray) -> np.ndarray:
+    def histories(self, user_keys: np.ndarray, width: int | None = None) -> np.ndarray:
         """uint64 [n, h] item keys of each user's recent positives, most recent last (0-padded)."""
-        return _pad([list(self._history.get(u, ())) for u in user_keys.tolist()])
+        return _pad([list(self._history.get(u, ())) for u in user_keys.tolist()], width)
+
+    def drain_changed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(users, items) whose attributes or history changed since the previous drain (uint64 each)."""
+        users = np.fromiter(self._changed_users, dtype=np.uint64, count=len(self._changed_users))
+        items = np.fromiter(self._changed_items, dtype=np.uint64, count=len(self._changed_items))
+        self._changed_users, self._changed_items = set(), set()
+        return users, items
 
     def add_history(self, user_keys: np.ndarray, item_keys: np.ndarray) -> None:
         """Append positives (in order) to their users' histories."""
@@ -133,5 +153,6 @@ class FeatureState:
                 history = self._history[user] = deque(maxlen=self.config.history_length)
             history.append(key)
             self._history.move_to_end(user)
+            self._changed_users.add(user)
         while len(self._history) > self.config.max_entities:
             self._history.popitem(last=False)

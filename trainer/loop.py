@@ -94,8 +94,10 @@ class Trainer:
         self.learning = True  # False: score and keep features, but change no parameter (a frozen model)
         self.event_time_s = 0.0  # latest event time trained on: the clock of expiry
         self._next_expiry = time.monotonic() + config.expiry_interval_s
+        self._next_dense_sync = 0.0  # the first sync carries the dense parameters
         self.auc = StreamingAUC()
         self.retrieval_loss = float("nan")
+        self.blend_loss = float("nan")
         self.events_trained = 0
         self.invalid_records = 0
         self._on_step = on_step
@@ -141,6 +143,7 @@ class Trainer:
         item_keys = feature_keys("item", (e.item_id for e in events))
         positive = np.fromiter((e.is_positive for e in events), dtype=bool, count=len(events))
         labelled = positive | np.fromiter((e.type == "skip" for e in events), dtype=bool, count=len(events))
+        self.blend_loss = self.models.blend_step(user_keys[positive], item_keys[positive], learn=self.learning)
         self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64), now)
         self.features.observe(events, user_keys, item_keys)
         self._seen.append((user_keys[labelled], item_keys[labelled]))  # what exclude_seen leaves out
@@ -156,11 +159,12 @@ class Trainer:
         y = np.fromiter((x.label for x in examples), dtype=np.float32, count=len(examples))
         unjoined = np.fromiter((x.source == "unjoined" and x.label > 0 for x in examples), dtype=bool)
         neg_u, neg_i = self._sample_negatives(u[unjoined], i[unjoined])
-        pos = y > 0
-        self.retrieval_loss = self.models.retrieval_step(u[pos], i[pos], now, learn=self.learning)
         u_all, i_all = np.concatenate([u, neg_u]), np.concatenate([i, neg_i])
         y_all = np.concatenate([y, np.zeros(len(neg_i), dtype=np.float32)])
-        ranked = self.models.ranking_step(u_all, i_all, y_all, now, learn=self.learning)
+        retrieval = self.models.retrieval_scores(u_all, i_all)  # before the two-tower learns these pairs
+        pos = y > 0
+        self.retrieval_loss = self.models.retrieval_step(u[pos], i[pos], now, learn=self.learning)
+        ranked = self.models.ranking_step(u_all, i_all, y_all, retrieval, now, learn=self.learning)
         self.auc.update(ranked.probs, y_all)  # scored before the step: progressive evaluation
         self.features.add_history(u[pos], i[pos])
         if self.learning and time.monotonic() >= self._next_expiry:
@@ -189,7 +193,10 @@ class Trainer:
             seen = self._seen
             self._seen = []
             popular_keys, popular_scores = self.catalog.popular(self.config.popular_items)
-            self.models.drain_unserved()
+            dense = {}
+            if time.monotonic() >= self._next_dense_sync:
+                self._next_dense_sync = time.monotonic() + self.config.dense_sync_interval_s
+                dense = self.models.dense_state()
             message = SyncMessage(
                 users=self.models.serving_users(self.users.drain_delta()),
                 items=self.items.drain_delta(),
@@ -198,6 +205,10 @@ class Trainer:
                 seen_items=np.concatenate([s[1] for s in seen]) if seen else np.zeros(0, np.uint64),
                 popular_keys=popular_keys,
                 popular_scores=popular_scores,
+                tables=self.models.ranking_deltas(),
+                dense=dense,
+                clock_s=self.catalog.clock_s,
+                trending_half_life_s=self.catalog.half_life_s,
                 created_ms=now_ms(),
             )
         return None if message.is_empty() else message

@@ -18,13 +18,27 @@ import numpy as np
 import torch
 
 from embedding_store import EmbeddingTable, Store, TableConfig, TableDelta
+from ranking.blend import ScoreBlend
 from ranking.din_dcn import DinDcnRanker
+from ranking.scorer import (
+    DENSE_FEATURES,
+    ITEM_ATTRS,
+    ITEM_COUNTS,
+    RANK_ATTR_TABLE,
+    RANK_ID_TABLE,
+    USER_ATTRS,
+    USER_HISTORY,
+    Candidates,
+    CandidateScorer,
+    dense_features,
+    pair_logits,
+)
 from retrieval.two_tower import TwoTower, in_batch_softmax_loss
 from trainer.catalog import ItemCatalog
 from trainer.config import TrainerConfig
 from trainer.features import Features, FeatureState
 
-TABLES = ("user", "item", "rank_id", "rank_attr")
+TABLES = ("user", "item", RANK_ID_TABLE, RANK_ATTR_TABLE)
 
 
 def table_configs(config: TrainerConfig) -> list[TableConfig]:
@@ -85,8 +99,11 @@ class OnlineModels:
         self.features = features
         self.two_tower = TwoTower(config.dim)
         torch.manual_seed(config.seed)
-        self.ranker = DinDcnRanker(config.rank_dim, dense_features=2)
+        self.ranker = DinDcnRanker(config.rank_dim, dense_features=DENSE_FEATURES)
         self.dense_optimizer = torch.optim.Adam(self.ranker.parameters(), lr=config.dense_learning_rate)
+        self.blend = ScoreBlend()
+        self.blend_optimizer = torch.optim.Adam(self.blend.parameters(), lr=0.01)
+        self._rng = np.random.default_rng(config.seed)
         self.users, self.items = store.table("user"), store.table("item")
         self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
 
@@ -146,38 +163,39 @@ class OnlineModels:
         return user_rows + pooled
 
     def rank_logits(
-        self, user_keys: np.ndarray, item_keys: np.ndarray, f: Features
+        self, user_keys: np.ndarray, item_keys: np.ndarray, f: Features, retrieval: np.ndarray
     ) -> tuple[torch.Tensor, list[_Rows]]:
-        """Ranker logits [n] for aligned pairs, and the row sets that feed them (for the backward step)."""
+        """Ranker logits [n] for aligned pairs with their two-tower scores [n], and the row sets
+        that feed them (for the backward step)."""
         ids = _Rows(self.rank_ids, np.concatenate([user_keys, item_keys, f.history.ravel()]))
         attrs = _Rows(self.rank_attrs, np.concatenate([f.user_attrs.ravel(), f.item_attrs.ravel()]))
-        n = len(user_keys)
-        id_rows, attr_rows = ids.gather(), attrs.gather()
-        split = n * f.user_attrs.shape[1]
-        logits = self.ranker(
-            id_rows[:n],
-            id_rows[n : 2 * n],
-            attr_rows[:split].view(n, f.user_attrs.shape[1], -1),
-            torch.from_numpy(f.user_attrs != 0),
-            attr_rows[split:].view(n, f.item_attrs.shape[1], -1),
-            torch.from_numpy(f.item_attrs != 0),
-            id_rows[2 * n :].view(n, f.history.shape[1], -1),
-            torch.from_numpy(f.history != 0),
-            self._item_counts(item_keys),
+        trending, total = self.catalog.counts(item_keys)
+        logits = pair_logits(
+            self.ranker,
+            ids.gather(),
+            attrs.gather(),
+            f.user_attrs,
+            f.item_attrs,
+            f.history,
+            dense_features(trending, total, retrieval),
         )
         return logits, [ids, attrs]
 
-    def _item_counts(self, item_keys: np.ndarray) -> torch.Tensor:
-        """The ranker's dense features: log(1 + trending count), log(1 + all-time count) per item: [n, 2]."""
-        trending, total = self.catalog.counts(item_keys)
-        return torch.from_numpy(np.log1p(np.stack([trending, total], axis=1)).astype(np.float32))
-
     def ranking_step(
-        self, user_keys: np.ndarray, item_keys: np.ndarray, labels: np.ndarray, now: float, learn: bool = True
+        self,
+        user_keys: np.ndarray,
+        item_keys: np.ndarray,
+        labels: np.ndarray,
+        retrieval: np.ndarray,
+        now: float,
+        learn: bool = True,
     ) -> RankingBatch:
-        """Score labelled pairs (progressive: before the step), then one BCE step if `learn`."""
+        """Score labelled pairs (progressive: before the step), then one BCE step if `learn`.
+
+        `retrieval` [n]: the pairs' two-tower scores from before this batch's retrieval step.
+        """
         f = self.features.batch(user_keys, item_keys)
-        logits, rows = self.rank_logits(user_keys, item_keys, f)
+        logits, rows = self.rank_logits(user_keys, item_keys, f, retrieval)
         probs = torch.sigmoid(logits).detach().numpy()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels), reduction="sum")
         if learn:
@@ -190,6 +208,62 @@ class OnlineModels:
                     p.grad /= len(labels)
             self.dense_optimizer.step()
         return RankingBatch(probs, float(loss.item()) / len(labels))
+
+    def blend_step(self, user_keys: np.ndarray, item_keys: np.ndarray, learn: bool = True) -> float:
+        """Score positive pairs against the trending candidates and train the blend on them.
+
+        Up to `blend_users` of the pairs whose item is among the `blend_candidates` trending
+        items (what serving retrieves), each a softmax over those items (the user's recent items
+        left out) with the pair's item as the target. Call it before
+        the pairs are counted in the catalogue, so an item's own event does not lift its
+        trending count. Returns the mean cross-entropy (NaN when there is nothing to score).
+        """
+        popular = self.catalog.popular(self.config.blend_candidates)[0]
+        at, among = _columns(popular, item_keys)  # serving can only rank what it retrieved
+        n = min(int(among.sum()), self.config.blend_users)
+        if n == 0:
+            return float("nan")
+        pick = self._rng.choice(np.flatnonzero(among), n, replace=False)
+        users, positive = user_keys[pick], at[pick]
+        cand = np.broadcast_to(popular, (n, len(popular)))  # [n, c]
+        history = self.features.histories(users)
+        valid = ~(cand[:, :, None] == history[:, None, :]).any(axis=2)  # what serving would exclude
+        valid[np.arange(n), positive] = True
+        with torch.no_grad():
+            retrieval = self.user_vectors(users, history) @ torch.from_numpy(self.items.get(popular)[0]).T
+            logits = self._candidate_logits(users, history, cand, retrieval.numpy())
+        trending = torch.from_numpy(self.catalog.counts(popular)[0].astype(np.float32)).expand(n, -1)
+        loss = self.blend.loss(logits, trending, torch.from_numpy(valid), torch.from_numpy(positive))
+        if learn:
+            self.blend_optimizer.zero_grad()
+            (loss / n).backward()
+            self.blend_optimizer.step()
+        return float(loss.item()) / n
+
+    def user_vectors(self, user_keys: np.ndarray, history: np.ndarray) -> torch.Tensor:
+        """The two-tower's query vectors [u, dim + 1] of users with their histories [u, h]."""
+        history_rows = torch.from_numpy(self.items.get(history.ravel())[0]).view(*history.shape, -1)
+        user_rows = torch.from_numpy(self.users.get(user_keys)[0])
+        return self.two_tower.encode_users(self._user_tower(user_rows, history_rows, history))
+
+    def retrieval_scores(self, user_keys: np.ndarray, item_keys: np.ndarray) -> np.ndarray:
+        """Two-tower scores [n] of aligned (user, item) pairs, with the users' current histories."""
+        with torch.no_grad():
+            users = self.user_vectors(user_keys, self.features.histories(user_keys))
+            return (users * torch.from_numpy(self.items.get(item_keys)[0])).sum(-1).numpy()
+
+    def _candidate_logits(
+        self, user_keys: np.ndarray, history: np.ndarray, cand: np.ndarray, retrieval: np.ndarray
+    ) -> torch.Tensor:
+        """Ranker logits [u, c] of each user's candidates [u, c] with their two-tower scores [u, c]."""
+        c = cand.shape[1]
+        f = Features(
+            np.repeat(self.features.user_attributes(user_keys), c, axis=0),
+            self.features.item_attributes(cand.ravel()),
+            np.repeat(history, c, axis=0),
+        )
+        logits, _ = self.rank_logits(np.repeat(user_keys, c), cand.ravel(), f, retrieval.ravel())
+        return logits.view(cand.shape)
 
     @torch.no_grad()
     def recommend(
@@ -209,10 +283,8 @@ class OnlineModels:
         items = self.catalog.all_items()
         item_vecs = torch.from_numpy(self.items.get(items)[0])  # [m, dim + 1]
         history = self.features.histories(user_keys)
-        history_rows = torch.from_numpy(self.items.get(history.ravel())[0]).view(*history.shape, -1)
-        user_rows = torch.from_numpy(self.users.get(user_keys)[0])
-        user_vecs = self.two_tower.encode_users(self._user_tower(user_rows, history_rows, history))  # [u, dim + 1]
-        scores = (user_vecs @ item_vecs.T).numpy()  # [u, m]
+        scores = (self.user_vectors(user_keys, history) @ item_vecs.T).numpy()  # [u, m]
+        retrieval = scores.copy()
         seen_keys = np.fromiter((key for s in exclude for key in s), dtype=np.uint64)
         seen_rows = np.repeat(np.arange(len(exclude)), [len(s) for s in exclude])
         seen_cols, known = _columns(items, seen_keys)
@@ -224,28 +296,38 @@ class OnlineModels:
         scores[:, trending_cols] = np.where(np.isfinite(scores[:, trending_cols]), np.inf, -np.inf)
         top = np.argsort(-scores, axis=1)[:, : candidates + len(trending_cols)]  # [u, c]
         cand = items[top]
-        c = cand.shape[1]
-        u = np.repeat(user_keys, c)
-        # per-user features once, repeated over that user's candidates
-        f = Features(
-            np.repeat(self.features.user_attributes(user_keys), c, axis=0),
+        counts, totals = self.catalog.counts(cand.ravel())
+        batch = Candidates(
+            user_keys,
+            self.features.user_attributes(user_keys),
+            history,
+            cand,
             self.features.item_attributes(cand.ravel()),
-            np.repeat(history, c, axis=0),
+            counts.reshape(cand.shape),
+            totals.reshape(cand.shape),
+            np.take_along_axis(retrieval, top, 1),
         )
-        logits, _ = self.rank_logits(u, cand.ravel(), f)
-        # The ranker learned log(p(item | user) / q(item)) against sampled negatives q: add log q
-        # back, and move from all-time to current popularity by log(trending / all-time count)
-        # (constant factors change no user's order).
-        log_q = np.log(self.catalog.negative_probability(cand.ravel(), self.config.uniform_negatives))
-        trend, total = self.catalog.counts(cand.ravel())
-        drift = np.log(trend + 1e-3) - np.log(total + 1e-3)
-        logits = logits.numpy().reshape(cand.shape) + (log_q + drift).reshape(cand.shape)
+        logits = CandidateScorer(self.ranker, self.blend).score(self.rank_ids, self.rank_attrs, batch)
         logits[np.take_along_axis(scores, top, 1) == -np.inf] = -np.inf  # excluded items stay out
         order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
         cold = ~self.users.get(user_keys)[1] & (history == 0).all(axis=1)
         return [trending_lists[r] if cold[r] else c[o] for r, (c, o) in enumerate(zip(cand, order, strict=True))]
 
-    def drain_unserved(self) -> None:
-        """Drop the ranking tables' deltas (not synced to serving yet) so their change logs stay empty."""
-        self.rank_ids.drain_delta()
-        self.rank_attrs.drain_delta()
+    def dense_state(self) -> dict[str, np.ndarray]:
+        """Copies of the ranker's and the blend's dense parameters, for serving."""
+        return CandidateScorer.dense_state(self.ranker, self.blend)
+
+    def ranking_deltas(self) -> dict[str, TableDelta]:
+        """What changed for the ranking service since the previous call: the ranker's rows,
+        the attributes and histories of changed users and items, and changed item counts."""
+        users, items = self.features.drain_changed()
+        width = self.features.config.max_attributes
+        count_keys, counts = self.catalog.drain_counts()
+        return {
+            RANK_ID_TABLE: self.rank_ids.drain_delta(),
+            RANK_ATTR_TABLE: self.rank_attrs.drain_delta(),
+            USER_ATTRS: TableDelta(USER_ATTRS, users, self.features.user_attributes(users, width)),
+            USER_HISTORY: TableDelta(USER_HISTORY, users, self.features.histories(users, self.config.history_length)),
+            ITEM_ATTRS: TableDelta(ITEM_ATTRS, items, self.features.item_attributes(items, width)),
+            ITEM_COUNTS: TableDelta(ITEM_COUNTS, count_keys, counts),
+        }

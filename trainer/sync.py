@@ -31,6 +31,14 @@ class SyncMessage:
         item_names: raw item ids of keys first seen in this version, {key: item_id}.
         seen_users, seen_items: aligned uint64 arrays of new (user, item) interactions.
         popular_keys, popular_scores: the current most popular items, for cold users.
+        tables: what the ranking service reads, by name (`ranking.scorer`): the ranker's
+            embedding rows (float32, served as fp16 like the user and item rows) and the
+            features of changed users and items (uint64 attribute keys and histories, float64
+            item counts; served exactly).
+        dense: the ranker's and blend's dense parameters (`CandidateScorer.dense_state`);
+            empty in versions that do not change them.
+        clock_s: the trainer's event time when the version was built (trending counts decay by it).
+        trending_half_life_s: the half-life of the anchored trending counts in `tables`.
         full: True for a bootstrap snapshot that replaces all state instead of updating it.
     """
 
@@ -41,6 +49,10 @@ class SyncMessage:
     seen_items: np.ndarray = field(default_factory=_empty_keys)
     popular_keys: np.ndarray = field(default_factory=_empty_keys)
     popular_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    tables: dict[str, TableDelta] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    clock_s: float = 0.0
+    trending_half_life_s: float = 0.0
     version: int = 0
     created_ms: int = 0
     full: bool = False
@@ -55,7 +67,14 @@ class SyncMessage:
         yield from zip(users[np.r_[0, bounds]].tolist(), np.split(items, bounds), strict=True)
 
     def is_empty(self) -> bool:
-        return not (len(self.users) or len(self.items) or self.item_names or len(self.seen_users))
+        return not (
+            len(self.users)
+            or len(self.items)
+            or self.item_names
+            or len(self.seen_users)
+            or any(len(t) for t in self.tables.values())
+            or self.dense
+        )
 
 
 class SyncSink(Protocol):

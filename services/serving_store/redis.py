@@ -7,6 +7,10 @@ Layout under a key prefix P (default "freshrec"):
 - `P:names`: hash from item key to item id;
 - `P:seen:<user key hex>`: list of the user's recent item keys, trimmed to `max_seen`;
 - `P:popular`, `P:popular_scores`: the popular list (uint64 keys, float32 scores);
+- `P:table:<name>`: the ranking service's tables (`SyncMessage.tables`), hashes from key to
+  row bytes; `P:schema` maps each table name to "<numpy dtype>:<width>" of its rows;
+- `P:dense`: the latest dense parameters (npz bytes); `P:clock`: the trainer's event time and
+  the trending half-life (2 float64);
 - `P:deltas`: stream with one entry `<version>-0` per version, field `m` the encoded message,
   trimmed to about `retention` entries.
 
@@ -88,6 +92,18 @@ class RedisServingStore:
             key = self._k(f"seen:{user:016x}")
             pipe.rpush(key, *_field(items))
             pipe.ltrim(key, -self._max_seen, -1)
+        for name, delta in m.tables.items():
+            key = self._k(f"table:{name}")
+            if len(delta.evicted):
+                pipe.hdel(key, *_field(delta.evicted))
+            if len(delta.keys):
+                rows = np.ascontiguousarray(codec.stored_rows(delta.rows))
+                pipe.hset(self._k("schema"), name, f"{rows.dtype.str}:{rows.shape[1]}")
+                pipe.hset(key, mapping=dict(zip(_field(delta.keys), map(bytes, rows), strict=True)))
+        if m.dense:
+            pipe.set(self._k("dense"), codec.encode_arrays(m.dense))
+        if m.clock_s or m.trending_half_life_s:
+            pipe.set(self._k("clock"), np.array([m.clock_s, m.trending_half_life_s], dtype="<f8").tobytes())
         if len(m.popular_keys):
             pipe.set(self._k("popular"), np.ascontiguousarray(m.popular_keys, dtype="<u8").tobytes())
             pipe.set(self._k("popular_scores"), np.ascontiguousarray(m.popular_scores, dtype="<f4").tobytes())
@@ -100,14 +116,22 @@ class RedisServingStore:
         return int(self._redis.get(self._k("version")) or 0)
 
     def snapshot(self) -> SyncMessage:
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.get(self._k("version"))
-            pipe.hgetall(self._k("users"))
-            pipe.hgetall(self._k("items"))
-            pipe.hgetall(self._k("names"))
-            pipe.get(self._k("popular"))
-            pipe.get(self._k("popular_scores"))
-            version, users, items, names, popular, popular_scores = pipe.execute()
+        schema: dict[bytes, bytes] = self._redis.hgetall(self._k("schema"))  # type: ignore[assignment]
+        while True:  # one transaction over everything but the seen lists; again if a table appeared
+            names = sorted(schema)
+            with self._redis.pipeline(transaction=True) as pipe:
+                for key in ("version", "popular", "popular_scores", "dense", "clock"):
+                    pipe.get(self._k(key))
+                for key in ("users", "items", "names", "schema"):
+                    pipe.hgetall(self._k(key))
+                for name in names:
+                    pipe.hgetall(self._k(f"table:{name.decode()}"))
+                version, popular, popular_scores, dense, clock, users, items, names_map, now_schema, *tables = (
+                    pipe.execute()
+                )
+            if sorted(now_schema) == names:
+                break
+            schema = now_schema
         # Seen lists are read after the transaction; they may already hold items of a later
         # version, which the replica then sees twice (a history is a recency list, so harmless).
         seen_users: list[np.ndarray] = []
@@ -127,23 +151,34 @@ class RedisServingStore:
             users=self._table("user", users),
             items=self._table("item", items),
             item_names={
-                int(k): v.decode("utf-8") for k, v in zip(_keys(list(names)).tolist(), names.values(), strict=True)
+                int(k): v.decode("utf-8")
+                for k, v in zip(_keys(list(names_map)).tolist(), names_map.values(), strict=True)
             },
             seen_users=np.concatenate(seen_users) if seen_users else np.zeros(0, np.uint64),
             seen_items=np.concatenate(seen_items) if seen_items else np.zeros(0, np.uint64),
             popular_keys=np.frombuffer(popular or b"", dtype="<u8").astype(np.uint64),
             popular_scores=np.frombuffer(popular_scores or b"", dtype="<f4").astype(np.float32),
+            tables={
+                name.decode(): self._table(name.decode(), mapping, now_schema[name])
+                for name, mapping in zip(names, tables, strict=True)
+            },
+            dense=codec.decode_arrays(dense) if dense else {},
+            clock_s=float(np.frombuffer(clock, dtype="<f8")[0]) if clock else 0.0,
+            trending_half_life_s=float(np.frombuffer(clock, dtype="<f8")[1]) if clock else 0.0,
             version=int(version or 0),
             full=True,
         )
 
     @staticmethod
-    def _table(name: str, mapping: dict[bytes, bytes]) -> TableDelta:
-        if not mapping:
-            return TableDelta.empty(name)
+    def _table(name: str, mapping: dict[bytes, bytes], schema: bytes = b"<f2:0") -> TableDelta:
+        """A hash of key -> row bytes as a delta; `schema` is "<dtype>:<width>" (fp16 rows come back float32)."""
+        dtype_text, width_text = schema.decode().split(":")
+        dtype, width = np.dtype(dtype_text), int(width_text)
         keys = _keys(list(mapping))
-        rows = np.frombuffer(b"".join(mapping.values()), dtype=np.float16).reshape(len(keys), -1)
-        return TableDelta(name, keys, rows.astype(np.float32))
+        if not len(keys):
+            return TableDelta(name, keys, np.zeros((0, max(width, 1)), np.float32 if dtype == np.float16 else dtype))
+        rows = np.frombuffer(b"".join(mapping.values()), dtype=dtype).reshape(len(keys), width or -1)
+        return TableDelta(name, keys, rows.astype(np.float32 if dtype == np.float16 else dtype.newbyteorder("=")))
 
     def read_since(self, version: int, timeout_s: float) -> list[SyncMessage]:
         block_ms = max(1, int(timeout_s * 1000))

@@ -12,7 +12,8 @@ from trainer.sync import SyncMessage
 
 
 class ServingState:
-    """User rows, item rows, item names, recent items per user and the popular list.
+    """User rows, item rows, item names, recent items per user, the popular list, and what the
+    ranking service reads (its tables, dense parameters and the trending clock).
 
     Args:
         max_seen: most recent items kept per user (older ones fall off).
@@ -33,6 +34,11 @@ class ServingState:
         self.seen: dict[int, deque[int]] = {}
         self.popular_keys = np.zeros(0, dtype=np.uint64)
         self.popular_scores = np.zeros(0, dtype=np.float32)
+        self.tables: dict[str, RowMap] = {}
+        self.dense: dict[str, np.ndarray] = {}
+        self.dense_version = 0  # the version that brought `dense`
+        self.clock_s = 0.0
+        self.trending_half_life_s = 0.0
 
     def apply(self, message: SyncMessage) -> None:
         """Apply one version (or a full snapshot, which first clears everything)."""
@@ -52,13 +58,23 @@ class ServingState:
         if len(message.popular_keys) or message.full:
             self.popular_keys = message.popular_keys
             self.popular_scores = message.popular_scores
+        for name, delta in message.tables.items():
+            table = self._apply_table(self.tables.get(name), delta)
+            if table is not None:
+                self.tables[name] = table
+        if message.dense:
+            self.dense = message.dense
+            self.dense_version = message.version
+        if message.clock_s or message.trending_half_life_s:
+            self.clock_s, self.trending_half_life_s = message.clock_s, message.trending_half_life_s
         self.version = message.version
 
     def _apply_table(self, table: RowMap | None, delta: TableDelta) -> RowMap | None:
         if table is None:
             if not len(delta.keys):
                 return None
-            table = RowMap(delta.rows.shape[1], self.dtype)
+            # float32 rows (embeddings) are kept in the serving dtype; feature keys and counts exactly
+            table = RowMap(delta.rows.shape[1], self.dtype if delta.rows.dtype == np.float32 else delta.rows.dtype)
         table.delete(delta.evicted)
         table.upsert(delta.keys, delta.rows)
         return table
@@ -70,7 +86,11 @@ class ServingState:
             if rows is None:
                 return TableDelta.empty(name)
             keys, values = rows.items()
-            return TableDelta(name, keys, values.astype(np.float32))
+            return TableDelta(
+                name,
+                keys,
+                values.astype(np.float32) if values.dtype.kind == "f" and values.dtype.itemsize <= 4 else values,
+            )
 
         seen_users = [np.full(len(h), u, dtype=np.uint64) for u, h in self.seen.items()]
         seen_items = [np.fromiter(h, dtype=np.uint64, count=len(h)) for h in self.seen.values()]
@@ -82,6 +102,10 @@ class ServingState:
             seen_items=np.concatenate(seen_items) if seen_items else np.zeros(0, np.uint64),
             popular_keys=self.popular_keys,
             popular_scores=self.popular_scores,
+            tables={name: table(name, rows) for name, rows in self.tables.items()},
+            dense=dict(self.dense),
+            clock_s=self.clock_s,
+            trending_half_life_s=self.trending_half_life_s,
             version=self.version,
             full=True,
         )

@@ -1,0 +1,181 @@
+"""The scorer: orders one request's candidates with the ranker and the final blend.
+
+The same code runs in the trainer (evaluation) and in serving replicas, so what is measured
+offline is what is served. It reads embedding rows through anything with
+`get(keys) -> (rows, found)` — the trainer's store tables or serving's synced row maps — and
+takes the features (attribute keys, histories, item counts) as arrays.
+
+Dense parameters travel as a flat `{name: array}` dict (`dense_state`), which `from_dense`
+turns back into a scorer: the sync format holds no pickled objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ranking.blend import ScoreBlend
+from ranking.din_dcn import DinDcnRanker
+
+# Serving-side names of what the ranker reads (tables synced from the trainer).
+RANK_ID_TABLE = "rank_id"  # user and item id rows (history items share the item rows)
+RANK_ATTR_TABLE = "rank_attr"  # attribute value rows
+USER_ATTRS = "user_attrs"  # uint64 [attribute slots]: each user's attribute keys (0 = padding)
+USER_HISTORY = "user_history"  # uint64 [history length]: each user's recent positive items
+ITEM_ATTRS = "item_attrs"  # uint64 [attribute slots]: each item's attribute keys
+ITEM_COUNTS = "item_counts"  # float64 [2]: log2 trending count anchored in time, all-time count
+
+
+class RowSource(Protocol):
+    def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows [n, dim], found [n]) of keys [n]."""
+        ...
+
+
+DENSE_FEATURES = 3  # the ranker's real-valued inputs per pair (`dense_features`)
+
+
+def dense_features(trending: np.ndarray, total: np.ndarray, retrieval: np.ndarray) -> torch.Tensor:
+    """The ranker's dense inputs per pair: log(1 + the item's trending count), log(1 + its all-time
+    count), and the two-tower score of the pair (what retrieval thinks of it): [n, 3]."""
+    columns = [np.log1p(trending), np.log1p(total), retrieval]
+    return torch.from_numpy(np.stack([np.ravel(c) for c in columns], axis=1).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What scoring needs about u users and their c candidates each.
+
+    Args:
+        users: uint64 [u].
+        user_attrs: uint64 [u, a] attribute keys (0 = padding).
+        history: uint64 [u, h] recent positive items (0 = padding).
+        items: uint64 [u, c] candidate items.
+        item_attrs: uint64 [u * c, b] attribute keys of `items.ravel()`.
+        trending: float [u, c] trending (decayed) counts of the candidates.
+        total: float [u, c] all-time counts.
+        retrieval: float [u, c] two-tower scores (user vector . item vector).
+    """
+
+    users: np.ndarray
+    user_attrs: np.ndarray
+    history: np.ndarray
+    items: np.ndarray
+    item_attrs: np.ndarray
+    trending: np.ndarray
+    total: np.ndarray
+    retrieval: np.ndarray
+
+
+def _prefixed(state: dict[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: torch.from_numpy(v) for k, v in state.items() if k.startswith(prefix)}
+
+
+class CandidateScorer:
+    """Ranker logits blended with trending counts; see the module docstring.
+
+    Args:
+        ranker: the DIN + DCN-v2 model.
+        blend: the final blend.
+    """
+
+    def __init__(self, ranker: DinDcnRanker, blend: ScoreBlend) -> None:
+        self.ranker = ranker
+        self.blend = blend
+
+    @staticmethod
+    def dense_state(ranker: DinDcnRanker, blend: ScoreBlend) -> dict[str, np.ndarray]:
+        """Copies of every dense parameter, as float32 arrays named `ranker.*` and `blend.*`."""
+        state = {f"ranker.{k}": v.detach().numpy().copy() for k, v in ranker.state_dict().items()}
+        state.update({f"blend.{k}": v.detach().numpy().copy() for k, v in blend.state_dict().items()})
+        return state
+
+    @classmethod
+    def from_dense(cls, state: dict[str, np.ndarray]) -> CandidateScorer:
+        """Rebuild a scorer from `dense_state` (layer sizes read from the arrays' shapes).
+
+        Raises:
+            ValueError: the arrays do not describe a ranker and a blend.
+        """
+        try:
+            ranker_state = {
+                k[len("ranker.") :]: torch.from_numpy(v) for k, v in state.items() if k.startswith("ranker.")
+            }
+            blend_state = {k[len("blend.") :]: torch.from_numpy(v) for k, v in state.items() if k.startswith("blend.")}
+            dim = ranker_state["attention.0.weight"].shape[1] // 4
+            cross = sum(1 for k in ranker_state if k.startswith("cross.") and k.endswith(".weight"))
+            width = ranker_state["cross.0.weight"].shape[0] if cross else ranker_state["out.weight"].shape[1]
+            deep = [
+                ranker_state[k].shape[0]
+                for k in sorted(ranker_state)
+                if k.startswith("deep.") and k.endswith(".weight")
+            ]
+            ranker = DinDcnRanker(
+                dim,
+                cross_layers=cross,
+                hidden=tuple(deep),
+                attention_hidden=ranker_state["attention.0.weight"].shape[0],
+                dense_features=width - 6 * dim,
+            )
+            ranker.load_state_dict(ranker_state)
+            blend = ScoreBlend()
+            blend.load_state_dict(blend_state)
+        except (KeyError, RuntimeError, IndexError) as e:
+            raise ValueError(f"dense parameters do not describe a ranker and a blend: {e}") from e
+        return cls(ranker, blend)
+
+    @torch.no_grad()
+    def score(self, ids: RowSource, attrs: RowSource, c: Candidates) -> np.ndarray:
+        """Final scores [u, c] (higher is better); rows missing from the sources count as zeros."""
+        u, k = c.items.shape
+        if not u or not k:
+            return np.zeros((u, k), dtype=np.float32)
+        user_attrs, history = np.repeat(c.user_attrs, k, axis=0), np.repeat(c.history, k, axis=0)
+        id_keys = np.concatenate([np.repeat(c.users, k), c.items.ravel(), history.ravel()])
+        attr_keys = np.concatenate([user_attrs.ravel(), c.item_attrs.ravel()])
+        logits = pair_logits(
+            self.ranker,
+            torch.from_numpy(ids.get(id_keys)[0]),
+            torch.from_numpy(attrs.get(attr_keys)[0]),
+            user_attrs,
+            c.item_attrs,
+            history,
+            dense_features(c.trending, c.total, c.retrieval),
+        )
+        trending = torch.from_numpy(np.asarray(c.trending, dtype=np.float32))
+        return self.blend(logits.view(u, k), trending).numpy()
+
+
+def pair_logits(
+    ranker: DinDcnRanker,
+    id_rows: torch.Tensor,
+    attr_rows: torch.Tensor,
+    user_attrs: np.ndarray,
+    item_attrs: np.ndarray,
+    history: np.ndarray,
+    dense: torch.Tensor,
+) -> torch.Tensor:
+    """Ranker logits [n] of n aligned (user, item) pairs.
+
+    Args:
+        id_rows: rows of the keys [users (n), items (n), history.ravel()] in that order.
+        attr_rows: rows of the keys [user_attrs.ravel(), item_attrs.ravel()].
+        user_attrs, item_attrs, history: uint64 [n, .] keys, 0 = padding.
+        dense: [n, DENSE_FEATURES] (`dense_features`).
+    """
+    n = len(user_attrs)
+    split = user_attrs.size
+    return ranker(
+        id_rows[:n],
+        id_rows[n : 2 * n],
+        attr_rows[:split].view(n, user_attrs.shape[1], -1),
+        torch.from_numpy(user_attrs != 0),
+        attr_rows[split:].view(n, item_attrs.shape[1], -1),
+        torch.from_numpy(item_attrs != 0),
+        id_rows[2 * n :].view(n, history.shape[1], -1),
+        torch.from_numpy(history != 0),
+        dense,
+    )

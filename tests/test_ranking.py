@@ -1,0 +1,136 @@
+"""The ranking service: the scorer's dense round trip, and serving ranking as the trainer does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedding_store import feature_keys
+from embedding_store.row_map import RowMap
+from ranking.blend import ScoreBlend
+from ranking.din_dcn import DinDcnRanker
+from ranking.scorer import Candidates, CandidateScorer
+from services.serving import ServingReplica
+from services.serving_store import MemoryServingStore
+from trainer.config import TrainerConfig
+from trainer.eventlog import MemoryLog
+from trainer.events import Event
+from trainer.loop import Trainer
+
+
+def random_candidates(rng: np.random.Generator, users: int = 3, cands: int = 5) -> Candidates:
+    def keys(*shape: int) -> np.ndarray:
+        return rng.integers(1, 40, shape).astype(np.uint64)
+
+    return Candidates(
+        keys(users),
+        keys(users, 2),
+        keys(users, 4),
+        keys(users, cands),
+        keys(users * cands, 3),
+        rng.uniform(0, 5, (users, cands)),
+        rng.uniform(0, 50, (users, cands)),
+        rng.normal(size=(users, cands)),
+    )
+
+
+def random_rows(rng: np.random.Generator, dim: int) -> RowMap:
+    rows = RowMap(dim)
+    keys = np.arange(1, 40, dtype=np.uint64)
+    rows.upsert(keys, rng.normal(size=(len(keys), dim)).astype(np.float32))
+    return rows
+
+
+def test_dense_parameters_round_trip_exactly() -> None:
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    ranker, blend = DinDcnRanker(4, cross_layers=3, hidden=(8, 6, 5), dense_features=3), ScoreBlend()
+    with torch.no_grad():
+        blend.weights.copy_(torch.tensor([0.3, 2.0]))
+    original = CandidateScorer(ranker, blend)
+    rebuilt = CandidateScorer.from_dense(CandidateScorer.dense_state(ranker, blend))
+    ids, attrs, c = random_rows(rng, 4), random_rows(rng, 4), random_candidates(rng)
+    expected = original.score(ids, attrs, c)
+    assert expected.shape == (3, 5) and np.isfinite(expected).all()
+    np.testing.assert_array_equal(rebuilt.score(ids, attrs, c), expected)
+    # the blend takes part: other weights, other scores
+    with torch.no_grad():
+        blend.weights.copy_(torch.tensor([0.3, -2.0]))
+    assert not np.allclose(CandidateScorer(ranker, blend).score(ids, attrs, c), expected)
+
+
+def test_unusable_dense_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="do not describe a ranker"):
+        CandidateScorer.from_dense({"ranker.attention.0.weight": np.zeros((3, 8), np.float32)})
+
+
+def events(n: int, seed: int = 0) -> list[Event]:
+    """Users of four groups who each mostly click items of their group; attributes in context."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 60, n)
+    items = np.where(rng.random(n) < 0.9, users % 4, rng.integers(0, 4, n)) + 4 * rng.integers(0, 15, n)
+    return [
+        Event(
+            f"e{k}",
+            f"u{u}",
+            f"i{i}",
+            "click",
+            1_700_000_000_000 + 1000 * k,
+            context={"user.group": str(u % 4), "item.genres": f"g{i % 4}|h{i % 3}"},
+        )
+        for k, (u, i) in enumerate(zip(users.tolist(), items.tolist(), strict=True))
+    ]
+
+
+def test_serving_ranks_with_the_trainers_ranker_and_features() -> None:
+    config = TrainerConfig(batch_size=128, blend_users=16)
+    trainer = Trainer(config, MemoryLog().consumer("g"))
+    stream = events(3000)
+    for b in range(0, len(stream), config.batch_size):
+        trainer.train_events(stream[b : b + config.batch_size])
+    store = MemoryServingStore()
+    replica = ServingReplica(store, candidates=20)
+    message = trainer.collect_sync()
+    assert message is not None and message.dense, "the first sync carries the dense parameters"
+    store.publish(message)
+    replica.catch_up()
+
+    user = "u5"
+    rec = replica.recommend(user, k=10, exclude_seen=False)
+    assert len(rec.items) == 10
+    scores = np.array([i.score for i in rec.items])
+    assert (np.diff(scores) <= 0).all()
+    # The trainer's own scorer, on its float32 tables and live features, gives the same scores
+    # to the same candidates (serving holds fp16 rows: close, not equal).
+    m = trainer.models
+    u = feature_keys("user", [user])
+    cand = feature_keys("item", [i.item_id for i in rec.items])[None, :]
+    trending, total = trainer.catalog.counts(cand.ravel())
+    history = m.features.histories(u, config.history_length)
+    c = Candidates(
+        u,
+        m.features.user_attributes(u),
+        history,
+        cand,
+        m.features.item_attributes(cand.ravel()),
+        trending[None, :],
+        total[None, :],
+        (m.user_vectors(u, history) @ torch.from_numpy(m.items.get(cand.ravel())[0]).T).numpy(),
+    )
+    expected = CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, c)[0]
+    np.testing.assert_allclose(scores, expected, rtol=0.02, atol=0.05)
+    # the ranker's inputs reached serving: without features the same items score differently
+    bare = Candidates(
+        u,
+        np.zeros((1, 1), np.uint64),
+        np.zeros((1, 1), np.uint64),
+        cand,
+        np.zeros((10, 1), np.uint64),
+        c.trending,
+        c.total,
+        c.retrieval,
+    )
+    assert not np.allclose(
+        CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, bare)[0], scores, atol=0.05
+    )
