@@ -11,8 +11,10 @@ items they rate in that next 10% (only items seen before the checkpoint count: n
 recommend an item it never saw). At most `--eval-users` users per checkpoint, the same for
 every row. Rows, all in one run:
 
-- freshrec online: two-tower retrieval of 100 candidates, ranked by DIN + DCN-v2, learning as
-  the stream goes (frequency filter min_count=2);
+- freshrec online: two-tower retrieval of 100 candidates plus the 100 trending items, ordered
+  by the same scorer serving uses (DIN + DCN-v2, then the learned blend with trending
+  counts), learning as the stream goes (frequency filter min_count=2); users it knows nothing
+  of get its trending list;
 - popularity: the 10 most rated items in a sliding window of recent events;
 - frozen: the same models trained on the first 50% (3 passes) and then frozen;
 - hashed: freshrec with every table folded into a fixed number of rows (`--hashed-rows`), so

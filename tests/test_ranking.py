@@ -134,3 +134,21 @@ def test_serving_ranks_with_the_trainers_ranker_and_features() -> None:
     assert not np.allclose(
         CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, bare)[0], scores, atol=0.05
     )
+
+
+def test_blend_recovers_the_weights_that_generated_the_choices() -> None:
+    """Choices drawn from softmax(0.5 * logit + 2 * log trending): the blend's softmax loss finds both weights."""
+    rng = np.random.default_rng(0)
+    blend = ScoreBlend()
+    optimizer = torch.optim.Adam(blend.parameters(), lr=0.05)
+    for _ in range(300):
+        logits = torch.from_numpy(rng.normal(size=(64, 20)).astype(np.float32))
+        trending = torch.from_numpy(rng.uniform(0, 50, (64, 20)).astype(np.float32))
+        truth = 0.5 * logits + 2.0 * torch.log(trending + 1e-3)
+        target = torch.multinomial(torch.softmax(truth, dim=1), 1).squeeze(1)
+        valid = torch.ones(64, 20, dtype=torch.bool)
+        optimizer.zero_grad()
+        (blend.loss(logits, trending, valid, target) / 64).backward()
+        optimizer.step()
+    a, b = blend.weights.detach().numpy()
+    assert abs(a - 0.5) < 0.2 and abs(b - 2.0) < 0.3, (a, b)
