@@ -21,6 +21,7 @@ from services.serving import ServingReplica
 from services.serving_store import open_serving_store
 from trainer.eventlog import open_log
 from trainer.loop import StepResult, Trainer
+from trainer.models import TABLES
 from trainer.sync import SyncMessage, SyncPublisher
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,14 @@ class Node:
 
     def _store_stats(self) -> list[TableStats]:
         assert self.trainer is not None
-        return [self.trainer.users.stats(), self.trainer.items.stats()]
+        return [self.trainer.store.table(name).stats() for name in TABLES]
 
     def _on_publish(self, message: SyncMessage) -> None:
         metrics.SYNC_VERSION.set(message.version)
         metrics.SYNC_ROWS.labels("user").inc(len(message.users.keys))
         metrics.SYNC_ROWS.labels("item").inc(len(message.items.keys))
+        for name, delta in message.tables.items():
+            metrics.SYNC_ROWS.labels(name).inc(len(delta.keys))
 
     def _spawn(self, name: str, target: Callable[..., object], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)

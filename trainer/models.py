@@ -214,9 +214,9 @@ class OnlineModels:
 
         Up to `blend_users` of the pairs whose item is among the `blend_candidates` trending
         items (what serving retrieves), each a softmax over those items (the user's recent items
-        left out) with the pair's item as the target. Call it before
-        the pairs are counted in the catalogue, so an item's own event does not lift its
-        trending count. Returns the mean cross-entropy (NaN when there is nothing to score).
+        left out) with the pair's item as the target. Call it before the pairs are counted in
+        the catalogue, so an item's own event does not lift its trending count. Returns the
+        mean cross-entropy (NaN when there is nothing to score).
         """
         popular = self.catalog.popular(self.config.blend_candidates)[0]
         at, among = _columns(popular, item_keys)  # serving can only rank what it retrieved
@@ -272,7 +272,7 @@ class OnlineModels:
         """Top-k item keys per user, leaving out `exclude`, as serving would order them (for evaluation).
 
         "ranked": the two-tower's best `candidates` over every known item plus the `candidates`
-        trending ones, ordered by the ranker; users the model knows nothing of (no row, no
+        trending ones, ordered by `CandidateScorer` (ranker, then blend); users the model knows nothing of (no row, no
         history) get the trending list. "two_tower": the two-tower's own top k.
         "trending": the trending list for everyone.
         """
