@@ -36,7 +36,37 @@ TRAINER_RETRIEVAL_LOSS = Gauge("freshrec_trainer_retrieval_loss", "In-batch soft
 
 SYNC_VERSION = Gauge("freshrec_sync_published_version", "Latest version published by the trainer")
 SYNC_ROWS = Counter("freshrec_sync_rows_total", "Rows published to the serving store", ["table"])
+SYNC_BYTES = Counter("freshrec_sync_bytes_total", "Encoded bytes of the versions published (fp16 rows by default)")
 SERVING_VERSION = Gauge("freshrec_serving_version", "Model version the serving replica answers with")
+FRESHNESS_BUCKETS = (
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    1.0,
+    1.25,
+    1.5,
+    1.75,
+    2.0,
+    2.5,
+    3.0,
+    4.0,
+    5.0,
+    7.5,
+    10.0,
+    30.0,
+    60.0,
+)
+FRESHNESS = Histogram(
+    "freshrec_freshness_seconds",
+    "Time from an event's acceptance by the log to the first version a serving replica serves with it in",
+    buckets=FRESHNESS_BUCKETS,
+)
 
 
 class StoreCollector(Collector):

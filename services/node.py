@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -18,7 +19,7 @@ from services.gateway.core import Gateway
 from services.gateway.grpc_server import create_server
 from services.gateway.rest import create_app
 from services.serving import ServingReplica
-from services.serving_store import open_serving_store
+from services.serving_store import codec, open_serving_store
 from trainer.eventlog import open_log
 from trainer.loop import StepResult, Trainer
 from trainer.models import TABLES
@@ -72,7 +73,7 @@ class Node:
         self.replica: ServingReplica | None = None
         self.gateway: Gateway | None = None
         if "gateway" in self.roles:
-            self.replica = ServingReplica(self.store, on_apply=lambda m: metrics.SERVING_VERSION.set(m.version))
+            self.replica = ServingReplica(self.store, on_apply=self._on_apply)
             self.gateway = Gateway(config.server, self.log, self.replica)
 
     def _on_step(self, step: StepResult) -> None:
@@ -96,6 +97,15 @@ class Node:
         metrics.SYNC_ROWS.labels("item").inc(len(message.items.keys))
         for name, delta in message.tables.items():
             metrics.SYNC_ROWS.labels(name).inc(len(delta.keys))
+        metrics.SYNC_BYTES.inc(len(codec.encode(message)))  # what the stream holds per version
+
+    @staticmethod
+    def _on_apply(message: SyncMessage) -> None:
+        metrics.SERVING_VERSION.set(message.version)
+        if len(message.accepted_ms):
+            now_ms = time.time() * 1000
+            for age_ms in (now_ms - message.accepted_ms).tolist():
+                metrics.FRESHNESS.observe(max(age_ms, 0.0) / 1000)
 
     def _spawn(self, name: str, target: Callable[..., object], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)

@@ -122,6 +122,11 @@ class ServingReplica:
         if self._on_apply:
             self._on_apply(message)
 
+    def snapshot(self) -> SyncMessage:
+        """Everything this replica serves from, as one full message (for checks and debugging)."""
+        with self._lock:
+            return self._state.to_message()
+
     def catch_up(self, timeout_s: float = 0.0) -> int:
         """Apply every version the store has past ours; returns how many were applied."""
         if not self.bootstrapped.is_set():

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import httpx
 
 from services.config import load_config
+from services.local_servers import wait_until
 from services.node import Node
-from tests.conftest import wait_until
 
 
 @contextmanager

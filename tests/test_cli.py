@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_until
+from services.local_servers import free_port, wait_until
 
 FRESHREC = [sys.executable, "-m", "services.cli"]
 ROOT = Path(__file__).resolve().parent.parent

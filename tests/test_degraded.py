@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from tests.conftest import free_port, wait_until
+from services.local_servers import free_port, wait_until
 from tests.nodes import rest, running_node
 
 

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import wait_until
+from services.local_servers import wait_until
 from trainer.eventlog import EventLog, LogConsumer, LogRecord, MemoryLog, open_log
 from trainer.events import Event
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from embedding_store import feature_keys
-from tests.conftest import wait_until
+from services.local_servers import wait_until
 from trainer.config import TrainerConfig
 from trainer.eventlog import EventLog, open_log
 from trainer.events import Event

@@ -44,6 +44,8 @@ class TrainerConfig:
         sync_interval_s: how often changed rows are published to the serving store.
         dense_sync_interval_s: how often the ranker's dense parameters go with them (the first
             sync always carries them).
+        freshness_samples: most acceptance times of trained events one sync message carries
+            (a uniform sample), from which replicas measure freshness.
         group_id: consumer group of the trainer on the event log.
         popular_items: length of the popular-items list published for cold users.
         blend_users: positive pairs per step that train the final blend of ranker logit and
@@ -78,6 +80,7 @@ class TrainerConfig:
     poll_timeout_s: float = 0.2
     sync_interval_s: float = 1.0
     dense_sync_interval_s: float = 60.0
+    freshness_samples: int = 1000
     group_id: str = "freshrec-trainer"
     popular_items: int = 200
     blend_users: int = 32
@@ -109,6 +112,7 @@ class TrainerConfig:
             "poll_timeout_s": self.poll_timeout_s >= 0,
             "sync_interval_s": self.sync_interval_s > 0,
             "dense_sync_interval_s": self.dense_sync_interval_s > 0,
+            "freshness_samples": self.freshness_samples >= 0,
             "group_id": bool(self.group_id),
             "popular_items": self.popular_items >= 1,
             "blend_users": 0 <= self.blend_users <= 100_000,

