@@ -1,0 +1,120 @@
+"""Parameter sync end to end on the real broker and real Redis: freshness on two replicas, and a
+replica that starts after 1,000 versions reaching the same state as one that ran from the start."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import numpy as np
+
+from embedding_store import feature_key
+from services.local_servers import wait_until
+from services.serving import ServingReplica
+from services.serving_store import open_serving_store
+from tests.test_serving_store import same_state
+from trainer.config import TrainerConfig
+from trainer.eventlog import open_log
+from trainer.events import Event
+from trainer.loop import Trainer
+from trainer.sync import SyncPublisher
+
+SYNC_INTERVAL_S = 1.0
+
+
+@contextmanager
+def tailing(redis_url: str, stop: threading.Event) -> Iterator[ServingReplica]:
+    """A serving replica on its own Redis connection, tailing the stream on a thread."""
+    store = open_serving_store(redis_url)
+    replica = ServingReplica(store)
+    thread = threading.Thread(target=replica.run, args=(stop, 0.1), daemon=True)
+    thread.start()
+    try:
+        yield replica
+    finally:
+        stop.set()
+        thread.join(10)
+        store.close()
+
+
+def clicks(n: int, start: int = 0, users: int = 50, items: int = 30) -> list[Event]:
+    return [
+        Event(
+            f"e{k}",
+            f"u{k % users}",
+            f"i{(k * 7) % items}",
+            "click",
+            1_700_000_000_000 + 1000 * k,
+            context={"user.group": str(k % 3), "item.genres": f"g{k % 4}"},
+        )
+        for k in range(start, start + n)
+    ]
+
+
+def has_seen(replica: ServingReplica, user: str, item: str) -> bool:
+    m = replica.snapshot()
+    pairs = zip(m.seen_users.tolist(), m.seen_items.tolist(), strict=True)
+    return (feature_key("user", user), feature_key("item", item)) in set(pairs)
+
+
+def both_have_seen(replicas: tuple[ServingReplica, ...], user: str, item: str) -> bool:
+    return all(has_seen(r, user, item) for r in replicas)
+
+
+def test_both_replicas_serve_an_event_within_the_sync_interval(kafka_url: str, redis_url: str) -> None:
+    log = open_log(kafka_url, partitions=2)
+    trainer = Trainer(TrainerConfig(poll_timeout_s=0.05), log.consumer(f"g-{uuid.uuid4().hex[:8]}"))
+    publisher = SyncPublisher(trainer.collect_sync, open_serving_store(redis_url), SYNC_INTERVAL_S)
+    stop = threading.Event()
+    threads = [threading.Thread(target=f, args=(stop,), daemon=True) for f in (trainer.run, publisher.run)]
+    log.append(clicks(300))
+    for t in threads:
+        t.start()
+    try:
+        with tailing(redis_url, threading.Event()) as a, tailing(redis_url, threading.Event()) as b:
+            wait_until(lambda: has_seen(a, "u1", "i7") and has_seen(b, "u1", "i7"), 30, "the backlog to be served")
+            for attempt in range(3):  # one fresh event at a time
+                user = f"fresh-{attempt}"
+                log.append([Event(f"fresh-{attempt}", user, "i3", "click", 1_800_000_000_000 + attempt)])
+                accepted = time.monotonic()
+                wait_until(partial(both_have_seen, (a, b), user, "i3"), 30, f"{user} to be served")
+                elapsed = time.monotonic() - accepted
+                # One sync interval, plus a margin for a training step and a shared 2-core machine.
+                assert elapsed < SYNC_INTERVAL_S + 4.0, f"event {attempt} took {elapsed:.2f}s to reach both replicas"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        log.close()
+
+
+def test_a_replica_started_after_1000_versions_equals_one_that_ran_from_the_start(
+    kafka_url: str, redis_url: str
+) -> None:
+    log = open_log(kafka_url, partitions=1)
+    config = TrainerConfig(batch_size=4, poll_timeout_s=0.5, dense_sync_interval_s=2.0)
+    trainer = Trainer(config, log.consumer(f"g-{uuid.uuid4().hex[:8]}"))
+    store = open_serving_store(redis_url)
+    publisher = SyncPublisher(trainer.collect_sync, store, SYNC_INTERVAL_S)
+    log.append(clicks(4000))
+    with tailing(redis_url, threading.Event()) as early:
+        versions = 0
+        while versions < 1000:
+            trainer.poll_and_train()
+            versions += publisher.publish_now()
+        assert store.latest_version() >= 1000
+        wait_until(lambda: early.version == store.latest_version(), 60, "the early replica to catch up")
+        with tailing(redis_url, threading.Event()) as late:
+            wait_until(lambda: late.version == store.latest_version(), 60, "the late replica to bootstrap")
+            early_state, late_state = early.snapshot(), late.snapshot()
+    assert early_state.version == late_state.version >= 1000
+    same_state(early_state, late_state)  # rows, names, seen lists, ranking tables, dense, clock
+    assert len(late_state.users.keys) == 50 and len(late_state.items.keys) == 30
+    assert late_state.dense and set(late_state.tables) >= {"rank_id", "user_history", "item_counts"}
+    np.testing.assert_array_equal(np.sort(early_state.popular_keys), np.sort(late_state.popular_keys))
+    log.close()
+    store.close()
