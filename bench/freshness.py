@@ -14,7 +14,8 @@ are left out.
 
 Delta size: the encoded bytes of an average published version (what the Redis stream holds
 per version, rows as fp16) against a full push of the current state (the encoded snapshot
-a bootstrapping replica reads), both at the end of the run.
+a bootstrapping replica reads, at the end of the run), and the bytes per synced row (all
+bytes of the versions over all rows they carry: embeddings, feature keys, counts).
 
 Modes: "embedded" (in-memory log and serving store) and "redis" (a real Kafka-protocol broker
 and a real redis-server, started on loopback ports for the run). The last line printed is JSON.
@@ -51,6 +52,17 @@ def _histogram() -> np.ndarray:
             REGISTRY.get_sample_value("freshrec_freshness_seconds_bucket", {"le": le}) or 0.0
             for le in (*map(str, metrics.FRESHNESS_BUCKETS), "+Inf")
         ]
+    )
+
+
+def _synced_rows() -> float:
+    """Rows published so far, all tables together."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "freshrec_sync_rows"
+        for sample in family.samples
+        if sample.name == "freshrec_sync_rows_total"
     )
 
 
@@ -130,15 +142,18 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.warmup)
         hist0 = _histogram()
         bytes0 = REGISTRY.get_sample_value("freshrec_sync_bytes_total") or 0.0
+        rows0 = _synced_rows()
         version0 = node.store.latest_version()
         time.sleep(args.seconds - args.warmup)
         stop.set()
         for sender in senders:
             sender.join()
-        time.sleep(2 * config.trainer.sync_interval_s + 1)  # the last events reach serving
+        time.sleep(2 * config.trainer.sparse_sync_interval_s + 1)  # the last events reach serving
         hist = _histogram() - hist0
         versions = node.store.latest_version() - version0
-        delta_bytes = ((REGISTRY.get_sample_value("freshrec_sync_bytes_total") or 0.0) - bytes0) / max(versions, 1)
+        all_bytes = (REGISTRY.get_sample_value("freshrec_sync_bytes_total") or 0.0) - bytes0
+        delta_bytes = all_bytes / max(versions, 1)
+        rows = _synced_rows() - rows0
         full_bytes = len(codec.encode(node.store.snapshot()))
         figures = {
             "events_sent": sum(sent),
@@ -150,6 +165,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "p90_s": quantile(hist, 0.9),
             "p99_s": quantile(hist, 0.99),
             "avg_delta_bytes": delta_bytes,
+            "rows_per_version": rows / max(versions, 1),
+            "bytes_per_synced_row": all_bytes / max(rows, 1),
             "full_push_bytes": full_bytes,
             "delta_bytes_vs_full": delta_bytes / full_bytes,
         }
@@ -157,7 +174,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         f"{mode:9} {figures['events_sent']:>7,} events ({figures['rate']:.0f}/s), {versions} versions: "
         f"freshness p50 {figures['p50_s']:.2f} s, p90 {figures['p90_s']:.2f} s, p99 {figures['p99_s']:.2f} s; "
         f"avg delta {delta_bytes / 1024:.1f} KiB vs full push {full_bytes / 1024:.1f} KiB "
-        f"({figures['delta_bytes_vs_full']:.3f})",
+        f"({figures['delta_bytes_vs_full']:.3f}); {figures['rows_per_version']:,.0f} rows/version, "
+        f"{figures['bytes_per_synced_row']:.0f} bytes/row (fp16 rows, uint64 feature keys, all included)",
         flush=True,
     )
     return figures

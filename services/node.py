@@ -68,7 +68,10 @@ class Node:
             self.trainer = Trainer(config.trainer, self.log.consumer(config.trainer.group_id), on_step=self._on_step)
             metrics.STORE.watch(self._store_stats)
             self.publisher = SyncPublisher(
-                self.trainer.collect_sync, self.store, config.trainer.sync_interval_s, on_publish=self._on_publish
+                self.trainer.collect_sync,
+                self.store,
+                config.trainer.sparse_sync_interval_s,
+                on_publish=self._on_publish,
             )
         self.replica: ServingReplica | None = None
         self.gateway: Gateway | None = None

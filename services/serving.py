@@ -81,7 +81,7 @@ class ServingReplica:
         self._ranker = ranker or DotProductRanker()
         self._candidates = candidates
         self._on_apply = on_apply
-        self._state = ServingState()
+        self._state = ServingState(dtype=store.row_dtype)
         self._index: ItemIndex | None = None
         self._scorer: CandidateScorer | None = None
         self._lock = threading.RLock()

@@ -25,7 +25,7 @@ def running_node(log_url: str = "memory://", store_url: str = "memory://", **ove
             "server.http_port": 0,
             "server.grpc_port": 0,
             "trainer.group_id": f"trainer-{uuid.uuid4().hex[:8]}",
-            "trainer.sync_interval_s": 0.5,
+            "trainer.sparse_sync_interval_s": 0.5,
             "trainer.poll_timeout_s": 0.05,
             **overrides,
         },

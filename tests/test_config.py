@@ -45,5 +45,5 @@ def test_env_value_of_wrong_type_is_rejected() -> None:
 
 
 def test_trainer_config_validates() -> None:
-    with pytest.raises(ValueError, match=r"trainer\.sync_interval_s"):
-        TrainerConfig(sync_interval_s=0)
+    with pytest.raises(ValueError, match=r"trainer\.sparse_sync_interval_s"):
+        TrainerConfig(sparse_sync_interval_s=0)

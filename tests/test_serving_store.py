@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import redis
 
 from embedding_store.base import TableDelta
 from services.serving_store import MemoryServingStore, ServingStore, VersionGap, open_serving_store
@@ -140,6 +141,39 @@ def test_feature_tables_are_exact_and_embeddings_fp16(store: ServingStore) -> No
     assert rank.rows.dtype == np.float32
     evicted = m.tables["rank_id"].evicted
     assert len(evicted) and not np.isin(evicted, rank.keys).any()  # evicted rows are gone
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_rows_can_be_kept_as_float32(backend: str, request: pytest.FixtureRequest) -> None:
+    base = "memory://" if backend == "memory" else request.getfixturevalue("redis_url")
+    store = open_serving_store(f"{base}{'&' if '?' in base else '?'}row_dtype=float32")
+    m = message(np.random.default_rng(4))
+    store.publish(m)
+    for got in (store.snapshot(), store.read_since(0, 0.1)[0]):
+        keys, idx = np.unique(m.users.keys[::-1], return_index=True)  # last write wins
+        order = np.argsort(got.users.keys)
+        np.testing.assert_array_equal(got.users.keys[order], keys)
+        np.testing.assert_array_equal(got.users.rows[order], m.users.rows[::-1][idx])  # exact, no fp16 rounding
+    store.close()
+
+
+def test_a_bad_row_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="row_dtype"):
+        open_serving_store("memory://?row_dtype=int8")
+
+
+def test_redis_announces_each_version(redis_url: str) -> None:
+    store = open_serving_store(redis_url)
+    prefix = redis_url.rsplit("prefix=", 1)[1]
+    listener = redis.Redis.from_url(redis_url.split("?")[0]).pubsub()
+    listener.subscribe(f"{prefix}:published")
+    assert listener.get_message(timeout=1)["type"] == "subscribe"
+    store.publish(message(np.random.default_rng(5)))
+    store.publish(message(np.random.default_rng(6)))
+    got = [listener.get_message(timeout=2) for _ in range(2)]
+    assert [int(g["data"]) for g in got if g] == [1, 2]
+    listener.close()
+    store.close()
 
 
 def test_read_since_wakes_up_on_publish(store: ServingStore) -> None:

@@ -41,7 +41,7 @@ class TrainerConfig:
             apart; the final blend with trending counts keeps rare items from the top of lists).
         batch_size: most events per training step.
         poll_timeout_s: how long one poll of the log waits for events.
-        sync_interval_s: how often changed rows are published to the serving store.
+        sparse_sync_interval_s: how often changed rows are published to the serving store.
         dense_sync_interval_s: how often the ranker's dense parameters go with them (the first
             sync always carries them).
         freshness_samples: most acceptance times of trained events one sync message carries
@@ -78,7 +78,7 @@ class TrainerConfig:
     uniform_negatives: float = 0.0
     batch_size: int = 512
     poll_timeout_s: float = 0.2
-    sync_interval_s: float = 1.0
+    sparse_sync_interval_s: float = 1.0
     dense_sync_interval_s: float = 60.0
     freshness_samples: int = 1000
     group_id: str = "freshrec-trainer"
@@ -110,7 +110,7 @@ class TrainerConfig:
             "uniform_negatives": 0.0 <= self.uniform_negatives <= 1.0,
             "batch_size": self.batch_size >= 1,
             "poll_timeout_s": self.poll_timeout_s >= 0,
-            "sync_interval_s": self.sync_interval_s > 0,
+            "sparse_sync_interval_s": self.sparse_sync_interval_s > 0,
             "dense_sync_interval_s": self.dense_sync_interval_s > 0,
             "freshness_samples": self.freshness_samples >= 0,
             "group_id": bool(self.group_id),

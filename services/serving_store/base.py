@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+
 from trainer.sync import SyncMessage
 
 
@@ -17,7 +19,12 @@ class VersionGap(RuntimeError):
 
 
 class ServingStore(Protocol):
-    """Backends: `memory://` (in-process) and `redis://` (Redis hashes + a Redis Stream)."""
+    """Backends: `memory://` (in-process) and `redis://` (Redis hashes + a Redis Stream).
+
+    `row_dtype`: how embedding rows are stored, sent and served (float16 by default).
+    """
+
+    row_dtype: np.dtype
 
     def publish(self, message: SyncMessage) -> int:
         """Apply `message` to the current state and append it as the next version; return it."""

@@ -6,6 +6,8 @@ import threading
 import time
 from collections import deque
 
+import numpy as np
+
 from services.serving_store import codec
 from services.serving_store.base import VersionGap
 from services.serving_store.state import ServingState
@@ -16,22 +18,24 @@ class MemoryServingStore:
     """Current state plus the last `retention` versions, in memory.
 
     Messages round-trip through the same encoding as the Redis store, so rows are fp16
-    here too and both backends serve identical values.
+    here too (by default) and both backends serve identical values.
 
     Args:
         retention: versions kept for tailing replicas; older ones need a bootstrap.
         max_seen: recent items kept per user.
+        row_dtype: float16 or float32 embedding rows.
     """
 
-    def __init__(self, retention: int = 1000, max_seen: int = 200) -> None:
-        self._state = ServingState(max_seen=max_seen)
+    def __init__(self, retention: int = 1000, max_seen: int = 200, row_dtype: np.dtype | None = None) -> None:
+        self.row_dtype = np.dtype(row_dtype or np.float16)
+        self._state = ServingState(max_seen=max_seen, dtype=self.row_dtype)
         self._stream: deque[SyncMessage] = deque(maxlen=retention)
         self._cond = threading.Condition()
 
     def publish(self, message: SyncMessage) -> int:
         with self._cond:
             message.version = self._state.version + 1
-            stored = codec.decode(codec.encode(message))
+            stored = codec.decode(codec.encode(message, self.row_dtype))
             self._state.apply(stored)
             self._stream.append(stored)
             self._cond.notify_all()

@@ -3,7 +3,7 @@
 Layout under a key prefix P (default "freshrec"):
 
 - `P:version`: the latest version;
-- `P:users`, `P:items`: hashes from 8-byte little-endian key to fp16 row bytes;
+- `P:users`, `P:items`: hashes from 8-byte little-endian key to row bytes (fp16 by default);
 - `P:names`: hash from item key to item id;
 - `P:seen:<user key hex>`: list of the user's recent item keys, trimmed to `max_seen`;
 - `P:popular`, `P:popular_scores`: the popular list (uint64 keys, float32 scores);
@@ -12,7 +12,8 @@ Layout under a key prefix P (default "freshrec"):
 - `P:dense`: the latest dense parameters (npz bytes); `P:clock`: the trainer's event time and
   the trending half-life (2 float64);
 - `P:deltas`: stream with one entry `<version>-0` per version, field `m` the encoded message,
-  trimmed to about `retention` entries.
+  trimmed to about `retention` entries;
+- channel `P:published`: the number of each new version, published with it.
 
 One publish is one MULTI/EXEC transaction guarded by WATCH on `P:version`, so readers never
 see half a version and concurrent publishers cannot both claim one.
@@ -47,12 +48,21 @@ class RedisServingStore:
         url: redis://HOST:PORT[/DB]; the query parameter `prefix` sets the key prefix.
         retention: approximate number of versions kept in the stream.
         max_seen: recent items kept per user.
+        row_dtype: float16 (default) or float32 embedding rows.
 
     Raises:
         redis.ConnectionError: from any call while Redis is unreachable.
     """
 
-    def __init__(self, url: str, prefix: str = "freshrec", retention: int = 1000, max_seen: int = 200) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "freshrec",
+        retention: int = 1000,
+        max_seen: int = 200,
+        row_dtype: np.dtype | None = None,
+    ) -> None:
+        self.row_dtype = np.dtype(row_dtype or np.float16)
         self._redis = redis.Redis.from_url(url)
         self._p = prefix
         self._retention = retention
@@ -81,7 +91,7 @@ class RedisServingStore:
             if len(delta.evicted):
                 pipe.hdel(self._k(table), *_field(delta.evicted))
             if len(delta.keys):
-                rows = delta.rows.astype(np.float16)
+                rows = delta.rows.astype(self.row_dtype)
                 pipe.hset(self._k(table), mapping=dict(zip(_field(delta.keys), map(bytes, rows), strict=True)))
         if len(m.items.evicted):
             pipe.hdel(self._k("names"), *_field(m.items.evicted))
@@ -97,7 +107,7 @@ class RedisServingStore:
             if len(delta.evicted):
                 pipe.hdel(key, *_field(delta.evicted))
             if len(delta.keys):
-                rows = np.ascontiguousarray(codec.stored_rows(delta.rows))
+                rows = np.ascontiguousarray(codec.stored_rows(delta.rows, self.row_dtype))
                 pipe.hset(self._k("schema"), name, f"{rows.dtype.str}:{rows.shape[1]}")
                 pipe.hset(key, mapping=dict(zip(_field(delta.keys), map(bytes, rows), strict=True)))
         if m.dense:
@@ -109,8 +119,13 @@ class RedisServingStore:
             pipe.set(self._k("popular_scores"), np.ascontiguousarray(m.popular_scores, dtype="<f4").tobytes())
         pipe.set(self._k("version"), m.version)
         pipe.xadd(
-            self._k("deltas"), {"m": codec.encode(m)}, id=f"{m.version}-0", maxlen=self._retention, approximate=True
+            self._k("deltas"),
+            {"m": codec.encode(m, self.row_dtype)},
+            id=f"{m.version}-0",
+            maxlen=self._retention,
+            approximate=True,
         )
+        pipe.publish(self._k("published"), m.version)  # for listeners other than replicas (they block on the stream)
 
     def latest_version(self) -> int:
         return int(self._redis.get(self._k("version")) or 0)
@@ -148,8 +163,8 @@ class RedisServingStore:
                 seen_users.append(np.full(len(items_of_user), int(key.rsplit(b":", 1)[1], 16), dtype=np.uint64))
                 seen_items.append(items_of_user)
         return SyncMessage(
-            users=self._table("user", users),
-            items=self._table("item", items),
+            users=self._table("user", users, f"{self.row_dtype.str}:0".encode()),
+            items=self._table("item", items, f"{self.row_dtype.str}:0".encode()),
             item_names={
                 int(k): v.decode("utf-8")
                 for k, v in zip(_keys(list(names_map)).tolist(), names_map.values(), strict=True)
