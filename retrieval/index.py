@@ -1,14 +1,36 @@
-"""Faiss index of item vectors with upserts and removals by 64-bit item key."""
+"""Faiss index of item vectors with upserts and removals by 64-bit item key.
+
+Three kinds, chosen by `IndexConfig.kind`:
+
+- "flat": exact inner-product search (`IndexIDMap2(IndexFlatIP)`);
+- "ivf": `IndexIVFFlat` (inner product, `nlist` lists, `nprobe` searched);
+- "hnsw": `IndexHNSWFlat` (inner product, `hnsw_m` links, `ef_search`).
+
+The source of truth is a `RowMap` of the current vectors (the flat kind on the CPU also keeps
+an exact, removable Faiss index in step with it). IVF and HNSW indexes — and GPU copies,
+which cannot remove ids — are *snapshots* of those rows, rebuilt on a background thread and
+swapped in atomically. Between rebuilds every item upserted or removed since the snapshot was
+taken is "changed": searches drop changed ids from the snapshot's answer and score the
+changed items that still exist exactly, then merge. So a search never returns a removed item
+or a stale vector, and an update is visible as soon as `upsert`/`remove` returns. A rebuild
+starts once the changed items pass `rebuild_fraction` of the index (and as soon as there are
+`min_ann_items`); changes made during a rebuild stay "changed" for the new snapshot.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
+from embedding_store.row_map import RowMap
+
 log = logging.getLogger(__name__)
+
+KINDS = ("flat", "ivf", "hnsw")
 
 
 def _ids(keys: np.ndarray) -> np.ndarray:
@@ -16,18 +38,56 @@ def _ids(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys, dtype=np.uint64).view(np.int64)
 
 
-class ItemIndex:
-    """Exact inner-product search over item vectors, keyed by uint64 item keys.
+@dataclass(frozen=True)
+class IndexConfig:
+    """How serving searches item vectors.
 
-    The master copy is a CPU `IndexIDMap2(IndexFlatIP)`, which supports removal. When
-    Faiss sees a GPU, searches go to a GPU copy of the master that `publish()` rebuilds
-    after each applied version (GPU flat indexes cannot remove ids, so the CPU master stays
-    the source of truth and the copy is swapped in whole). IVF and HNSW backends arrive with
-    the serving issue.
+    Args:
+        kind: "flat" (exact), "ivf" or "hnsw".
+        nlist: IVF lists; 0 picks about 4 * sqrt(items) at each rebuild.
+        nprobe: IVF lists searched per query.
+        hnsw_m: HNSW links per node.
+        ef_search: HNSW search breadth.
+        rebuild_fraction: rebuild the ANN snapshot once this share of the items changed since it.
+        min_ann_items: below this many items, search the exact master only.
+        device: "auto" (the GPU when Faiss sees one), "cpu" or "gpu"; HNSW always searches on
+            the CPU.
+
+    Raises:
+        ValueError: a value is out of range; the message names the field.
+    """
+
+    kind: str = "flat"
+    nlist: int = 0
+    nprobe: int = 64
+    hnsw_m: int = 32
+    ef_search: int = 256
+    rebuild_fraction: float = 0.05
+    min_ann_items: int = 5000
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "kind": self.kind in KINDS,
+            "nlist": self.nlist >= 0,
+            "nprobe": self.nprobe >= 1,
+            "hnsw_m": 4 <= self.hnsw_m <= 256,
+            "ef_search": self.ef_search >= 1,
+            "rebuild_fraction": 0.0 < self.rebuild_fraction <= 1.0,
+            "min_ann_items": self.min_ann_items >= 1,
+            "device": self.device in ("auto", "cpu", "gpu"),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"index.{name}: invalid value {getattr(self, name)!r}")
+
+
+class ItemIndex:
+    """Inner-product search over item vectors keyed by uint64 item keys; see the module docstring.
 
     Args:
         dim: vector width.
-        use_gpu: search on a GPU copy; default: when `faiss.get_num_gpus() > 0`.
+        config: index kind and parameters.
 
     Example:
         >>> index = ItemIndex(2)
@@ -36,47 +96,134 @@ class ItemIndex:
         [4]
     """
 
-    def __init__(self, dim: int, use_gpu: bool | None = None) -> None:
+    def __init__(self, dim: int, config: IndexConfig | None = None) -> None:
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.config = config or IndexConfig()
+        self.use_gpu = faiss.get_num_gpus() > 0 if self.config.device == "auto" else self.config.device == "gpu"
+        self._rows = RowMap(dim)  # current vectors by key: the source of truth
+        self._exact = None if self.snapshots else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._lock = threading.Lock()
-        self.use_gpu = faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
         self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
-        self._search_index: faiss.Index = self._index
+        self._snapshot: faiss.Index | None = None  # ANN (or GPU) index of the rows at some point
+        self._changed: set[int] = set()  # ids upserted or removed since `_snapshot` was taken
+        self._since_build: set[int] | None = None  # the same, since the running rebuild began
+        self._builder: threading.Thread | None = None
+        self.rebuilds = 0
         if self.use_gpu:
             log.info("item index searches on GPU (%d visible)", faiss.get_num_gpus())
 
+    @property
+    def snapshots(self) -> bool:
+        """Whether searches go to rebuilt snapshots (ANN kinds, or any kind on the GPU)."""
+        return self.config.kind != "flat" or self.use_gpu
+
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self._rows)
 
     def upsert(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or replace items: keys [n], vectors [n, dim]."""
         if not len(keys):
             return
-        ids = _ids(keys)
+        _, last = np.unique(np.asarray(keys)[::-1], return_index=True)  # a repeated key: its last vector wins
+        pick = np.sort(len(keys) - 1 - last)
+        keys, ids = np.asarray(keys)[pick], _ids(keys)[pick]
+        vectors = np.ascontiguousarray(np.asarray(vectors)[pick], dtype=np.float32)
         with self._lock:
-            self._index.remove_ids(faiss.IDSelectorBatch(ids))
-            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            self._rows.upsert(keys, vectors)
+            if self._exact is not None:
+                self._exact.remove_ids(faiss.IDSelectorBatch(ids))
+                self._exact.add_with_ids(vectors, ids)
+            self._mark(ids)
 
     def remove(self, keys: np.ndarray) -> None:
         if len(keys):
+            ids = _ids(keys)
             with self._lock:
-                self._index.remove_ids(faiss.IDSelectorBatch(_ids(keys)))
+                self._rows.delete(keys)
+                if self._exact is not None:
+                    self._exact.remove_ids(faiss.IDSelectorBatch(ids))
+                self._mark(ids)
 
-    def publish(self) -> None:
-        """Make all writes so far visible to searches (rebuilds the GPU copy when on GPU)."""
-        if self._gpu_resources is None:
+    def _mark(self, ids: np.ndarray) -> None:
+        if self.snapshots:
+            changed = ids.tolist()
+            self._changed.update(changed)
+            if self._since_build is not None:
+                self._since_build.update(changed)
+
+    def publish(self, wait: bool = False) -> None:
+        """Start a snapshot rebuild when one is due (on a background thread; `wait` joins it)."""
+        if not self.snapshots:
             return
         with self._lock:
-            copy = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
-            self._search_index = copy
+            n = len(self._rows)
+            due = (
+                self._builder is None
+                and n >= (1 if self.config.kind == "flat" else self.config.min_ann_items)
+                and (self._snapshot is None or len(self._changed) > self.config.rebuild_fraction * n)
+            )
+            if due:
+                keys, vectors = self._rows.items()
+                self._since_build = set()
+                self._builder = threading.Thread(target=self._build, args=(_ids(keys), vectors.copy()), daemon=True)
+                self._builder.start()
+            builder = self._builder
+        if wait and builder is not None:
+            builder.join()
+
+    def _build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        try:
+            index = self._new_index(len(ids))
+            if not index.is_trained:
+                index.train(vectors)
+            index.add_with_ids(vectors, ids)
+            if self._gpu_resources is not None and self.config.kind != "hnsw":
+                index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+            with self._lock:
+                self._snapshot = index
+                self._changed = self._since_build or set()
+                self.rebuilds += 1
+        except Exception:  # keep serving from the previous snapshot and the exact rows
+            log.exception("item index rebuild failed")
+        finally:
+            with self._lock:
+                self._since_build = None
+                self._builder = None
+
+    def _new_index(self, n: int) -> faiss.Index:
+        c = self.config
+        if c.kind == "ivf":
+            nlist = c.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.nprobe = min(c.nprobe, nlist)
+            return ivf
+        if c.kind == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(self.dim, c.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efSearch = c.ef_search
+            return faiss.IndexIDMap(hnsw)
+        return faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items for one query vector [dim] -> (uint64 keys [<=k], float32 scores [<=k])."""
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
         with self._lock:
-            k = min(k, int(self._search_index.ntotal))
+            k = min(k, len(self._rows))
             if k == 0:
                 return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.float32)
-            scores, ids = self._search_index.search(np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1), k)
-        keep = ids[0] != -1  # Faiss pads with -1; real keys may be negative as int64
-        return ids[0][keep].view(np.uint64), scores[0][keep]
+            if self._exact is not None:
+                scores, ids = self._exact.search(q[None, :], k)
+                keep = ids[0] != -1  # Faiss pads with -1; real keys may be negative as int64
+                return ids[0][keep].view(np.uint64), scores[0][keep]
+            if self._snapshot is None:  # no snapshot yet: exact over the rows
+                keys, vectors = self._rows.items()
+                ids, scores = _ids(keys), vectors @ q
+            else:
+                changed = np.fromiter(self._changed, dtype=np.int64, count=len(self._changed))
+                depth = min(k + len(changed), int(self._snapshot.ntotal))
+                found_scores, found_ids = self._snapshot.search(q[None, :], max(depth, 1))
+                keep = (found_ids[0] != -1) & ~np.isin(found_ids[0], changed)
+                vectors, live = self._rows.get(changed.view(np.uint64))  # changed items that still exist
+                ids = np.concatenate([found_ids[0][keep], changed[live]])
+                scores = np.concatenate([found_scores[0][keep], vectors[live] @ q])
+        order = np.argsort(-scores, kind="stable")[:k]
+        return ids[order].view(np.uint64), scores[order].astype(np.float32)

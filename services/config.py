@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retrieval.index import IndexConfig
 from trainer.config import TrainerConfig
 
 
@@ -60,6 +61,7 @@ class Config:
             (the trainer); 0 disables it.
         server: gateway settings.
         trainer: trainer settings.
+        index: the serving replicas' item index (`retrieval.index.IndexConfig`).
     """
 
     log_url: str = "memory://"
@@ -68,6 +70,7 @@ class Config:
     metrics_port: int = 9100
     server: ServerConfig = field(default_factory=ServerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
         if not self.log_url.startswith(("memory://", "kafka://")):
@@ -88,6 +91,10 @@ class Config:
 ENV_VARS: dict[str, str] = {
     "FRESHREC_LOG_URL": "log_url",
     "FRESHREC_SERVING_STORE_URL": "serving_store_url",
+    "FRESHREC_INDEX": "index.kind",
+    "FRESHREC_INDEX_NPROBE": "index.nprobe",
+    "FRESHREC_INDEX_EF_SEARCH": "index.ef_search",
+    "FRESHREC_INDEX_DEVICE": "index.device",
     "FRESHREC_LOG_PARTITIONS": "log_partitions",
     "FRESHREC_METRICS_PORT": "metrics_port",
     "FRESHREC_HOST": "server.host",

@@ -76,7 +76,7 @@ class Node:
         self.replica: ServingReplica | None = None
         self.gateway: Gateway | None = None
         if "gateway" in self.roles:
-            self.replica = ServingReplica(self.store, on_apply=self._on_apply)
+            self.replica = ServingReplica(self.store, on_apply=self._on_apply, index=config.index)
             self.gateway = Gateway(config.server, self.log, self.replica)
 
     def _on_step(self, step: StepResult) -> None:

@@ -24,7 +24,7 @@ from ranking.scorer import (
     Candidates,
     CandidateScorer,
 )
-from retrieval.index import ItemIndex
+from retrieval.index import IndexConfig, ItemIndex
 from retrieval.two_tower import TwoTower
 from services.errors import NotFound
 from services.serving_store.base import ServingStore, VersionGap
@@ -68,6 +68,7 @@ class ServingReplica:
         ranker: orders candidates while no dense parameters have arrived.
         candidates: how many items each source (index, trending) hands to ranking.
         on_apply: called with each applied message (metrics).
+        index: the kind of item index (`retrieval.index`).
     """
 
     def __init__(
@@ -76,7 +77,9 @@ class ServingReplica:
         ranker: Ranker | None = None,
         candidates: int = 200,
         on_apply: Callable[[SyncMessage], None] | None = None,
+        index: IndexConfig | None = None,
     ) -> None:
+        self._index_config = index or IndexConfig()
         self._store = store
         self._ranker = ranker or DotProductRanker()
         self._candidates = candidates
@@ -104,7 +107,7 @@ class ServingReplica:
             items = self._state.items
             if items is not None:
                 if self._index is None:
-                    self._index = ItemIndex(items.dim)
+                    self._index = ItemIndex(items.dim, self._index_config)
                     keys, rows = items.items()
                 else:
                     keys = message.items.keys

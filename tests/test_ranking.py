@@ -11,6 +11,7 @@ from embedding_store.row_map import RowMap
 from ranking.blend import ScoreBlend
 from ranking.din_dcn import DinDcnRanker
 from ranking.scorer import Candidates, CandidateScorer
+from retrieval.index import IndexConfig
 from services.serving import ServingReplica
 from services.serving_store import MemoryServingStore
 from trainer.config import TrainerConfig
@@ -83,14 +84,15 @@ def events(n: int, seed: int = 0) -> list[Event]:
     ]
 
 
-def test_serving_ranks_with_the_trainers_ranker_and_features() -> None:
+@pytest.mark.parametrize("index_kind", ["flat", "ivf", "hnsw"])
+def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) -> None:
     config = TrainerConfig(batch_size=128, blend_users=16)
     trainer = Trainer(config, MemoryLog().consumer("g"))
     stream = events(3000)
     for b in range(0, len(stream), config.batch_size):
         trainer.train_events(stream[b : b + config.batch_size])
     store = MemoryServingStore()
-    replica = ServingReplica(store, candidates=20)
+    replica = ServingReplica(store, candidates=20, index=IndexConfig(kind=index_kind, min_ann_items=1))
     message = trainer.collect_sync()
     assert message is not None and message.dense, "the first sync carries the dense parameters"
     store.publish(message)

@@ -1,0 +1,108 @@
+"""One suite for the item index, run against every kind: exact, IVF and HNSW (CPU here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retrieval.index import IndexConfig, ItemIndex
+
+DIM = 8
+KINDS = ["flat", "ivf", "hnsw"]
+
+
+def make(kind: str, **overrides: object) -> ItemIndex:
+    config = IndexConfig(kind=kind, min_ann_items=1, rebuild_fraction=0.3, device="cpu", nlist=4, nprobe=4)
+    return ItemIndex(DIM, IndexConfig(**{**config.__dict__, **overrides}))
+
+
+def exact_top(model: dict[int, np.ndarray], q: np.ndarray, k: int) -> list[int]:
+    keys = sorted(model)
+    scores = np.array([model[key] @ q for key in keys])
+    return [keys[i] for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["upsert", "remove", "publish", "search"]),
+        st.lists(st.integers(1, 40), min_size=1, max_size=8),
+        st.integers(0, 2**31),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=30, deadline=None)
+@given(ops=operations)
+def test_searches_follow_every_upsert_and_removal(kind: str, ops: list[tuple[str, list[int], int]]) -> None:
+    """Against a dict of current vectors: a search returns only current items, with their
+    current scores, whatever snapshot the ANN kinds are searching."""
+    index, model = make(kind), {}
+    for op, keys, seed in ops:
+        rng = np.random.default_rng(seed)
+        key_array = np.array(keys, dtype=np.uint64)
+        if op == "upsert":
+            vectors = rng.normal(size=(len(keys), DIM)).astype(np.float32)
+            index.upsert(key_array, vectors)
+            model.update({k: v for k, v in zip(keys, vectors, strict=True)})  # last write wins
+        elif op == "remove":
+            index.remove(key_array)
+            for k in keys:
+                model.pop(k, None)
+        elif op == "publish":
+            index.publish(wait=True)
+        q = rng.normal(size=DIM).astype(np.float32)
+        found, scores = index.search(q, 5)
+        assert len(index) == len(model)
+        assert set(found.tolist()) <= set(model), "a removed or unknown item was returned"
+        assert len(found) == min(5, len(model))
+        expected = np.array([model[k] @ q for k in found.tolist()], dtype=np.float32)
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)  # never a stale vector
+        assert (np.diff(scores) <= 1e-6).all()
+        if kind == "flat":
+            np.testing.assert_array_equal(found, np.array(exact_top(model, q, 5), dtype=np.uint64))
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_ann_recall_against_exact_search(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    keys = np.arange(1, 20_001, dtype=np.uint64)
+    centers = rng.normal(size=(50, DIM))
+    vectors = (centers[rng.integers(0, 50, len(keys))] + 0.3 * rng.normal(size=(len(keys), DIM))).astype(np.float32)
+    index = make(kind, nlist=0, nprobe=64, ef_search=256, min_ann_items=1000)
+    index.upsert(keys, vectors)
+    index.publish(wait=True)
+    assert index.rebuilds == 1
+    model = dict(zip(keys.tolist(), vectors, strict=True))
+    recalls = []
+    for q in rng.normal(size=(30, DIM)).astype(np.float32):
+        found, _ = index.search(q, 100)
+        recalls.append(len(set(found.tolist()) & set(exact_top(model, q, 100))) / 100)
+    assert np.mean(recalls) >= 0.9, np.mean(recalls)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_changes_during_a_rebuild_stay_visible(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    index = make(kind)
+    index.upsert(np.arange(1, 3001, dtype=np.uint64), rng.normal(size=(3000, DIM)).astype(np.float32))
+    index.publish()  # rebuild running in the background
+    q = np.ones(DIM, dtype=np.float32)
+    index.upsert(np.array([7], dtype=np.uint64), 10 * q[None, :])  # an item everybody must see first
+    index.remove(np.array([8], dtype=np.uint64))
+    assert index.search(q, 1)[0].tolist() == [7]
+    index.publish(wait=True)  # the rebuild that began before the changes is swapped in
+    assert index.rebuilds >= 1
+    found, _ = index.search(q, 3000)
+    assert found[0] == 7 and 8 not in found.tolist()
+
+
+def test_bad_index_settings_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"index\.kind"):
+        IndexConfig(kind="annoy")
+    with pytest.raises(ValueError, match=r"index\.device"):
+        IndexConfig(device="tpu")
