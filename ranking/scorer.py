@@ -127,7 +127,7 @@ class CandidateScorer:
             raise ValueError(f"dense parameters do not describe a ranker and a blend: {e}") from e
         return cls(ranker, blend)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, ids: RowSource, attrs: RowSource, c: Candidates) -> np.ndarray:
         """Final scores [u, c] (higher is better); rows missing from the sources count as zeros."""
         u, k = c.items.shape

@@ -30,6 +30,9 @@ class ServerConfig:
         max_batch_events: most events in one ingest call.
         max_k: largest `k` a recommendation call may ask for.
         default_k: `k` when the request leaves it out.
+        torch_threads: threads of each ranking forward pass in a gateway-only process
+            (requests already run concurrently; 0 keeps torch's default). An all-in-one
+            process leaves torch to the trainer.
     """
 
     host: str = "0.0.0.0"
@@ -38,8 +41,11 @@ class ServerConfig:
     max_batch_events: int = 1000
     max_k: int = 500
     default_k: int = 10
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
+        if self.torch_threads < 0:
+            raise ValueError(f"server.torch_threads: must be >= 0, got {self.torch_threads}")
         for name in ("http_port", "grpc_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"server.{name}: must be a port number, got {getattr(self, name)}")
@@ -91,6 +97,7 @@ class Config:
 ENV_VARS: dict[str, str] = {
     "FRESHREC_LOG_URL": "log_url",
     "FRESHREC_SERVING_STORE_URL": "serving_store_url",
+    "FRESHREC_TORCH_THREADS": "server.torch_threads",
     "FRESHREC_INDEX": "index.kind",
     "FRESHREC_INDEX_NPROBE": "index.nprobe",
     "FRESHREC_INDEX_EF_SEARCH": "index.ef_search",

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import grpc
+import torch
 import uvicorn
 from prometheus_client import start_http_server
 
@@ -77,6 +78,8 @@ class Node:
         self.gateway: Gateway | None = None
         if "gateway" in self.roles:
             self.replica = ServingReplica(self.store, on_apply=self._on_apply, index=config.index)
+            if "trainer" not in self.roles and config.server.torch_threads:
+                torch.set_num_threads(config.server.torch_threads)
             self.gateway = Gateway(config.server, self.log, self.replica)
 
     def _on_step(self, step: StepResult) -> None:

@@ -33,6 +33,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         start = time.perf_counter()
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:  # the caller has given up already: do no work
+            metrics.REQUESTS.labels("grpc", method, grpc.StatusCode.DEADLINE_EXCEEDED.name).inc()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded before it started")
         code = grpc.StatusCode.OK
         try:
             return fn()

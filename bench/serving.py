@@ -1,0 +1,260 @@
+"""Serving under load: REST and gRPC recommend latency at fixed rates, and ANN backends vs exact search.
+
+    python -m bench.serving [--quick]
+
+1. A model: the trainer learns from 30,000 synthetic events (2,000 items, 10,000 users), and
+   its first sync message (rows, features, dense parameters) is padded with clustered item
+   vectors up to `--items` (100,000 in --quick, 1,000,000 in full mode) and published to a
+   real Redis. A `freshrec gateway` process (its own Python, REST + gRPC, Kafka for ingestion)
+   bootstraps from it.
+2. Load: a separate process sends recommend calls for random known users (k=10,
+   exclude_seen) at each fixed rate, open loop (request i is due at i / rate; latency counts
+   from then, so queueing is not hidden), first over REST then over gRPC. p50/p95/p99 and
+   errors per transport and rate.
+3. ANN: IVF and HNSW (`retrieval.index`, defaults) against exact inner-product search over
+   the same item vectors: recall@100 and queries/s of single queries (the serving path),
+   in this process.
+
+The last line printed is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.results import write
+from embedding_store import TableDelta, feature_keys
+from retrieval.index import IndexConfig, ItemIndex
+from services import local_servers
+from services.datasets import synthetic
+from services.serving_store import open_serving_store
+from trainer.config import TrainerConfig
+from trainer.eventlog import MemoryLog
+from trainer.events import parse_event
+from trainer.loop import Trainer
+from trainer.sync import SyncMessage
+
+USERS = 10_000
+
+
+def build_model(items: int, seed: int = 0) -> tuple[SyncMessage, list[str]]:
+    """A trained model's first sync message, its item table padded to `items` clustered vectors."""
+    events = [parse_event(e) for e in synthetic(users=USERS, items=2000, events=30_000, seed=seed).events]
+    trainer = Trainer(TrainerConfig(batch_size=512), MemoryLog().consumer("bench"))
+    for b in range(0, len(events), 512):
+        trainer.train_events(events[b : b + 512])
+    message = trainer.collect_sync()
+    assert message is not None
+    rng = np.random.default_rng(seed)
+    trained = message.items
+    extra = items - len(trained.keys)
+    names = [f"pad{i}" for i in range(extra)]
+    keys = feature_keys("item", names)
+    centers = trained.rows[rng.integers(0, len(trained.rows), 200)]  # clusters around trained items
+    scale = float(trained.rows.std())
+    rows = centers[rng.integers(0, 200, extra)] + 0.5 * scale * rng.normal(size=(extra, trained.rows.shape[1]))
+    message.items = TableDelta(
+        "item", np.concatenate([trained.keys, keys]), np.concatenate([trained.rows, rows.astype(np.float32)])
+    )
+    message.item_names.update(zip(keys.tolist(), names, strict=True))
+    users = sorted({e.user_id for e in events})
+    return message, users
+
+
+def _load(transport: str, address: str, users: list[str], rate: float, seconds: float, out: Any) -> None:
+    """Open-loop load (runs in its own process); sends (latencies in s, errors) to `out`."""
+    import grpc
+
+    from proto import freshrec_pb2 as pb
+    from proto import freshrec_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(int(rate))
+    n = int(rate * seconds)
+    chosen = [users[i] for i in rng.integers(0, len(users), n)]
+    latencies = np.full(n, np.nan)
+    errors = [0]
+    if transport == "rest":
+        client = httpx.Client(base_url=address, timeout=5, limits=httpx.Limits(max_connections=64))
+
+        def call(user: str) -> None:
+            r = client.post("/v1/recommendations", json={"user_id": user, "k": 10, "exclude_seen": True})
+            r.raise_for_status()
+    else:
+        channel = grpc.insecure_channel(address)
+        stub = pb_grpc.GatewayStub(channel)
+
+        def call(user: str) -> None:
+            stub.Recommend(pb.RecommendRequest(user_id=user, k=10, exclude_seen=True), timeout=5)
+
+    call(users[0])  # connect
+    start = time.perf_counter() + 0.1
+
+    def one(i: int) -> None:
+        due = start + i / rate
+        time.sleep(max(0.0, due - time.perf_counter()))
+        try:
+            call(chosen[i])
+            latencies[i] = time.perf_counter() - due
+        except Exception:
+            errors[0] += 1
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        list(pool.map(one, range(n)))
+    out.send((latencies[~np.isnan(latencies)].tolist(), errors[0]))
+
+
+def run_load(transport: str, address: str, users: list[str], rate: float, seconds: float) -> dict[str, float]:
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_load, args=(transport, address, users, rate, seconds, child)
+    )
+    proc.start()
+    latencies, errors = parent.recv()
+    proc.join()
+    ms = np.array(latencies) * 1000
+    figures = {
+        "requests": len(ms) + errors,
+        "errors": errors,
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p95_ms": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
+        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+    }
+    print(
+        f"{transport:5} {rate:6.0f} req/s: p50 {figures['p50_ms']:6.1f} ms, p95 {figures['p95_ms']:6.1f} ms, "
+        f"p99 {figures['p99_ms']:6.1f} ms, errors {errors}/{figures['requests']}",
+        flush=True,
+    )
+    return figures
+
+
+def ann_figures(vectors: np.ndarray, queries: np.ndarray, k: int = 100) -> dict[str, dict[str, float]]:
+    keys = np.arange(1, len(vectors) + 1, dtype=np.uint64)
+    exact_scores = queries @ vectors.T
+    exact = [set(keys[np.argpartition(-s, k)[:k]].tolist()) for s in exact_scores]
+    out: dict[str, dict[str, float]] = {}
+    per_second: dict[str, float] = {}
+    for kind in ("flat", "ivf", "hnsw"):
+        index = ItemIndex(vectors.shape[1], IndexConfig(kind=kind, device="cpu", min_ann_items=1))
+        started = time.perf_counter()
+        index.upsert(keys, vectors)
+        index.publish(wait=True)
+        build_s = time.perf_counter() - started
+        started = time.perf_counter()
+        found = [index.search(q, k)[0] for q in queries]
+        per_second[kind] = len(queries) / (time.perf_counter() - started)
+        recall = float(np.mean([len(set(f.tolist()) & e) / k for f, e in zip(found, exact, strict=True)]))
+        out[kind] = {"recall100": recall, "queries_per_s": per_second[kind], "build_s": build_s}
+    for kind in out:
+        out[kind]["speedup"] = per_second[kind] / per_second["flat"]
+        print(
+            f"{kind:5} recall@100 {out[kind]['recall100']:.3f}, {out[kind]['queries_per_s']:8,.0f} queries/s "
+            f"({out[kind]['speedup']:.1f}x exact), built in {out[kind]['build_s']:.1f} s",
+            flush=True,
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="100,000 items, 200 req/s for 10 s per transport")
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--rates", default="100,200,400", help="requests per second, comma-separated")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of load per rate and transport")
+    parser.add_argument("--index", default="flat", help="the gateway's index kind (FRESHREC_INDEX)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.items, args.rates, args.seconds = 100_000, "200", 10.0
+    rates = [float(r) for r in args.rates.split(",")]
+
+    started = time.perf_counter()
+    message, users = build_model(args.items)
+    print(f"model: trained and padded to {len(message.items.keys):,} items in {time.perf_counter() - started:.0f} s")
+    figures: dict[str, Any] = {"items": args.items, "index": args.index, "seconds": args.seconds, "load": {}}
+    with ExitStack() as stack:
+        redis_url = stack.enter_context(local_servers.redis_server())
+        broker = stack.enter_context(local_servers.kafka_broker())
+        store = open_serving_store(redis_url)
+        store.publish(message)
+        port, grpc_port = local_servers.free_port(), local_servers.free_port()
+        env = {**os.environ, "FRESHREC_INDEX": args.index}
+        gateway = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--grpc-port",
+                str(grpc_port),
+                "--kafka",
+                f"{broker}/events-{uuid.uuid4().hex[:8]}",
+                "--redis",
+                redis_url,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        stack.callback(gateway.wait, 10)
+        stack.callback(gateway.terminate)
+        local_servers.wait_until(
+            lambda: (
+                httpx.get(f"http://127.0.0.1:{port}/readyz").json().get("model_version", 0) >= 1
+                if _open(port)
+                else False
+            ),
+            120,
+            "the gateway to load the model",
+        )
+        for rate in rates:
+            figures["load"][f"rest_{rate:.0f}"] = run_load(
+                "rest", f"http://127.0.0.1:{port}", users, rate, args.seconds
+            )
+            figures["load"][f"grpc_{rate:.0f}"] = run_load("grpc", f"127.0.0.1:{grpc_port}", users, rate, args.seconds)
+    rng = np.random.default_rng(1)
+    queries = message.users.rows[rng.integers(0, len(message.users.rows), 300)]
+    queries = np.concatenate([queries, np.ones((len(queries), 1), np.float32)], axis=1)  # the user query's bias column
+    figures["ann"] = ann_figures(message.items.rows.astype(np.float32), queries)
+    load = figures["load"]
+    summary = {
+        "rest_p99_ms_200qps": load.get("rest_200", {}).get("p99_ms"),
+        "grpc_p99_ms_200qps": load.get("grpc_200", {}).get("p99_ms"),
+        "errors": sum(v["errors"] for v in load.values()),
+        "hnsw_recall100": figures["ann"]["hnsw"]["recall100"],
+        "ivf_recall100": figures["ann"]["ivf"]["recall100"],
+        "hnsw_speedup": figures["ann"]["hnsw"]["speedup"],
+        "ivf_speedup": figures["ann"]["ivf"]["speedup"],
+    }
+    figures.update(summary)
+    path = write(f"serving{'_quick' if args.quick else ''}", figures)
+    print(f"written to {path}")
+    print(json.dumps({k: v if v is None or isinstance(v, int) else round(v, 4) for k, v in summary.items()}))
+    return figures
+
+
+def _open(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
