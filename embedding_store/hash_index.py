@@ -3,7 +3,8 @@
 Each distinct key maps to its own row id, so tables built on it are collisionless. Keys sit in
 a power-of-two slot array probed linearly from a splitmix64 hash; the slot holds the key and
 its row id, and the rows themselves live densely elsewhere (indexed by row id), so a table
-pays 16 bytes per slot plus its rows, not a full row per slot. Batch `find` runs in parallel;
+pays 16 bytes per slot plus its rows, not a full row per slot. Batch `find` runs in parallel
+(batches under 4,096 keys on the calling thread);
 `insert` and `delete` run one key after another inside one compiled call (no Python loop per
 key). Freed row ids go on a free list and are handed out again before new ones.
 """
@@ -23,6 +24,7 @@ ROW_GROWTH = 1.5
 # Numba's default thread pool (workqueue) must not run two parallel kernels at once; tables are
 # used from several threads (trainer, sync, gRPC workers), so parallel kernels take this lock.
 PARALLEL_LOCK = threading.Lock()
+PARALLEL_MIN_KEYS = 4096  # smaller batches run on the calling thread, without the lock
 
 
 @numba.njit(cache=True, inline="always")
@@ -36,21 +38,29 @@ def mix64(z: np.uint64) -> np.uint64:
     return z
 
 
+@numba.njit(cache=True, inline="always")
+def _find_one(slot_keys: np.ndarray, slot_rows: np.ndarray, key: np.uint64) -> np.int64:
+    mask = np.uint64(len(slot_keys) - 1)
+    pos = mix64(key) & mask
+    while True:
+        row = slot_rows[pos]
+        if row == _EMPTY:
+            return np.int64(-1)
+        if row >= 0 and slot_keys[pos] == key:
+            return np.int64(row)
+        pos = (pos + np.uint64(1)) & mask
+
+
 @numba.njit(cache=True, parallel=True)
 def _find(slot_keys: np.ndarray, slot_rows: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(len(slot_keys) - 1)
     for i in numba.prange(len(keys)):
-        key = keys[i]
-        pos = mix64(key) & mask
-        while True:
-            row = slot_rows[pos]
-            if row == _EMPTY:
-                out[i] = -1
-                break
-            if row >= 0 and slot_keys[pos] == key:
-                out[i] = row
-                break
-            pos = (pos + np.uint64(1)) & mask
+        out[i] = _find_one(slot_keys, slot_rows, keys[i])
+
+
+@numba.njit(cache=True)
+def _find_serial(slot_keys: np.ndarray, slot_rows: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    for i in range(len(keys)):
+        out[i] = _find_one(slot_keys, slot_rows, keys[i])
 
 
 @numba.njit(cache=True)
@@ -219,6 +229,9 @@ class KeyIndex:
         """Row id of each key, -1 where absent. `keys`: uint64 [n] -> int64 [n]."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         out = np.empty(len(keys), dtype=np.int64)
+        if len(keys) < PARALLEL_MIN_KEYS:  # a serving request's few keys: waking threads costs more
+            _find_serial(self._slot_keys, self._slot_rows, keys, out)
+            return out
         with PARALLEL_LOCK:
             _find(self._slot_keys, self._slot_rows, keys, out)
         return out

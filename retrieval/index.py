@@ -4,7 +4,8 @@ Three kinds, chosen by `IndexConfig.kind`:
 
 - "flat": exact inner-product search (`IndexIDMap2(IndexFlatIP)`);
 - "ivf": `IndexIVFFlat` (inner product, `nlist` lists, `nprobe` searched);
-- "hnsw": `IndexHNSWFlat` (inner product, `hnsw_m` links, `ef_search`).
+- "hnsw": `IndexHNSWFlat` (`hnsw_m` links, `ef_search`) over L2 of vectors augmented so
+  that nearest means largest inner product (`mips_to_l2`).
 
 The source of truth is a `RowMap` of the current vectors (the flat kind on the CPU also keeps
 an exact, removable Faiss index in step with it). IVF and HNSW indexes — and GPU copies,
@@ -80,6 +81,15 @@ class IndexConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"index.{name}: invalid value {getattr(self, name)!r}")
+
+
+def mips_to_l2(vectors: np.ndarray) -> np.ndarray:
+    """Append sqrt(max |x|^2 - |x|^2) to each vector: for a query q with a 0 appended,
+    |q - x|^2 = |q|^2 + max |x|^2 - 2 q . x, so the nearest items in L2 are those of largest
+    inner product (Bachrach et al., 2014), and a metric index such as HNSW can search them."""
+    norms = np.einsum("ij,ij->i", vectors, vectors)
+    extra = np.sqrt(np.maximum(norms.max(initial=0.0) - norms, 0.0))
+    return np.ascontiguousarray(np.concatenate([vectors, extra[:, None]], axis=1), dtype=np.float32)
 
 
 class ItemIndex:
@@ -174,6 +184,8 @@ class ItemIndex:
     def _build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         try:
             index = self._new_index(len(ids))
+            if self.config.kind == "hnsw":
+                vectors = mips_to_l2(vectors)
             if not index.is_trained:
                 index.train(vectors)
             index.add_with_ids(vectors, ids)
@@ -197,8 +209,8 @@ class ItemIndex:
             ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             ivf.nprobe = min(c.nprobe, nlist)
             return ivf
-        if c.kind == "hnsw":
-            hnsw = faiss.IndexHNSWFlat(self.dim, c.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        if c.kind == "hnsw":  # over L2 of augmented vectors (`mips_to_l2`): HNSW's graph needs a metric
+            hnsw = faiss.IndexHNSWFlat(self.dim + 1, c.hnsw_m, faiss.METRIC_L2)
             hnsw.hnsw.efSearch = c.ef_search
             return faiss.IndexIDMap(hnsw)
         return faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
@@ -220,10 +232,12 @@ class ItemIndex:
             else:
                 changed = np.fromiter(self._changed, dtype=np.int64, count=len(self._changed))
                 depth = min(k + len(changed), int(self._snapshot.ntotal))
-                found_scores, found_ids = self._snapshot.search(q[None, :], max(depth, 1))
-                keep = (found_ids[0] != -1) & ~np.isin(found_ids[0], changed)
-                vectors, live = self._rows.get(changed.view(np.uint64))  # changed items that still exist
-                ids = np.concatenate([found_ids[0][keep], changed[live]])
-                scores = np.concatenate([found_scores[0][keep], vectors[live] @ q])
+                snapshot_query = np.append(q, np.float32(0.0)) if self.config.kind == "hnsw" else q
+                _, found = self._snapshot.search(snapshot_query[None, :], max(depth, 1))
+                keep = (found[0] != -1) & ~np.isin(found[0], changed)
+                # exact scores of the current rows: the snapshot's found items and the changed ones that still exist
+                candidates = np.concatenate([found[0][keep], changed])
+                vectors, live = self._rows.get(candidates.view(np.uint64))
+                ids, scores = candidates[live], vectors[live] @ q
         order = np.argsort(-scores, kind="stable")[:k]
         return ids[order].view(np.uint64), scores[order].astype(np.float32)

@@ -30,9 +30,9 @@ class ServerConfig:
         max_batch_events: most events in one ingest call.
         max_k: largest `k` a recommendation call may ask for.
         default_k: `k` when the request leaves it out.
-        torch_threads: threads of each ranking forward pass in a gateway-only process
-            (requests already run concurrently; 0 keeps torch's default). An all-in-one
-            process leaves torch to the trainer.
+        torch_threads: threads of each ranking forward pass and index search in a gateway-only
+            process (requests already run concurrently; 0 keeps torch's and Faiss' defaults).
+            An all-in-one process leaves them to the trainer.
     """
 
     host: str = "0.0.0.0"

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+import faiss
 import grpc
 import torch
 import uvicorn
@@ -79,7 +80,10 @@ class Node:
         if "gateway" in self.roles:
             self.replica = ServingReplica(self.store, on_apply=self._on_apply, index=config.index)
             if "trainer" not in self.roles and config.server.torch_threads:
+                # requests run concurrently: one thread per forward pass and per single-query
+                # search beats threads that wake, spin and compete for two cores
                 torch.set_num_threads(config.server.torch_threads)
+                faiss.omp_set_num_threads(config.server.torch_threads)
             self.gateway = Gateway(config.server, self.log, self.replica)
 
     def _on_step(self, step: StepResult) -> None:
