@@ -75,7 +75,7 @@ class ServingReplica:
         self,
         store: ServingStore,
         ranker: Ranker | None = None,
-        candidates: int = 200,
+        candidates: int = 100,
         on_apply: Callable[[SyncMessage], None] | None = None,
         index: IndexConfig | None = None,
     ) -> None:
