@@ -33,6 +33,7 @@ class ServerConfig:
         torch_threads: threads of each ranking forward pass and index search in a gateway-only
             process (requests already run concurrently; 0 keeps torch's and Faiss' defaults).
             An all-in-one process leaves them to the trainer.
+        model_workers: threads answering REST recommendation calls (gRPC has its own pool).
     """
 
     host: str = "0.0.0.0"
@@ -42,8 +43,11 @@ class ServerConfig:
     max_k: int = 500
     default_k: int = 10
     torch_threads: int = 1
+    model_workers: int = 4
 
     def __post_init__(self) -> None:
+        if self.model_workers < 1:
+            raise ValueError(f"server.model_workers: must be >= 1, got {self.model_workers}")
         if self.torch_threads < 0:
             raise ValueError(f"server.torch_threads: must be >= 0, got {self.torch_threads}")
         for name in ("http_port", "grpc_port"):
@@ -98,6 +102,7 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_LOG_URL": "log_url",
     "FRESHREC_SERVING_STORE_URL": "serving_store_url",
     "FRESHREC_TORCH_THREADS": "server.torch_threads",
+    "FRESHREC_MODEL_WORKERS": "server.model_workers",
     "FRESHREC_INDEX": "index.kind",
     "FRESHREC_INDEX_NPROBE": "index.nprobe",
     "FRESHREC_INDEX_EF_SEARCH": "index.ef_search",

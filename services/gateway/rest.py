@@ -1,11 +1,15 @@
-"""REST edge of the gateway (FastAPI). Handlers are plain `def`s: FastAPI runs them in its
-thread pool, so model code and log writes never block the event loop."""
+"""REST edge of the gateway (FastAPI). Model code and log writes never run on the event loop:
+recommendation calls go to a small pool of `server.model_workers` threads (more threads than
+cores only contend for the GIL and the CPU), other handlers are plain `def`s that FastAPI runs
+in its own thread pool."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
@@ -73,6 +77,7 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 def create_app(gateway: Gateway) -> FastAPI:
     """The REST application for `gateway`."""
     app = FastAPI(title="freshrec", version="0.1.0", description="Online-training recommendations.")
+    model_pool = ThreadPoolExecutor(max_workers=gateway.config.model_workers, thread_name_prefix="model")
 
     @app.exception_handler(FreshrecError)
     async def _freshrec_error(request: Request, exc: FreshrecError) -> JSONResponse:
@@ -121,8 +126,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     @app.post("/v1/recommendations", response_model=RecommendResponse)
-    def recommend(body: RecommendRequest) -> RecommendResponse:
-        rec = gateway.recommend(body.user_id, body.k, body.exclude_seen)
+    async def recommend(body: RecommendRequest) -> RecommendResponse:
+        loop = asyncio.get_running_loop()
+        rec = await loop.run_in_executor(model_pool, gateway.recommend, body.user_id, body.k, body.exclude_seen)
         return RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
