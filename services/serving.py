@@ -125,6 +125,12 @@ class ServingReplica:
         if self._on_apply:
             self._on_apply(message)
 
+    def wait_for_index(self) -> None:
+        """Return once a running item-index rebuild has been swapped in (checks, benchmarks)."""
+        index = self._index
+        if index is not None:
+            index.publish(wait=True)
+
     def snapshot(self) -> SyncMessage:
         """Everything this replica serves from, as one full message (for checks and debugging)."""
         with self._lock:

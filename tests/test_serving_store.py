@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from embedding_store.base import TableDelta
-from services.serving_store import MemoryServingStore, ServingStore, VersionGap, open_serving_store
+from services.serving_store import MemoryServingStore, ServingStore, VersionGap, codec, open_serving_store
 from services.serving_store.redis import RedisServingStore
 from services.serving_store.state import ServingState
 from trainer.sync import SyncMessage
@@ -92,8 +92,11 @@ def same_state(a: SyncMessage, b: SyncMessage) -> None:
 def test_versions_are_ordered_and_tailable(store: ServingStore) -> None:
     rng = np.random.default_rng(0)
     assert store.latest_version() == 0
-    versions = [store.publish(message(rng)) for _ in range(5)]
+    messages = [message(rng) for _ in range(5)]
+    versions = [store.publish(m) for m in messages]
     assert versions == [1, 2, 3, 4, 5] and store.latest_version() == 5
+    # the size each version was stored at (what freshrec_sync_bytes_total adds up)
+    assert [m.encoded_bytes for m in messages] == [len(codec.encode(m, store.row_dtype)) for m in messages]
     tail = store.read_since(2, timeout_s=0.1)
     assert [m.version for m in tail] == [3, 4, 5]
     assert store.read_since(5, timeout_s=0.05) == []

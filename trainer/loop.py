@@ -171,10 +171,9 @@ class Trainer:
         neg_u, neg_i = self._sample_negatives(u[unjoined], i[unjoined])
         u_all, i_all = np.concatenate([u, neg_u]), np.concatenate([i, neg_i])
         y_all = np.concatenate([y, np.zeros(len(neg_i), dtype=np.float32)])
-        retrieval = self.models.retrieval_scores(u_all, i_all)  # before the two-tower learns these pairs
+        ranked = self.models.ranking_step(u_all, i_all, y_all, now, learn=self.learning)  # before retrieval learns
         pos = y > 0
         self.retrieval_loss = self.models.retrieval_step(u[pos], i[pos], now, learn=self.learning)
-        ranked = self.models.ranking_step(u_all, i_all, y_all, retrieval, now, learn=self.learning)
         self.auc.update(ranked.probs, y_all)  # scored before the step: progressive evaluation
         self.features.add_history(u[pos], i[pos])
         if self.learning and time.monotonic() >= self._next_expiry:

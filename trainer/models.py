@@ -186,16 +186,16 @@ class OnlineModels:
         user_keys: np.ndarray,
         item_keys: np.ndarray,
         labels: np.ndarray,
-        retrieval: np.ndarray,
         now: float,
         learn: bool = True,
     ) -> RankingBatch:
         """Score labelled pairs (progressive: before the step), then one BCE step if `learn`.
 
-        `retrieval` [n]: the pairs' two-tower scores from before this batch's retrieval step.
+        Run it before the batch's `retrieval_step`: the pairs' two-tower scores, one of the
+        ranker's inputs, must not yet have learned from these very pairs.
         """
         f = self.features.batch(user_keys, item_keys)
-        logits, rows = self.rank_logits(user_keys, item_keys, f, retrieval)
+        logits, rows = self.rank_logits(user_keys, item_keys, f, self._pair_scores(user_keys, item_keys, f.history))
         probs = torch.sigmoid(logits).detach().numpy()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels), reduction="sum")
         if learn:
@@ -229,10 +229,21 @@ class OnlineModels:
         history = self.features.histories(users)
         valid = ~(cand[:, :, None] == history[:, None, :]).any(axis=2)  # what serving would exclude
         valid[np.arange(n), positive] = True
+        counts, totals = self.catalog.counts(popular)
         with torch.no_grad():
             retrieval = self.user_vectors(users, history) @ torch.from_numpy(self.items.get(popular)[0]).T
-            logits = self._candidate_logits(users, history, cand, retrieval.numpy())
-        trending = torch.from_numpy(self.catalog.counts(popular)[0].astype(np.float32)).expand(n, -1)
+        batch = Candidates(
+            users,
+            self.features.user_attributes(users),
+            history,
+            cand,
+            np.tile(self.features.item_attributes(popular), (n, 1)),  # the same items for every user
+            np.broadcast_to(counts, cand.shape),
+            np.broadcast_to(totals, cand.shape),
+            retrieval.numpy(),
+        )
+        logits = CandidateScorer(self.ranker, self.blend).logits(self.rank_ids, self.rank_attrs, batch)
+        trending = torch.from_numpy(counts.astype(np.float32)).expand(n, -1)
         loss = self.blend.loss(logits, trending, torch.from_numpy(valid), torch.from_numpy(positive))
         if learn:
             self.blend_optimizer.zero_grad()
@@ -246,24 +257,11 @@ class OnlineModels:
         user_rows = torch.from_numpy(self.users.get(user_keys)[0])
         return self.two_tower.encode_users(self._user_tower(user_rows, history_rows, history))
 
-    def retrieval_scores(self, user_keys: np.ndarray, item_keys: np.ndarray) -> np.ndarray:
-        """Two-tower scores [n] of aligned (user, item) pairs, with the users' current histories."""
+    def _pair_scores(self, user_keys: np.ndarray, item_keys: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """Two-tower scores [n] of aligned (user, item) pairs, the users with their histories [n, h]."""
         with torch.no_grad():
-            users = self.user_vectors(user_keys, self.features.histories(user_keys))
+            users = self.user_vectors(user_keys, history)
             return (users * torch.from_numpy(self.items.get(item_keys)[0])).sum(-1).numpy()
-
-    def _candidate_logits(
-        self, user_keys: np.ndarray, history: np.ndarray, cand: np.ndarray, retrieval: np.ndarray
-    ) -> torch.Tensor:
-        """Ranker logits [u, c] of each user's candidates [u, c] with their two-tower scores [u, c]."""
-        c = cand.shape[1]
-        f = Features(
-            np.repeat(self.features.user_attributes(user_keys), c, axis=0),
-            self.features.item_attributes(cand.ravel()),
-            np.repeat(history, c, axis=0),
-        )
-        logits, _ = self.rank_logits(np.repeat(user_keys, c), cand.ravel(), f, retrieval.ravel())
-        return logits.view(cand.shape)
 
     @torch.no_grad()
     def recommend(

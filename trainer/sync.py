@@ -42,6 +42,7 @@ class SyncMessage:
         clock_s: the trainer's event time when the version was built (trending counts decay by it).
         trending_half_life_s: the half-life of the anchored trending counts in `tables`.
         full: True for a bootstrap snapshot that replaces all state instead of updating it.
+        encoded_bytes: the size the serving store stored it at (set by `publish`, as `version` is).
     """
 
     users: TableDelta
@@ -59,6 +60,7 @@ class SyncMessage:
     version: int = 0
     created_ms: int = 0
     full: bool = False
+    encoded_bytes: int = 0
 
     def seen_by_user(self) -> Iterator[tuple[int, np.ndarray]]:
         """(user key, that user's new item keys in order) for each user with new interactions."""

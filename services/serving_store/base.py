@@ -27,7 +27,8 @@ class ServingStore(Protocol):
     row_dtype: np.dtype
 
     def publish(self, message: SyncMessage) -> int:
-        """Apply `message` to the current state and append it as the next version; return it."""
+        """Apply `message` to the current state and append it as the next version; return it.
+        Sets `message.version` and `message.encoded_bytes`."""
         ...
 
     def latest_version(self) -> int: ...

@@ -35,7 +35,9 @@ class MemoryServingStore:
     def publish(self, message: SyncMessage) -> int:
         with self._cond:
             message.version = self._state.version + 1
-            stored = codec.decode(codec.encode(message, self.row_dtype))
+            encoded = codec.encode(message, self.row_dtype)
+            message.encoded_bytes = len(encoded)
+            stored = codec.decode(encoded)
             self._state.apply(stored)
             self._stream.append(stored)
             self._cond.notify_all()

@@ -118,13 +118,9 @@ class RedisServingStore:
             pipe.set(self._k("popular"), np.ascontiguousarray(m.popular_keys, dtype="<u8").tobytes())
             pipe.set(self._k("popular_scores"), np.ascontiguousarray(m.popular_scores, dtype="<f4").tobytes())
         pipe.set(self._k("version"), m.version)
-        pipe.xadd(
-            self._k("deltas"),
-            {"m": codec.encode(m, self.row_dtype)},
-            id=f"{m.version}-0",
-            maxlen=self._retention,
-            approximate=True,
-        )
+        encoded = codec.encode(m, self.row_dtype)
+        m.encoded_bytes = len(encoded)
+        pipe.xadd(self._k("deltas"), {"m": encoded}, id=f"{m.version}-0", maxlen=self._retention, approximate=True)
         pipe.publish(self._k("published"), m.version)  # for listeners other than replicas (they block on the stream)
 
     def latest_version(self) -> int:
@@ -185,7 +181,7 @@ class RedisServingStore:
         )
 
     @staticmethod
-    def _table(name: str, mapping: dict[bytes, bytes], schema: bytes = b"<f2:0") -> TableDelta:
+    def _table(name: str, mapping: dict[bytes, bytes], schema: bytes) -> TableDelta:
         """A hash of key -> row bytes as a delta; `schema` is "<dtype>:<width>" (fp16 rows come back float32)."""
         dtype_text, width_text = schema.decode().split(":")
         dtype, width = np.dtype(dtype_text), int(width_text)
