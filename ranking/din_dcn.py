@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def _masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[n, k, d] rows, [n, k] bool mask -> [n, d] mean over the valid rows (zeros if none)."""
+    """[..., k, d] rows, [..., k] bool mask -> [..., d] mean over the valid rows (zeros if none)."""
     weights = mask.to(rows.dtype).unsqueeze(-1)
-    return (rows * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    return (rows * weights).sum(dim=-2) / weights.sum(dim=-2).clamp(min=1.0)
 
 
 class DinDcnRanker(nn.Module):
@@ -66,12 +67,24 @@ class DinDcnRanker(nn.Module):
         self.out = nn.Linear(width + last, 1)
 
     def interest(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """DIN target attention: [n, d] target, [n, h, d] history, [n, h] mask -> [n, d]."""
-        t = target.unsqueeze(1).expand_as(history)
-        scores = self.attention(torch.cat([history, t, history - t, history * t], dim=-1)).squeeze(-1)  # [n, h]
-        scores = scores.masked_fill(~mask, float("-inf"))
+        """DIN target attention: [..., d] target, [..., h, d] history, [..., h] mask -> [..., d].
+
+        The attention MLP's first layer over [h, t, h - t, h * t] is applied as
+        (W_h + W_d) h + (W_t - W_d) t + W_p (h * t): the same function and gradients without
+        building the [..., h, 4d] input, and a history shared by many targets (one user's
+        candidates at serving time, leading size 1) is projected once.
+        """
+        first, second = self.attention[0], self.attention[2]
+        assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
+        w_h, w_t, w_d, w_p = first.weight.split(self.dim, dim=1)
+        hidden = (
+            F.linear(history, w_h + w_d)
+            + F.linear(target, w_t - w_d, first.bias).unsqueeze(-2)
+            + F.linear(history * target.unsqueeze(-2), w_p)
+        )  # [..., h, attention_hidden]
+        scores = second(torch.relu(hidden)).squeeze(-1).masked_fill(~mask, float("-inf"))  # [..., h]
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without history: all -inf -> 0
-        return (weights.unsqueeze(-1) * history).sum(dim=1)
+        return (weights.unsqueeze(-2) @ history).squeeze(-2)
 
     def forward(
         self,
@@ -85,20 +98,23 @@ class DinDcnRanker(nn.Module):
         history_mask: torch.Tensor,
         dense: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Click logits [n] from [n, d] ids, [n, a|b|h, d] attributes/history, their [n, .] masks and
-        [n, dense_features] dense inputs."""
-        x0 = torch.cat(
-            [
-                user,
-                item,
-                _masked_mean(user_attrs, user_attr_mask),
-                _masked_mean(item_attrs, item_attr_mask),
-                self.interest(item, history, history_mask),
-                user * item,
-                *([] if dense is None else [dense]),
-            ],
-            dim=-1,
-        )  # [n, 6d + dense_features]
+        """Click logits [...] from [..., d] ids, [..., a|b|h, d] attributes/history, their [..., .]
+        masks and [..., dense_features] dense inputs.
+
+        Leading dimensions broadcast: one user's inputs with leading shape [u, 1] score against
+        items [u, c] without being repeated c times.
+        """
+        parts = [
+            user,
+            item,
+            _masked_mean(user_attrs, user_attr_mask),
+            _masked_mean(item_attrs, item_attr_mask),
+            self.interest(item, history, history_mask),
+            user * item,
+            *([] if dense is None else [dense]),
+        ]
+        lead = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+        x0 = torch.cat([p.expand(*lead, p.shape[-1]) for p in parts], dim=-1)  # [..., 6d + dense_features]
         x = x0
         for layer in self.cross:
             x = x0 * layer(x) + x

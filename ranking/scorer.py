@@ -70,10 +70,6 @@ class Candidates:
     retrieval: np.ndarray
 
 
-def _prefixed(state: dict[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: torch.from_numpy(v) for k, v in state.items() if k.startswith(prefix)}
-
-
 class CandidateScorer:
     """Ranker logits blended with trending counts; see the module docstring.
 
@@ -134,24 +130,31 @@ class CandidateScorer:
         return self.blend(self.logits(ids, attrs, c), trending).numpy()
 
     def logits(self, ids: RowSource, attrs: RowSource, c: Candidates) -> torch.Tensor:
-        """The ranker's logits [u, c] alone (what the blend is trained on), without autograd."""
+        """The ranker's logits [u, c] alone (what the blend is trained on), without autograd.
+
+        Each user's rows (id, attributes, history) are looked up once and broadcast over its
+        candidates, not repeated per candidate.
+        """
         u, k = c.items.shape
         if not u or not k:
             return torch.zeros((u, k))
-        user_attrs, history = np.repeat(c.user_attrs, k, axis=0), np.repeat(c.history, k, axis=0)
-        id_keys = np.concatenate([np.repeat(c.users, k), c.items.ravel(), history.ravel()])
-        attr_keys = np.concatenate([user_attrs.ravel(), c.item_attrs.ravel()])
+        id_keys = np.concatenate([c.users, c.items.ravel(), c.history.ravel()])
+        attr_keys = np.concatenate([c.user_attrs.ravel(), c.item_attrs.ravel()])
+        id_rows = torch.from_numpy(ids.get(id_keys)[0])
+        attr_rows = torch.from_numpy(attrs.get(attr_keys)[0])
+        d, split = id_rows.shape[1], c.user_attrs.size
         with torch.no_grad():
-            logits = pair_logits(
-                self.ranker,
-                torch.from_numpy(ids.get(id_keys)[0]),
-                torch.from_numpy(attrs.get(attr_keys)[0]),
-                user_attrs,
-                c.item_attrs,
-                history,
-                dense_features(c.trending, c.total, c.retrieval),
+            return self.ranker(
+                id_rows[:u].view(u, 1, d),
+                id_rows[u : u + u * k].view(u, k, d),
+                attr_rows[:split].view(u, 1, c.user_attrs.shape[1], d),
+                torch.from_numpy(c.user_attrs != 0).view(u, 1, -1),
+                attr_rows[split:].view(u, k, c.item_attrs.shape[1], d),
+                torch.from_numpy(c.item_attrs != 0).view(u, k, -1),
+                id_rows[u + u * k :].view(u, 1, c.history.shape[1], d),
+                torch.from_numpy(c.history != 0).view(u, 1, -1),
+                dense_features(c.trending, c.total, c.retrieval).view(u, k, -1),
             )
-        return logits.view(u, k)
 
 
 def pair_logits(

@@ -217,27 +217,44 @@ class ItemIndex:
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items for one query vector [dim] -> (uint64 keys [<=k], float32 scores [<=k])."""
-        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+        return self.search_batch(np.reshape(query, (1, -1)), k)[0]
+
+    def search_batch(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-k items of each query [u, dim]: one (uint64 keys [<=k], float32 scores [<=k]) per
+        query, best first, from one index search for all of them."""
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(len(queries), self.dim)
+        empty = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.float32))
         with self._lock:
             k = min(k, len(self._rows))
-            if k == 0:
-                return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.float32)
+            if k == 0 or not len(q):
+                return [empty for _ in range(len(q))]
             if self._exact is not None:
-                scores, ids = self._exact.search(q[None, :], k)
-                keep = ids[0] != -1  # Faiss pads with -1; real keys may be negative as int64
-                return ids[0][keep].view(np.uint64), scores[0][keep]
+                scores, ids = self._exact.search(q, k)
+                keep = ids != -1  # Faiss pads with -1; real keys may be negative as int64
+                return [(i[m].view(np.uint64), s[m]) for i, s, m in zip(ids, scores, keep, strict=True)]
             if self._snapshot is None:  # no snapshot yet: exact over the rows
                 keys, vectors = self._rows.items()
-                ids, scores = _ids(keys), vectors @ q
-            else:
-                changed = self._changed
-                depth = min(k + len(changed), int(self._snapshot.ntotal))
-                snapshot_query = np.append(q, np.float32(0.0)) if self.config.kind == "hnsw" else q
-                _, found = self._snapshot.search(snapshot_query[None, :], max(depth, 1))
-                keep = (found[0] != -1) & ~np.isin(found[0], changed)
-                # exact scores of the current rows: the snapshot's found items and the changed ones that still exist
-                candidates = np.concatenate([found[0][keep], changed])
-                vectors, live = self._rows.get(candidates.view(np.uint64))
-                ids, scores = candidates[live], vectors[live] @ q
-        order = np.argsort(-scores, kind="stable")[:k]
-        return ids[order].view(np.uint64), scores[order].astype(np.float32)
+                return [_top(_ids(keys), scores, k) for scores in q @ vectors.T]
+            changed = self._changed
+            # 2k deep: items changed since the snapshot are dropped from its answer and scored
+            # exactly below, so the snapshot must still yield ~k unchanged items
+            depth = min(2 * k, int(self._snapshot.ntotal))
+            snapshot_q = np.hstack([q, np.zeros((len(q), 1), np.float32)]) if self.config.kind == "hnsw" else q
+            _, found = self._snapshot.search(snapshot_q, max(depth, 1))
+            changed_rows, changed_live = self._rows.get(changed.view(np.uint64))
+            changed_ids = changed[changed_live]
+            changed_scores = q @ changed_rows[changed_live].T  # [u, live changed]
+            out = []
+            for row, query, extra in zip(found, q, changed_scores, strict=True):
+                row = row[(row != -1) & ~np.isin(row, changed)]
+                vectors, live = self._rows.get(row.view(np.uint64))  # exact scores of the current rows
+                out.append(
+                    _top(np.concatenate([row[live], changed_ids]), np.concatenate([vectors[live] @ query, extra]), k)
+                )
+            return out
+
+
+def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (uint64 keys, float32 scores) of int64 ids and their scores, best first."""
+    order = np.argsort(-scores, kind="stable")[:k]
+    return ids[order].view(np.uint64), scores[order].astype(np.float32)

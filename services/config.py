@@ -33,7 +33,12 @@ class ServerConfig:
         torch_threads: threads of each ranking forward pass and index search in a gateway-only
             process (requests already run concurrently; 0 keeps torch's and Faiss' defaults).
             An all-in-one process leaves them to the trainer.
-        model_workers: threads answering REST recommendation calls (gRPC has its own pool).
+        recommend_batch: most recommendation calls answered by one ranker forward pass (calls
+            that queue up while the model thread is busy are batched, up to this many).
+        recommend_queue: most recommendation calls waiting for the model thread; more are
+            refused as unavailable (HTTP 503, gRPC UNAVAILABLE) instead of queueing without end.
+        request_timeout_s: longest a recommendation call may wait and run (a gRPC deadline can
+            make it shorter); past it the caller gets a deadline error (504, DEADLINE_EXCEEDED).
     """
 
     host: str = "0.0.0.0"
@@ -43,11 +48,16 @@ class ServerConfig:
     max_k: int = 500
     default_k: int = 10
     torch_threads: int = 1
-    model_workers: int = 4
+    recommend_batch: int = 32
+    recommend_queue: int = 512
+    request_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.model_workers < 1:
-            raise ValueError(f"server.model_workers: must be >= 1, got {self.model_workers}")
+        for name in ("recommend_batch", "recommend_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"server.{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"server.request_timeout_s: must be > 0, got {self.request_timeout_s}")
         if self.torch_threads < 0:
             raise ValueError(f"server.torch_threads: must be >= 0, got {self.torch_threads}")
         for name in ("http_port", "grpc_port"):
@@ -102,7 +112,9 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_LOG_URL": "log_url",
     "FRESHREC_SERVING_STORE_URL": "serving_store_url",
     "FRESHREC_TORCH_THREADS": "server.torch_threads",
-    "FRESHREC_MODEL_WORKERS": "server.model_workers",
+    "FRESHREC_RECOMMEND_BATCH": "server.recommend_batch",
+    "FRESHREC_RECOMMEND_QUEUE": "server.recommend_queue",
+    "FRESHREC_REQUEST_TIMEOUT_S": "server.request_timeout_s",
     "FRESHREC_INDEX": "index.kind",
     "FRESHREC_INDEX_NPROBE": "index.nprobe",
     "FRESHREC_INDEX_EF_SEARCH": "index.ef_search",

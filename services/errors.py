@@ -29,3 +29,10 @@ class Unavailable(FreshrecError):
 
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(FreshrecError):
+    """The call ran out of time (its deadline or the server's request timeout) before an answer."""
+
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -23,6 +23,12 @@ REQUEST_LATENCY = Histogram(
     ["transport", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+RECOMMEND_BATCH = Histogram(
+    "freshrec_recommend_batch_size",
+    "Recommendation calls answered by one ranker forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+RECOMMEND_QUEUE = Gauge("freshrec_recommend_queue", "Recommendation calls waiting for the model thread")
 EVENTS_ACCEPTED = Counter("freshrec_events_accepted_total", "Events acknowledged by the gateway", ["transport"])
 EVENTS_REJECTED = Counter("freshrec_events_rejected_total", "Events rejected by validation", ["field"])
 

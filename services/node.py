@@ -169,6 +169,8 @@ class Node:
             self._http.should_exit = True
         if self._grpc is not None:
             self._grpc.stop(grace=1.0)
+        if self.gateway is not None:
+            self.gateway.close()
         for thread in self._threads:
             thread.join(timeout=10)
         metrics.STORE.unwatch(self._store_stats)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_store.keys import feature_key
+from embedding_store.keys import feature_key, feature_keys
 from embedding_store.row_map import RowMap
 from ranking.base import Ranker
 from ranking.dot import DotProductRanker
@@ -25,7 +25,6 @@ from ranking.scorer import (
     CandidateScorer,
 )
 from retrieval.index import IndexConfig, ItemIndex
-from retrieval.two_tower import TwoTower
 from services.errors import NotFound
 from services.serving_store.base import ServingStore, VersionGap
 from services.serving_store.state import ServingState
@@ -161,64 +160,99 @@ class ServingReplica:
 
     def recommend(self, user_id: str, k: int, exclude_seen: bool = True) -> Recommendation:
         """Top `k` items for `user_id` (trending items for a user the model has not seen)."""
-        user = np.array([feature_key("user", user_id)], dtype=np.uint64)
+        return self.recommend_batch([Request(user_id, k, exclude_seen)])[0]
+
+    def recommend_batch(self, requests: Sequence[Request]) -> list[Recommendation]:
+        """Answer several requests with one index search and one ranker forward pass, each
+        as `recommend` would alone."""
+        users = feature_keys("user", [r.user_id for r in requests])
         with self._lock:
             state = self._state
-            history = state.seen.get(int(user[0])) if exclude_seen else None
-            seen = np.fromiter(history, dtype=np.uint64) if history else np.zeros(0, np.uint64)
-            keys, scores = self._ranked(user, seen, k)
-            if len(keys) < k:
-                keys, scores = self._fill_popular(keys, scores, seen, k)
-            items = [
-                ScoredItem(state.names.get(key, str(key)), float(s))
-                for key, s in zip(keys.tolist(), scores.tolist(), strict=True)
+            seen = [
+                _seen(state.seen.get(int(u)) if r.exclude_seen else None) for u, r in zip(users, requests, strict=True)
             ]
-            return Recommendation(uuid.uuid4().hex, state.version, items)
+            ranked = self._ranked(users, seen, [r.k for r in requests])
+            answers = []
+            for (keys, scores), r, s in zip(ranked, requests, seen, strict=True):
+                if len(keys) < r.k:
+                    keys, scores = self._fill_popular(keys, scores, s, r.k)
+                items = [
+                    ScoredItem(state.names.get(key, str(key)), float(score))
+                    for key, score in zip(keys.tolist(), scores.tolist(), strict=True)
+                ]
+                answers.append(Recommendation(uuid.uuid4().hex, state.version, items))
+            return answers
 
-    def _ranked(self, user: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, scores) of the ranked top k for one user ([1] key); empty for a user the model does not know."""
+    def _ranked(self, users: np.ndarray, seen: list[np.ndarray], ks: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(keys, scores) of the ranked top k of each user [u]; empty for a user the model does not know."""
         state, none = self._state, (np.zeros(0, np.uint64), np.zeros(0, np.float32))
+        out = [none] * len(users)
         if state.users is None or state.items is None or self._index is None:
-            return none
-        vectors, found = state.users.get(user)
-        history = self._table_rows(USER_HISTORY, user)
-        if not found[0] and not history.any():
-            return none
-        query = TwoTower.user_query(vectors[0])  # without a row: zeros, so only the item biases count
-        ann = self._index.search(query, self._candidates + len(seen))[0] if found[0] else np.zeros(0, np.uint64)
+            return out
+        vectors, found = state.users.get(users)
+        history = self._table_rows(USER_HISTORY, users)
+        known = np.flatnonzero(found | history.any(axis=1))
+        if not len(known):
+            return out
+        # a user without a row (history only) searches nothing: only the item biases would count
+        queries = np.hstack([vectors, np.ones((len(users), 1), np.float32)])
+        searched = np.flatnonzero(found)
+        depth = self._candidates + max(len(seen[i]) for i in searched) if len(searched) else 0
+        ann = {  # each user's own depth, as if searched alone
+            i: found_items[: self._candidates + len(seen[i])]
+            for i, (found_items, _) in zip(
+                searched.tolist(), self._index.search_batch(queries[searched], depth), strict=True
+            )
+        }
+        no_items = np.zeros(0, np.uint64)
         if self._scorer is None:  # no ranker yet: the index's candidates by `ranker`
-            cand = ann[~np.isin(ann, seen)][: self._candidates]
-            ranked = self._ranker.score(query, state.items.get(cand)[0]) if len(cand) else np.zeros(0, np.float32)
-        else:
-            popular = state.popular_keys[: self._candidates + len(seen)]
-            cand = np.concatenate([ann[~np.isin(ann, seen)][: self._candidates], popular[~np.isin(popular, seen)]])
-            cand = cand[np.sort(np.unique(cand, return_index=True)[1])][: 2 * self._candidates]
-            ranked = self._score(user, history, cand, query)
-        order = np.argsort(-ranked, kind="stable")[:k]
-        return cand[order], ranked[order].astype(np.float32)
+            for i in known.tolist():
+                cand = _unseen(ann.get(i, no_items), seen[i])[: self._candidates]
+                if len(cand):
+                    scores = self._ranker.score(queries[i], state.items.get(cand)[0])
+                    out[i] = _top(cand, scores, ks[i])
+            return out
+        candidates = []
+        for i in known.tolist():
+            ann_items = _unseen(ann.get(i, no_items), seen[i])[: self._candidates]
+            popular = _unseen(state.popular_keys[: self._candidates + len(seen[i])], seen[i])
+            cand = np.concatenate([ann_items, popular])
+            candidates.append(cand[np.sort(np.unique(cand, return_index=True)[1])][: 2 * self._candidates])
+        width = max(len(c) for c in candidates)
+        if width == 0:  # every candidate was seen
+            return out
+        cand = np.zeros((len(known), width), np.uint64)  # padded with key 0, masked below
+        valid = np.arange(width) < np.array([len(c) for c in candidates])[:, None]
+        cand[valid] = np.concatenate(candidates)
+        scores = np.where(valid, self._score(users[known], history[known], cand, queries[known]), -np.inf)
+        for row, i in enumerate(known.tolist()):
+            out[i] = _top(cand[row][valid[row]], scores[row][valid[row]], ks[i])
+        return out
 
-    def _score(self, user: np.ndarray, history: np.ndarray, cand: np.ndarray, query: np.ndarray) -> np.ndarray:
-        """The scorer's scores [c] of one user's candidates [c], from the synced features."""
+    def _score(self, users: np.ndarray, history: np.ndarray, cand: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """The scorer's scores [u, c] of users' [u] candidates [u, c], from the synced features."""
         state = self._state
         assert self._scorer is not None and state.items is not None
-        counts = self._table_rows(ITEM_COUNTS, cand)
+        flat = cand.ravel()
+        counts = self._table_rows(ITEM_COUNTS, flat)
         known = counts.any(axis=1)
         trending = np.where(
             known, ItemCatalog.trending_at(counts[:, 0], state.clock_s, state.trending_half_life_s), 0.0
         )
+        item_rows = state.items.get(flat)[0].reshape(*cand.shape, state.items.dim)
         candidates = Candidates(
-            user,
-            self._table_rows(USER_ATTRS, user),
+            users,
+            self._table_rows(USER_ATTRS, users),
             history,
-            cand[None, :],
-            self._table_rows(ITEM_ATTRS, cand),
-            trending[None, :],
-            counts[None, :, 1],
-            (state.items.get(cand)[0] @ query)[None, :],
+            cand,
+            self._table_rows(ITEM_ATTRS, flat),
+            trending.reshape(cand.shape),
+            counts[:, 1].reshape(cand.shape),
+            np.einsum("ucd,ud->uc", item_rows, queries),
         )
         empty = RowMap(self._scorer.ranker.dim)  # a table with no rows synced yet
         ids, attrs = state.tables.get(RANK_ID_TABLE, empty), state.tables.get(RANK_ATTR_TABLE, empty)
-        return self._scorer.score(ids, attrs, candidates)[0]
+        return self._scorer.score(ids, attrs, candidates)
 
     def _table_rows(self, name: str, keys: np.ndarray) -> np.ndarray:
         """Rows of a synced feature table (zeros, one column, while it has none)."""
@@ -261,3 +295,25 @@ class ServingReplica:
                 for key, s in zip(cand[keep][:k].tolist(), scores[keep][:k].tolist(), strict=True)
             ]
             return state.version, items
+
+
+@dataclass(frozen=True)
+class Request:
+    """One recommendation request (validated by the gateway)."""
+
+    user_id: str
+    k: int
+    exclude_seen: bool = True
+
+
+def _seen(history: Iterable[int] | None) -> np.ndarray:
+    return np.fromiter(history, dtype=np.uint64) if history else np.zeros(0, np.uint64)
+
+
+def _unseen(items: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    return items[~np.isin(items, seen)] if len(seen) else items
+
+
+def _top(keys: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")[:k]
+    return keys[order], scores[order].astype(np.float32)

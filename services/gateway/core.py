@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 from services import metrics
 from services.config import ServerConfig
-from services.errors import InvalidArgument, Unavailable
-from services.serving import Recommendation, ScoredItem, ServingReplica
+from services.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from services.gateway.batcher import RecommendBatcher
+from services.serving import Recommendation, Request, ScoredItem, ServingReplica
 from trainer.eventlog.base import EventLog, LogUnavailable
 from trainer.events import Event, InvalidEvent, parse_event
 
@@ -35,7 +38,8 @@ class IngestResult:
 
 
 class Gateway:
-    """Validate and log events; answer recommendation calls from a serving replica.
+    """Validate and log events; answer recommendation calls from a serving replica (on one model
+    thread that batches them, `services.gateway.batcher`); `close()` stops that thread.
 
     Args:
         config: limits and defaults.
@@ -47,6 +51,7 @@ class Gateway:
         self.config = config
         self.log = event_log
         self.replica = replica
+        self._batcher = RecommendBatcher(replica.recommend_batch, config.recommend_batch, config.recommend_queue)
 
     def ingest(self, raw_events: list[Any], transport: str) -> IngestResult:
         """Validate each event; append the good ones; report per event.
@@ -91,13 +96,45 @@ class Gateway:
             raise InvalidArgument(f"k: must be in [1, {self.config.max_k}], got {k}")
         return k
 
-    def recommend(self, user_id: str, k: int | None, exclude_seen: bool) -> Recommendation:
-        """Raises InvalidArgument for an empty user_id or k out of range."""
+    def submit_recommend(
+        self, user_id: str, k: int | None, exclude_seen: bool, timeout_s: float | None = None
+    ) -> Future[Recommendation]:
+        """Queue a recommendation call for the model thread (`RecommendBatcher`).
+
+        Args:
+            timeout_s: how long the caller waits (default `server.request_timeout_s`).
+
+        Raises:
+            InvalidArgument: empty or too long user_id, k out of range.
+            Unavailable: too many calls are waiting already.
+        """
         if not user_id:
             raise InvalidArgument("user_id: is required")
         if len(user_id) > 256:
             raise InvalidArgument("user_id: must be at most 256 characters")
-        return self.replica.recommend(user_id, self._k(k), exclude_seen)
+        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
+        return self._batcher.submit(Request(user_id, self._k(k), exclude_seen), timeout)
+
+    def recommend(
+        self, user_id: str, k: int | None, exclude_seen: bool, timeout_s: float | None = None
+    ) -> Recommendation:
+        """`submit_recommend` and wait for the answer.
+
+        Raises:
+            InvalidArgument, Unavailable: as `submit_recommend`.
+            DeadlineExceeded: no answer within the timeout.
+        """
+        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
+        future = self.submit_recommend(user_id, k, exclude_seen, timeout)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise DeadlineExceeded(f"no recommendation within {timeout:.3g} s") from None
+
+    def close(self) -> None:
+        """Stop the model thread."""
+        self._batcher.close()
 
     def similar_items(self, item_id: str, k: int | None) -> tuple[int, list[ScoredItem]]:
         """Raises InvalidArgument for an empty item_id or bad k; NotFound for an unknown item."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -62,11 +63,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         )
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
+        # the caller's deadline, within the server's own limit (no deadline reads as a far-off one)
+        timeout = min(context.time_remaining() or math.inf, self._gateway.config.request_timeout_s)
         return self._call(
             "Recommend",
             context,
             lambda: adapt.recommendation_to_pb(
-                self._gateway.recommend(request.user_id, request.k, adapt.exclude_seen(request))
+                self._gateway.recommend(request.user_id, request.k, adapt.exclude_seen(request), timeout)
             ),
         )
 

@@ -1,15 +1,12 @@
 """REST edge of the gateway (FastAPI). Model code and log writes never run on the event loop:
-recommendation calls go to a small pool of `server.model_workers` threads (more threads than
-cores only contend for the GIL and the CPU), other handlers are plain `def`s that FastAPI runs
-in its own thread pool."""
+recommendation calls are awaited from the gateway's model thread (`services.gateway.batcher`),
+other handlers are plain `def`s that FastAPI runs in its own thread pool."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
@@ -18,9 +15,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services import metrics
-from services.errors import FreshrecError, Unavailable
+from services.errors import DeadlineExceeded, FreshrecError, Unavailable
 from services.gateway.core import Gateway
 
 log = logging.getLogger(__name__)
@@ -74,10 +72,36 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+class _Observe:
+    """Counts and times every request by route and status (plain ASGI: Starlette's
+    `BaseHTTPMiddleware` costs a task and a stream per request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def observe_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe_status)
+        finally:
+            method = getattr(scope.get("route"), "path", "unmatched")  # the router sets the matched route
+            metrics.REQUESTS.labels("rest", method, str(status)).inc()
+            metrics.REQUEST_LATENCY.labels("rest", method).observe(time.perf_counter() - start)
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     """The REST application for `gateway`."""
     app = FastAPI(title="freshrec", version="0.1.0", description="Online-training recommendations.")
-    model_pool = ThreadPoolExecutor(max_workers=gateway.config.model_workers, thread_name_prefix="model")
 
     @app.exception_handler(FreshrecError)
     async def _freshrec_error(request: Request, exc: FreshrecError) -> JSONResponse:
@@ -99,15 +123,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "Internal", "internal error")
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        method = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels("rest", method, str(response.status_code)).inc()
-        metrics.REQUEST_LATENCY.labels("rest", method).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Observe)
 
     @app.post("/v1/events", response_model=EventsResponse)
     def ingest(body: EventsRequest) -> EventsResponse:
@@ -127,8 +143,12 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/recommendations", response_model=RecommendResponse)
     async def recommend(body: RecommendRequest) -> RecommendResponse:
-        loop = asyncio.get_running_loop()
-        rec = await loop.run_in_executor(model_pool, gateway.recommend, body.user_id, body.k, body.exclude_seen)
+        timeout = gateway.config.request_timeout_s
+        future = gateway.submit_recommend(body.user_id, body.k, body.exclude_seen, timeout)
+        try:
+            rec = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no recommendation within {timeout:.3g} s") from None
         return RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
