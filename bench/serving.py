@@ -11,6 +11,8 @@
    exclude_seen) at each fixed rate, open loop (request i is due at i / rate; latency counts
    from then, so queueing is not hidden), first over REST then over gRPC. p50/p95/p99 and
    errors per transport and rate.
+   The gateway's model thread batches calls that queue up (`services.gateway.batcher`); the
+   mean number of calls per ranker pass is read from its metrics for each run.
 3. ANN: IVF and HNSW (`retrieval.index`, defaults) against exact inner-product search over
    the same item vectors: recall@100 and queries/s of single queries (the serving path),
    in this process.
@@ -253,10 +255,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for transport, address in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
             run_load(transport, address, users, 20, 5, quiet=True)
         for rate in rates:
-            figures["load"][f"rest_{rate:.0f}"] = run_load(
-                "rest", f"http://127.0.0.1:{port}", users, rate, args.seconds
-            )
-            figures["load"][f"grpc_{rate:.0f}"] = run_load("grpc", f"127.0.0.1:{grpc_port}", users, rate, args.seconds)
+            for transport, address in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
+                before = _batch_counts(port)
+                result = run_load(transport, address, users, rate, args.seconds)
+                after = _batch_counts(port)
+                result["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+                print(f"      mean calls per ranker pass {result['mean_batch']:.2f}", flush=True)
+                figures["load"][f"{transport}_{rate:.0f}"] = result
     figures["in_process_ms"] = in_process_ms(message, users, args.index)
     for figures_at_rate in figures["load"].values():
         figures_at_rate["p50_vs_in_process"] = figures_at_rate["p50_ms"] / figures["in_process_ms"]
@@ -279,6 +284,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"written to {path}")
     print(json.dumps({k: v if v is None or isinstance(v, int) else round(v, 4) for k, v in summary.items()}))
     return figures
+
+
+def _batch_counts(port: int) -> tuple[float, float]:
+    """(calls, ranker passes) so far, from the gateway's freshrec_recommend_batch_size histogram."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    values = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("freshrec_recommend_batch_size_")
+    )
+    return float(values.get("freshrec_recommend_batch_size_sum", 0)), float(
+        values.get("freshrec_recommend_batch_size_count", 0)
+    )
 
 
 def _model_version(port: int) -> int:

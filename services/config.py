@@ -48,7 +48,7 @@ class ServerConfig:
     max_k: int = 500
     default_k: int = 10
     torch_threads: int = 1
-    recommend_batch: int = 32
+    recommend_batch: int = 8
     recommend_queue: int = 512
     request_timeout_s: float = 2.0
 

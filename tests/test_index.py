@@ -65,6 +65,14 @@ def test_searches_follow_every_upsert_and_removal(kind: str, ops: list[tuple[str
         assert (np.diff(scores) <= 1e-6).all()
         if kind == "flat":
             np.testing.assert_array_equal(found, np.array(exact_top(model, q, 5), dtype=np.uint64))
+        # a batch of queries gets what each query gets alone
+        batch = index.search_batch(np.stack([q, -q]), 5)
+        np.testing.assert_array_equal(batch[0][0], found)
+        np.testing.assert_allclose(batch[0][1], scores, rtol=1e-5, atol=1e-5)
+        alone = index.search(-q, 5)
+        np.testing.assert_allclose(batch[1][1], alone[1], rtol=1e-5, atol=1e-5)  # ties may swap places
+        own = np.array([model[k] @ -q for k in batch[1][0].tolist()], dtype=np.float32)
+        np.testing.assert_allclose(batch[1][1], own, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])

@@ -12,7 +12,7 @@ from ranking.blend import ScoreBlend
 from ranking.din_dcn import DinDcnRanker
 from ranking.scorer import Candidates, CandidateScorer
 from retrieval.index import IndexConfig
-from services.serving import ServingReplica
+from services.serving import Request, ServingReplica
 from services.serving_store import MemoryServingStore
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
@@ -59,6 +59,44 @@ def test_dense_parameters_round_trip_exactly() -> None:
     with torch.no_grad():
         blend.weights.copy_(torch.tensor([0.3, -2.0]))
     assert not np.allclose(CandidateScorer(ranker, blend).score(ids, attrs, c), expected)
+
+
+def reference_logits(m: DinDcnRanker, user, item, ua, ua_mask, ia, ia_mask, hist, hist_mask, dense):  # type: ignore[no-untyped-def]
+    """The model as its docstring states it, one pair at a time: attention MLP over the
+    concatenation [h, t, h - t, h * t], masked softmax, then DCN-v2 over x0."""
+    out = []
+    for n in range(len(item)):
+        t, h, mask = item[n], hist[n], hist_mask[n]
+        a = m.attention(torch.cat([h, t.expand_as(h), h - t, h * t], dim=-1)).squeeze(-1)
+        w = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=0).nan_to_num(0.0)
+        pooled = [(r * k[:, None]).sum(0) / k.sum().clamp(min=1) for r, k in ((ua[n], ua_mask[n]), (ia[n], ia_mask[n]))]
+        x0 = torch.cat([user[n], t, *pooled, (w[:, None] * h).sum(0), user[n] * t, dense[n]])
+        x = x0
+        for layer in m.cross:
+            x = x0 * layer(x) + x
+        out.append(m.out(torch.cat([x, m.deep(x0)])))
+    return torch.cat(out)
+
+
+def test_ranker_matches_its_definition_and_broadcasts_one_users_rows() -> None:
+    torch.manual_seed(0)
+    m = DinDcnRanker(4, dense_features=3)
+    n, a, b, h = 6, 2, 3, 5
+    user, ua, hist = torch.randn(1, 4), torch.randn(1, a, 4), torch.randn(1, h, 4)
+    ua_mask, hist_mask = torch.tensor([[True, False]]), torch.tensor([[True, True, False, True, False]])
+    item, ia, dense = torch.randn(n, 4), torch.randn(n, b, 4), torch.randn(n, 3)
+    ia_mask = torch.rand(n, b) < 0.7
+    user_n, ua_n, ua_mask_n = (x.expand(n, *x.shape[1:]) for x in (user, ua, ua_mask))
+    hist_n, hist_mask_n = hist.expand(n, h, 4), hist_mask.expand(n, h)
+    pairs = (user_n, item, ua_n, ua_mask_n, ia, ia_mask, hist_n, hist_mask_n, dense)
+    with torch.no_grad():
+        expected = reference_logits(m, *pairs)
+        per_pair = m(*pairs)
+        shared = m(user, item, ua, ua_mask, ia, ia_mask, hist, hist_mask, dense)  # one user's rows, not repeated
+        no_history = m(user, item, ua, ua_mask, ia, ia_mask, hist, torch.zeros(1, h, dtype=torch.bool), dense)
+    torch.testing.assert_close(per_pair, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared, expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(no_history).all() and not torch.allclose(no_history, expected)
 
 
 def test_unusable_dense_parameters_are_refused() -> None:
@@ -122,6 +160,12 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
     )
     expected = CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, c)[0]
     np.testing.assert_allclose(scores, expected, rtol=0.02, atol=0.05)
+    # several requests answered together get what each gets alone
+    alone = [replica.recommend(u_id, 7, exclude_seen=ex) for u_id, ex in (("u5", False), ("u9", True), ("cold", True))]
+    together = replica.recommend_batch([Request("u5", 7, False), Request("u9", 7, True), Request("cold", 7, True)])
+    for one, batched in zip(alone, together, strict=True):
+        assert [i.item_id for i in batched.items] == [i.item_id for i in one.items]
+        np.testing.assert_allclose([i.score for i in batched.items], [i.score for i in one.items], rtol=1e-5, atol=1e-6)
     # the ranker's inputs reached serving: without features the same items score differently
     bare = Candidates(
         u,

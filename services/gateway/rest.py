@@ -142,18 +142,20 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     @app.post("/v1/recommendations", response_model=RecommendResponse)
-    async def recommend(body: RecommendRequest) -> RecommendResponse:
+    async def recommend(body: RecommendRequest) -> Response:
         timeout = gateway.config.request_timeout_s
         future = gateway.submit_recommend(body.user_id, body.k, body.exclude_seen, timeout)
         try:
             rec = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"no recommendation within {timeout:.3g} s") from None
-        return RecommendResponse(
+        answer = RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
             items=[ScoredItemBody(item_id=i.item_id, score=i.score) for i in rec.items],
         )
+        # serialised here: FastAPI would validate the model a second time (the hot path's CPU)
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarResponse)
     def similar(item_id: str, k: int | None = Query(default=None, ge=1)) -> SimilarResponse:
