@@ -61,9 +61,10 @@ def test_dense_parameters_round_trip_exactly() -> None:
     assert not np.allclose(CandidateScorer(ranker, blend).score(ids, attrs, c), expected)
 
 
-def reference_logits(m: DinDcnRanker, user, item, ua, ua_mask, ia, ia_mask, hist, hist_mask, dense):  # type: ignore[no-untyped-def]
+def reference_logits(m: DinDcnRanker, *inputs: torch.Tensor) -> torch.Tensor:
     """The model as its docstring states it, one pair at a time: attention MLP over the
     concatenation [h, t, h - t, h * t], masked softmax, then DCN-v2 over x0."""
+    user, item, ua, ua_mask, ia, ia_mask, hist, hist_mask, dense = inputs
     out = []
     for n in range(len(item)):
         t, h, mask = item[n], hist[n], hist_mask[n]
