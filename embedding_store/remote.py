@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
@@ -160,13 +160,20 @@ class ShardServicer(pb_grpc.StoreShardServicer):
         return self._call(context, run)
 
 
-def serve_shard(address: str, workers: int = 8) -> tuple[grpc.Server, int, ShardServicer]:
-    """Start a store-shard gRPC server on `address` ("host:port", port 0 for a free one).
+def serve_shard(
+    address: str, workers: int = 8, interceptors: Sequence[grpc.ServerInterceptor] = ()
+) -> tuple[grpc.Server, int, ShardServicer]:
+    """Start a store-shard gRPC server on `address` ("host:port", port 0 for a free one);
+    `interceptors` wrap every call (the process's request metrics).
 
     Returns:
         (server, bound port, servicer); stop it with `server.stop(grace)`.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard"), options=_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard"),
+        options=_OPTIONS,
+        interceptors=list(interceptors),
+    )
     servicer = ShardServicer()
     pb_grpc.add_StoreShardServicer_to_server(servicer, server)
     port = server.add_insecure_port(address)

@@ -71,7 +71,7 @@ def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "train
 def cmd_store_shard(args: argparse.Namespace) -> int:
     from embedding_store.remote import serve_shard
 
-    server, port, servicer = serve_shard(f"{args.host}:{args.port}")
+    server, port, servicer = serve_shard(f"{args.host}:{args.port}", interceptors=[metrics.GrpcObserver("store")])
     metrics.STORE.watch(servicer.stats)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 
+import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -38,6 +40,7 @@ TRAINER_EXAMPLES = Counter("freshrec_trainer_examples_total", "Labelled examples
 TRAINER_LOSS = Gauge("freshrec_trainer_loss", "BCE loss of the latest training step")
 TRAINER_AUC = Gauge("freshrec_trainer_progressive_auc", "Progressive (score-before-train) AUC since start")
 TRAINER_LOGLOSS = Gauge("freshrec_trainer_progressive_logloss", "Progressive (score-before-train) log loss since start")
+TRAINER_LAG = Gauge("freshrec_trainer_consumer_lag", "Records of the trainer's partitions it has not read yet")
 TRAINER_RETRIEVAL_LOSS = Gauge("freshrec_trainer_retrieval_loss", "In-batch softmax loss of the latest step")
 
 SYNC_VERSION = Gauge("freshrec_sync_published_version", "Latest version published by the trainer")
@@ -73,6 +76,39 @@ FRESHNESS = Histogram(
     "Time from an event's acceptance by the log to the first version a serving replica serves with it in",
     buckets=FRESHNESS_BUCKETS,
 )
+
+
+class GrpcObserver(grpc.ServerInterceptor):
+    """Counts and times every unary call of a gRPC server into `freshrec_requests_total` and
+    `freshrec_request_latency_seconds` (label `transport`), by method and status code."""
+
+    def __init__(self, transport: str) -> None:
+        self._transport = transport
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner, method = handler.unary_unary, handler_call_details.method.rsplit("/", 1)[-1]
+
+        def observed(request: object, context: grpc.ServicerContext) -> object:
+            start, failed = time.perf_counter(), True
+            try:
+                response = inner(request, context)
+                failed = False
+                return response
+            finally:
+                code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
+                REQUESTS.labels(self._transport, method, code.name).inc()
+                REQUEST_LATENCY.labels(self._transport, method).observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 class StoreCollector(Collector):

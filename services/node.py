@@ -91,6 +91,7 @@ class Node:
         assert self.trainer is not None
         metrics.TRAINER_EVENTS.inc(step.events)
         metrics.TRAINER_INVALID.inc(step.invalid)
+        metrics.TRAINER_LAG.set(self.trainer.lag)
         metrics.TRAINER_EXAMPLES.inc(step.examples)
         if step.examples:
             metrics.TRAINER_LOSS.set(step.loss)

@@ -3,6 +3,7 @@ and that every freshrec command in it is one the CLI accepts."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,10 @@ def test_cluster_has_kafka_kraft_redis_gateway_trainer(compose: dict[str, Any]) 
 def test_every_command_is_a_real_freshrec_subcommand(compose: dict[str, Any]) -> None:
     parser = build_parser()
     services = freshrec_services(compose)
-    assert {"gateway", "trainer", "replay"} <= set(services)
+    assert {"gateway", "trainer", "replay", "store-0", "store-1"} <= set(services)
     for name, service in services.items():
         args = parser.parse_args([expand(str(a)) for a in service["command"][1:]])
-        assert args.command == name or (name, args.command) == ("replay", "replay")
+        assert args.command == ("store-shard" if name.startswith("store-") else name)
 
 
 def test_ports_health_checks_and_dependencies_agree(compose: dict[str, Any]) -> None:
@@ -76,3 +77,55 @@ def test_dockerfile_installs_the_console_script() -> None:
     for package in ("proto", "embedding_store", "retrieval", "ranking", "trainer", "services"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert "pip install ." in dockerfile
+
+
+def metrics_targets(compose: dict[str, Any]) -> dict[str, str]:
+    """Each long-running freshrec service's /metrics address, "service:port", from its command."""
+    parser, targets = build_parser(), {}
+    for name, service in freshrec_services(compose).items():
+        args = parser.parse_args([expand(str(a)) for a in service["command"][1:]])
+        if args.command == "gateway":
+            targets[name] = f"{name}:{args.port}"
+        elif args.command == "trainer":
+            targets[name] = f"{name}:{service['environment']['FRESHREC_METRICS_PORT']}"
+        elif args.command == "store-shard":
+            targets[name] = f"{name}:{args.metrics_port}"
+    return targets
+
+
+def test_prometheus_scrapes_every_freshrec_service(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    scraped = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    targets = metrics_targets(compose)
+    assert set(targets) == {"gateway", "trainer", "store-0", "store-1"}
+    assert set(targets.values()) == scraped
+    mount = "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+    assert mount in compose["services"]["prometheus"]["volumes"]
+
+
+def test_trainer_uses_both_store_shards(compose: dict[str, Any]) -> None:
+    parser, services = build_parser(), compose["services"]
+    url = expand(services["trainer"]["environment"]["FRESHREC_STORE_URL"])
+    assert url.startswith("grpc://")
+    shards = {
+        f"{name}:{parser.parse_args(s['command'][1:]).port}"
+        for name, s in services.items()
+        if name.startswith("store-")
+    }
+    assert set(url.removeprefix("grpc://").split(",")) == shards
+    assert {"store-0", "store-1"} <= set(services["trainer"]["depends_on"])
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboards(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in grafana["volumes"]}
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    prometheus_port = expand(compose["services"]["prometheus"]["ports"][0]).split(":")[1]
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}" and datasource["uid"] == "prometheus"
+    provider = yaml.safe_load((provisioning / "dashboards" / "freshrec.yml").read_text())["providers"][0]
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    dashboards = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+    titles = {json.loads(d.read_text())["title"] for d in dashboards}
+    assert titles == {f"freshrec / {t}" for t in ("Overview", "Training", "Embedding store", "Serving and sync")}

@@ -67,6 +67,28 @@ def test_group_resumes_from_committed_offsets(event_log: EventLog) -> None:
         second.close()
 
 
+def test_lag_counts_the_records_not_yet_read(event_log: EventLog) -> None:
+    consumer = event_log.consumer(f"g-{uuid.uuid4().hex}")
+    try:
+        consumer.poll(10, 0.5)  # join the group and take the partitions
+        event_log.append(events(40))
+        got: list[LogRecord] = []
+
+        def read_some() -> bool:
+            got.extend(consumer.poll(7, 0.2))
+            return len(got) >= 7
+
+        wait_until(read_some, 30, "the first records")
+        if isinstance(event_log, MemoryLog):
+            assert consumer.lag() == 40 - len(got)
+        else:  # Kafka: from the watermarks of the partitions fetched so far
+            assert 0 < consumer.lag() <= 40 - len(got)
+        got.extend(drain(consumer, 40 - len(got)))
+        wait_until(lambda: consumer.lag() == 0, 10, "no lag once every record was read")
+    finally:
+        consumer.close()
+
+
 def test_unknown_scheme_names_the_url() -> None:
     with pytest.raises(ValueError, match="nats://x"):
         open_log("nats://x")

@@ -22,6 +22,7 @@ from trainer.models import TABLES, OnlineModels, table_configs
 from trainer.sync import SyncMessage, now_ms
 
 log = logging.getLogger(__name__)
+LAG_INTERVAL_S = 5.0  # how often the trainer asks the log for its consumer lag
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class Trainer:
         self.retrieval_loss = float("nan")
         self.blend_loss = float("nan")
         self.events_trained = 0
+        self.lag = 0  # records of its partitions the trainer has not read, as of `lag_interval_s` ago
+        self._next_lag = 0.0
         self.invalid_records = 0
         self._on_step = on_step
         self._seen: list[tuple[np.ndarray, np.ndarray]] = []
@@ -109,6 +112,9 @@ class Trainer:
     def poll_and_train(self) -> StepResult:
         """Poll one batch from the log, train on it, commit its offsets."""
         records = self._consumer.poll(self.config.batch_size, self.config.poll_timeout_s)
+        if time.monotonic() >= self._next_lag:  # on this thread: a Kafka consumer is not thread-safe
+            self.lag = self._consumer.lag()
+            self._next_lag = time.monotonic() + LAG_INTERVAL_S
         result = self.train_records(records)
         if records:
             offsets: dict[int, int] = {}

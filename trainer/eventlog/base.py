@@ -49,6 +49,10 @@ class LogConsumer(Protocol):
         """Commit, per partition, the offset of the next record to read."""
         ...
 
+    def lag(self) -> int:
+        """Records in this member's partitions that it has not read yet (consumer lag)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -91,6 +91,7 @@ class KafkaLogConsumer:
 
     def __init__(self, bootstrap: str, topic: str, group: str) -> None:
         self._topic = topic
+        self._next: dict[TopicPartition, int] = {}  # per partition: the offset after the last record returned
         self._consumer = KafkaConsumer(
             topic,
             bootstrap_servers=bootstrap,
@@ -107,6 +108,9 @@ class KafkaLogConsumer:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as e:
             raise LogUnavailable(f"poll {self._topic}: {e}") from e
+        for tp, messages in batches.items():
+            if messages:
+                self._next[tp] = messages[-1].offset + 1
         return [
             LogRecord(tp.partition, msg.offset, msg.value, msg.timestamp)
             for tp, messages in batches.items()
@@ -122,6 +126,30 @@ class KafkaLogConsumer:
             )
         except KafkaError as e:
             raise LogUnavailable(f"commit {self._topic}: {e}") from e
+
+    def lag(self) -> int:
+        """Per assigned partition, its high watermark minus the next offset poll would return
+        (after the last record returned, else the group's committed offset). The watermark is
+        the one the consumer's last fetch of that partition reported; partitions not fetched
+        yet ask the broker for their end offset."""
+        try:
+            assigned = list(self._consumer.assignment())
+            if not assigned:
+                return 0
+            self._next = {tp: o for tp, o in self._next.items() if tp in assigned}
+            ends = {tp: self._consumer.highwater(tp) for tp in assigned}
+            unknown = [tp for tp, end in ends.items() if end is None]
+            if unknown:
+                ends.update(self._consumer.end_offsets(unknown))
+            total = 0
+            for tp in assigned:
+                start = self._next.get(tp)
+                if start is None:
+                    start = self._consumer.committed(tp) or 0
+                total += max(0, int(ends[tp] or 0) - start)
+            return total
+        except KafkaError as e:
+            raise LogUnavailable(f"lag of {self._topic}: {e}") from e
 
     def close(self) -> None:
         self._consumer.close()

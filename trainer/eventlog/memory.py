@@ -111,6 +111,10 @@ class MemoryConsumer:
                     return out
                 log._cond.wait(remaining)
 
+    def lag(self) -> int:
+        with self._log._cond:
+            return sum(len(self._log._partitions[p]) - pos for p, pos in self._positions.items())
+
     def commit(self, offsets: dict[int, int]) -> None:
         with self._log._cond:
             committed = self._log._committed.setdefault(self.group, {})
