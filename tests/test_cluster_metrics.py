@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,7 @@ def cluster(redis_server: str, kafka_broker: str, tmp_path_factory: pytest.TempP
             {k: expand(str(v)) for k, v in gateway.get("environment", {}).items()},
         )
         for name in ("store-0", "store-1", "trainer", "gateway"):
-            port = metrics_ports[name]
-            wait_until(lambda: scrape(port), 90, f"{name} to serve /metrics")
+            wait_until(partial(scrape, metrics_ports[name]), 90, f"{name} to serve /metrics")
         yield metrics_ports
 
 

@@ -72,11 +72,16 @@ def test_ports_health_checks_and_dependencies_agree(compose: dict[str, Any]) -> 
     assert f"http://gateway:{gateway.port}" in replay and f"http://trainer:{trainer_metrics}/metrics" in replay
 
 
-def test_dockerfile_installs_the_console_script() -> None:
-    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfiles_install_the_console_script(name: str, compose: dict[str, Any]) -> None:
+    dockerfile = (ROOT / "deploy" / name).read_text()
     for package in ("proto", "embedding_store", "retrieval", "ranking", "trainer", "services"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert "pip install ." in dockerfile
+    if name.endswith(".gpu"):  # faiss-gpu replaces faiss-cpu (one `faiss` module)
+        assert "pip uninstall -y faiss-cpu" in dockerfile and '".[gpu]"' in dockerfile
+    build = compose["services"]["gateway"]["build"]
+    assert expand(build["dockerfile"]) == "deploy/Dockerfile"  # the default; FRESHREC_DOCKERFILE picks the GPU one
 
 
 def metrics_targets(compose: dict[str, Any]) -> dict[str, str]:
