@@ -10,7 +10,9 @@
 2. Load: a separate process sends recommend calls for random known users (k=10,
    exclude_seen) at each fixed rate, open loop (request i is due at i / rate; latency counts
    from then, so queueing is not hidden), first over REST then over gRPC. p50/p95/p99 and
-   errors per transport and rate.
+   errors per transport and rate. The client must cost little next to the server on two
+   cores: REST calls go out on 32 threads with raw keep-alive HTTP/1.1 connections, gRPC
+   calls as asynchronous futures from one thread.
    The gateway's model thread batches calls that queue up (`services.gateway.batcher`); the
    mean number of calls per ranker pass is read from its metrics for each run.
 3. ANN: IVF and HNSW (`retrieval.index`, defaults) against exact inner-product search over
@@ -32,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
@@ -106,12 +109,32 @@ def _load(transport: str, address: str, users: list[str], rate: float, seconds: 
             response.read()
             if response.status != 200:
                 raise RuntimeError(f"HTTP {response.status}")
-    else:
-        channel = grpc.insecure_channel(address)
-        stub = pb_grpc.GatewayStub(channel)
+    else:  # gRPC: asynchronous calls sent from this thread at their due times (no thread per call)
+        stub = pb_grpc.GatewayStub(grpc.insecure_channel(address))
+        stub.Recommend(pb.RecommendRequest(user_id=users[0], k=10, exclude_seen=True), timeout=5)  # connect
+        finished, lock = threading.Semaphore(0), threading.Lock()
 
-        def call(user: str) -> None:
-            stub.Recommend(pb.RecommendRequest(user_id=user, k=10, exclude_seen=True), timeout=5)
+        def on_done(i: int, due: float) -> Callable[[grpc.Future], None]:
+            def record(future: grpc.Future) -> None:
+                with lock:
+                    if future.exception() is None:
+                        latencies[i] = time.perf_counter() - due
+                    else:
+                        errors[0] += 1
+                finished.release()
+
+            return record
+
+        start = time.perf_counter() + 0.1
+        for i in range(n):
+            due = start + i / rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+            request = pb.RecommendRequest(user_id=chosen[i], k=10, exclude_seen=True)
+            stub.Recommend.future(request, timeout=5).add_done_callback(on_done(i, due))
+        for _ in range(n):
+            finished.acquire()
+        out.send((latencies[~np.isnan(latencies)].tolist(), errors[0]))
+        return
 
     call(users[0])  # connect
     start = time.perf_counter() + 0.1
