@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 import pytest
 
@@ -28,29 +29,30 @@ class Model:
         return [Recommendation(r.user_id, 1, [ScoredItem(r.user_id, float(r.k))]) for r in requests]
 
 
-def test_calls_queued_while_the_model_is_busy_are_answered_together_and_in_order() -> None:
+def busy_batcher(max_batch: int, max_queue: int) -> tuple[Model, RecommendBatcher, Future[Recommendation]]:
+    """A batcher whose model thread is busy with a first call ("busy") until `model.gate` is set."""
     model = Model()
-    batcher = RecommendBatcher(model, max_batch=4, max_queue=100)
-    model.gate.clear()
-    first = batcher.submit(Request("u0", 1), 5)  # taken by the model thread, which then waits
-    while not first.running():
-        pass
-    queued = [batcher.submit(Request(f"u{i}", i), 5) for i in range(1, 7)]
-    model.gate.set()
-    answers = [f.result(5) for f in [first, *queued]]
-    assert [a.request_id for a in answers] == [f"u{i}" for i in range(7)]
-    assert [a.items[0].score for a in answers[1:]] == [float(i) for i in range(1, 7)]
-    assert model.batches == [["u0"], ["u1", "u2", "u3", "u4"], ["u5", "u6"]]
-    batcher.close()
-
-
-def test_a_full_queue_refuses_and_expired_calls_are_not_computed() -> None:
-    model = Model()
-    batcher = RecommendBatcher(model, max_batch=8, max_queue=2)
+    batcher = RecommendBatcher(model, max_batch=max_batch, max_queue=max_queue)
     model.gate.clear()
     busy = batcher.submit(Request("busy", 1), 5)
     while not busy.running():
         pass
+    return model, batcher, busy
+
+
+def test_calls_queued_while_the_model_is_busy_are_answered_together_and_in_order() -> None:
+    model, batcher, busy = busy_batcher(max_batch=4, max_queue=100)
+    queued = [batcher.submit(Request(f"u{i}", i), 5) for i in range(1, 7)]
+    model.gate.set()
+    answers = [f.result(5) for f in [busy, *queued]]
+    assert [a.request_id for a in answers] == ["busy"] + [f"u{i}" for i in range(1, 7)]
+    assert [a.items[0].score for a in answers[1:]] == [float(i) for i in range(1, 7)]
+    assert model.batches == [["busy"], ["u1", "u2", "u3", "u4"], ["u5", "u6"]]
+    batcher.close()
+
+
+def test_a_full_queue_refuses_and_expired_calls_are_not_computed() -> None:
+    model, batcher, busy = busy_batcher(max_batch=8, max_queue=2)
     expired = batcher.submit(Request("late", 1), 0.0)  # its deadline passes while it waits
     waiting = batcher.submit(Request("ok", 1), 5)
     with pytest.raises(Unavailable, match="already waiting"):
@@ -59,17 +61,12 @@ def test_a_full_queue_refuses_and_expired_calls_are_not_computed() -> None:
     assert busy.result(5).request_id == "busy" and waiting.result(5).request_id == "ok"
     with pytest.raises(DeadlineExceeded):
         expired.result(5)
-    assert ["late"] not in model.batches and all("late" not in b for b in model.batches)
+    assert all("late" not in b for b in model.batches)
     batcher.close()
 
 
 def test_one_failing_call_does_not_fail_the_others_of_its_batch() -> None:
-    model = Model()
-    batcher = RecommendBatcher(model, max_batch=8, max_queue=100)
-    model.gate.clear()
-    busy = batcher.submit(Request("busy", 1), 5)
-    while not busy.running():
-        pass
+    model, batcher, busy = busy_batcher(max_batch=8, max_queue=100)
     good, bad, other = (batcher.submit(Request(u, 1), 5) for u in ("good", "bad", "other"))
     model.gate.set()
     assert good.result(5).request_id == "good" and other.result(5).request_id == "other"
