@@ -31,7 +31,8 @@ class ServerConfig:
         max_k: largest `k` a recommendation call may ask for.
         default_k: `k` when the request leaves it out.
         torch_threads: threads of each ranking forward pass and index search in a gateway-only
-            process (requests already run concurrently; 0 keeps torch's and Faiss' defaults).
+            process (0 keeps torch's and Faiss' defaults): the model thread's small batches
+            gain less from more threads than the event loop and gRPC threads lose to them.
             An all-in-one process leaves them to the trainer.
         recommend_batch: most recommendation calls answered by one ranker forward pass (calls
             that queue up while the model thread is busy are batched, up to this many).

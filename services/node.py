@@ -81,8 +81,8 @@ class Node:
         if "gateway" in self.roles:
             self.replica = ServingReplica(self.store, on_apply=self._on_apply, index=config.index)
             if "trainer" not in self.roles and config.server.torch_threads:
-                # requests run concurrently: one thread per forward pass and per single-query
-                # search beats threads that wake, spin and compete for two cores
+                # small batches: one thread per forward pass and per search beats threads that
+                # wake, spin and take the cores from the event loop and the gRPC threads
                 torch.set_num_threads(config.server.torch_threads)
                 faiss.omp_set_num_threads(config.server.torch_threads)
             self.gateway = Gateway(config.server, self.log, self.replica)
