@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterable
 
 import faiss
-import grpc
 import torch
 import uvicorn
 from prometheus_client import start_http_server
@@ -19,7 +18,7 @@ from embedding_store import TableStats
 from services import metrics
 from services.config import Config
 from services.gateway.core import Gateway
-from services.gateway.grpc_server import create_server
+from services.gateway.grpc_server import GrpcEdge
 from services.gateway.rest import create_app
 from services.serving import ServingReplica
 from services.serving_store import open_serving_store
@@ -63,7 +62,7 @@ class Node:
         self.http_port = 0
         self.grpc_port = 0
         self._http: uvicorn.Server | None = None
-        self._grpc: grpc.Server | None = None
+        self._grpc: GrpcEdge | None = None
 
         self.trainer: Trainer | None = None
         self.publisher: SyncPublisher | None = None
@@ -143,9 +142,8 @@ class Node:
                 log.warning("serving store unavailable at start (%s); retrying in the background", e)
             self._spawn("replica", self.replica.run, self._stop)
             host = self.config.server.host
-            grpc_server, self.grpc_port = create_server(self.gateway, f"{host}:{self.config.server.grpc_port}")
-            grpc_server.start()
-            self._grpc = grpc_server
+            self._grpc = GrpcEdge(self.gateway, f"{host}:{self.config.server.grpc_port}")
+            self.grpc_port = self._grpc.port
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, self.config.server.http_port))

@@ -1,12 +1,19 @@
-"""gRPC edge of the gateway, with the standard health-checking and reflection services."""
+"""gRPC edge of the gateway (grpc.aio on an event loop of its own), with the standard
+health-checking and reflection services.
+
+Recommendation calls await the gateway's model thread (`services.gateway.batcher`) on the
+loop, so no thread waits per call; ingestion and similar-item calls, which block on the log
+or the replica's lock, run on the loop's default thread pool.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable
-from concurrent import futures
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -16,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from proto import freshrec_pb2 as pb
 from proto import freshrec_pb2_grpc as pb_grpc
 from services import metrics
-from services.errors import FreshrecError
+from services.errors import DeadlineExceeded, FreshrecError
 from services.gateway import pb as adapt
 from services.gateway.core import Gateway
 
@@ -32,74 +39,122 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
-    def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+    async def _call(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
         start = time.perf_counter()
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:  # the caller has given up already: do no work
             metrics.REQUESTS.labels("grpc", method, grpc.StatusCode.DEADLINE_EXCEEDED.name).inc()
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded before it started")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded before it started")
         code = grpc.StatusCode.OK
         try:
-            return fn()
+            return await fn()
         except FreshrecError as e:
             code = e.grpc_code
-            context.abort(code, str(e))
+            await context.abort(code, str(e))
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("unhandled error in %s", method)
-            context.abort(code, "internal error")
+            await context.abort(code, "internal error")
         finally:
             metrics.REQUESTS.labels("grpc", method, code.name).inc()
             metrics.REQUEST_LATENCY.labels("grpc", method).observe(time.perf_counter() - start)
         raise AssertionError("unreachable: abort raises")
 
-    def Ingest(self, request: pb.IngestRequest, context: grpc.ServicerContext) -> pb.IngestResponse:
-        return self._call(
-            "Ingest",
-            context,
-            lambda: adapt.ingest_to_pb(
-                self._gateway.ingest([adapt.event_from_pb(e) for e in request.events], transport="grpc")
-            ),
-        )
+    async def Ingest(self, request: pb.IngestRequest, context: grpc.aio.ServicerContext) -> pb.IngestResponse:
+        def run() -> pb.IngestResponse:
+            events = [adapt.event_from_pb(e) for e in request.events]
+            return adapt.ingest_to_pb(self._gateway.ingest(events, transport="grpc"))
 
-    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
-        # the caller's deadline, within the server's own limit (no deadline reads as a far-off one)
-        timeout = min(context.time_remaining() or math.inf, self._gateway.config.request_timeout_s)
-        return self._call(
-            "Recommend",
-            context,
-            lambda: adapt.recommendation_to_pb(
-                self._gateway.recommend(request.user_id, request.k, adapt.exclude_seen(request), timeout)
-            ),
-        )
+        return await self._call("Ingest", context, lambda: asyncio.to_thread(run))
 
-    def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext) -> Any:
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
+        async def run() -> pb.RecommendResponse:
+            # the caller's deadline, within the server's own limit (no deadline reads as a far-off one)
+            timeout = min(context.time_remaining() or math.inf, self._gateway.config.request_timeout_s)
+            future = self._gateway.submit_recommend(request.user_id, request.k, adapt.exclude_seen(request), timeout)
+            try:
+                rec = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(f"no recommendation within {timeout:.3g} s") from None
+            return adapt.recommendation_to_pb(rec)
+
+        return await self._call("Recommend", context, run)
+
+    async def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.aio.ServicerContext) -> Any:
         def run() -> pb.SimilarItemsResponse:
             version, items = self._gateway.similar_items(request.item_id, request.k)
             return pb.SimilarItemsResponse(model_version=version, items=adapt.items_to_pb(items))
 
-        return self._call("SimilarItems", context, run)
+        return await self._call("SimilarItems", context, lambda: asyncio.to_thread(run))
 
 
-def create_server(gateway: Gateway, address: str, workers: int = 8) -> tuple[grpc.Server, int]:
-    """A started-ready (not yet started) gRPC server bound to `address`; returns it and its port."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
-    pb_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"gRPC server could not bind {address}")
-    return server, port
+class GrpcEdge:
+    """The gateway's gRPC server on a thread running its own event loop.
+
+    Args:
+        gateway: what the RPCs call.
+        address: "host:port" to bind (port 0: a free one; `port` tells which).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+
+    def __init__(self, gateway: Gateway, address: str) -> None:
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: grpc.aio.Server | None = None
+        self._stopped = threading.Event()
+        self._grace = 1.0
+        self._done: asyncio.Event | None = None
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def serve() -> None:
+            server = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ]
+            )
+            pb_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway), server)
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                server,
+            )
+            port = server.add_insecure_port(address)
+            if port == 0:
+                raise OSError(f"gRPC server could not bind {address}")
+            await server.start()
+            self._server, self.port = server, port
+            self._done = asyncio.Event()
+            ready.set()
+            await self._done.wait()
+            await server.stop(self._grace)
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(serve())
+            except BaseException as e:  # reported to the constructor if it happens while starting
+                failure.append(e)
+                ready.set()
+            finally:
+                self._stopped.set()
+
+        self._thread = threading.Thread(target=run, name="grpc", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0] if isinstance(failure[0], OSError) else OSError(f"gRPC server failed: {failure[0]}")
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Finish calls in flight (up to `grace` seconds), then close the server and its loop."""
+        if self._server is not None and not self._stopped.is_set():
+            self._grace = grace
+            assert self._done is not None
+            self._loop.call_soon_threadsafe(self._done.set)
+        self._thread.join(timeout=grace + 5)
