@@ -32,7 +32,7 @@ class ServerConfig:
         default_k: `k` when the request leaves it out.
         torch_threads: threads of each ranking forward pass and index search in a gateway-only
             process (0 keeps torch's and Faiss' defaults): the model thread's small batches
-            gain less from more threads than the event loop and gRPC threads lose to them.
+            gain less from more threads than the REST and gRPC event loops lose to them.
             An all-in-one process leaves them to the trainer.
         recommend_batch: most recommendation calls answered by one ranker forward pass (calls
             that queue up while the model thread is busy are batched, up to this many).

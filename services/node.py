@@ -81,7 +81,7 @@ class Node:
             self.replica = ServingReplica(self.store, on_apply=self._on_apply, index=config.index)
             if "trainer" not in self.roles and config.server.torch_threads:
                 # small batches: one thread per forward pass and per search beats threads that
-                # wake, spin and take the cores from the event loop and the gRPC threads
+                # wake, spin and take the cores from the REST and gRPC event loops
                 torch.set_num_threads(config.server.torch_threads)
                 faiss.omp_set_num_threads(config.server.torch_threads)
             self.gateway = Gateway(config.server, self.log, self.replica)

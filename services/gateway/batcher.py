@@ -4,7 +4,7 @@ One model thread answers every recommendation call of the process. Calls that ar
 is busy queue up, and it answers all of them (up to `max_batch`) with one index search and one
 ranker forward pass (`ServingReplica.recommend_batch`). Under light load each call runs alone
 with no added wait; under heavy load the per-call cost falls as batches grow. Only this thread
-runs model code, so the REST event loop and the gRPC threads never wait on the model or
+runs model code, so the REST and gRPC event loops never wait on the model or
 compete with it for the interpreter lock beyond handing calls over.
 
 A call whose deadline passes while it waits is answered with `DeadlineExceeded` and not
