@@ -41,10 +41,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.results import write
 from embedding_store import TableDelta, feature_keys
 from retrieval.index import IndexConfig, ItemIndex
+from retrieval.two_tower import TwoTower
 from services import local_servers
 from services.datasets import synthetic
 from services.serving import ServingReplica
@@ -273,12 +275,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stack.callback(gateway.wait, 10)
         stack.callback(gateway.terminate)
         local_servers.wait_until(lambda: _model_version(port) >= 1, 120, "the gateway to load the model")
+        transports = {"rest": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}"}
         # warm up: the gateway compiles its kernels on first use and builds the ANN snapshot in
         # the background after loading the model; measure after both
-        for transport, address in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
+        for transport, address in transports.items():
             run_load(transport, address, users, 20, 5, quiet=True)
         for rate in rates:
-            for transport, address in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
+            for transport, address in transports.items():
                 before = _batch_counts(port)
                 result = run_load(transport, address, users, rate, args.seconds)
                 after = _batch_counts(port)
@@ -289,8 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for figures_at_rate in figures["load"].values():
         figures_at_rate["p50_vs_in_process"] = figures_at_rate["p50_ms"] / figures["in_process_ms"]
     rng = np.random.default_rng(1)
-    queries = message.users.rows[rng.integers(0, len(message.users.rows), 300)]
-    queries = np.concatenate([queries, np.ones((len(queries), 1), np.float32)], axis=1)  # the user query's bias column
+    queries = TwoTower.user_queries(message.users.rows[rng.integers(0, len(message.users.rows), 300)])
     figures["ann"] = ann_figures(message.items.rows.astype(np.float32), queries)
     load = figures["load"]
     summary = {
@@ -312,12 +314,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _batch_counts(port: int) -> tuple[float, float]:
     """(calls, ranker passes) so far, from the gateway's freshrec_recommend_batch_size histogram."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    values = dict(
-        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("freshrec_recommend_batch_size_")
-    )
-    return float(values.get("freshrec_recommend_batch_size_sum", 0)), float(
-        values.get("freshrec_recommend_batch_size_count", 0)
-    )
+    values = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "freshrec_recommend_batch_size"
+        for s in family.samples
+    }
+    return values.get("freshrec_recommend_batch_size_sum", 0.0), values.get("freshrec_recommend_batch_size_count", 0.0)
 
 
 def _model_version(port: int) -> int:

@@ -140,24 +140,19 @@ class CandidateScorer:
             return torch.zeros((u, k))
         id_keys = np.concatenate([c.users, c.items.ravel(), c.history.ravel()])
         attr_keys = np.concatenate([c.user_attrs.ravel(), c.item_attrs.ravel()])
-        id_rows = torch.from_numpy(ids.get(id_keys)[0])
-        attr_rows = torch.from_numpy(attrs.get(attr_keys)[0])
-        d, split = id_rows.shape[1], c.user_attrs.size
         with torch.no_grad():
-            return self.ranker(
-                id_rows[:u].view(u, 1, d),
-                id_rows[u : u + u * k].view(u, k, d),
-                attr_rows[:split].view(u, 1, c.user_attrs.shape[1], d),
-                torch.from_numpy(c.user_attrs != 0).view(u, 1, -1),
-                attr_rows[split:].view(u, k, c.item_attrs.shape[1], d),
-                torch.from_numpy(c.item_attrs != 0).view(u, k, -1),
-                id_rows[u + u * k :].view(u, 1, c.history.shape[1], d),
-                torch.from_numpy(c.history != 0).view(u, 1, -1),
-                dense_features(c.trending, c.total, c.retrieval).view(u, k, -1),
+            return ranker_logits(
+                self.ranker,
+                torch.from_numpy(ids.get(id_keys)[0]),
+                torch.from_numpy(attrs.get(attr_keys)[0]),
+                c.user_attrs,
+                c.item_attrs,
+                c.history,
+                dense_features(c.trending, c.total, c.retrieval),
             )
 
 
-def pair_logits(
+def ranker_logits(
     ranker: DinDcnRanker,
     id_rows: torch.Tensor,
     attr_rows: torch.Tensor,
@@ -166,24 +161,26 @@ def pair_logits(
     history: np.ndarray,
     dense: torch.Tensor,
 ) -> torch.Tensor:
-    """Ranker logits [n] of n aligned (user, item) pairs.
+    """Ranker logits [u, k] of u users and k items each (k = 1: aligned pairs). Each user's
+    rows come once and are broadcast over its items.
 
     Args:
-        id_rows: rows of the keys [users (n), items (n), history.ravel()] in that order.
+        id_rows: rows of the keys [users (u), items (u * k), history.ravel()] in that order.
         attr_rows: rows of the keys [user_attrs.ravel(), item_attrs.ravel()].
-        user_attrs, item_attrs, history: uint64 [n, .] keys, 0 = padding.
-        dense: [n, DENSE_FEATURES] (`dense_features`).
+        user_attrs: uint64 [u, a] keys, 0 = padding; history: uint64 [u, h]; item_attrs:
+            uint64 [u * k, b].
+        dense: [u * k, DENSE_FEATURES] (`dense_features`).
     """
-    n = len(user_attrs)
-    split = user_attrs.size
+    u, d, split = len(user_attrs), id_rows.shape[1], user_attrs.size
+    k = len(item_attrs) // max(u, 1)
     return ranker(
-        id_rows[:n],
-        id_rows[n : 2 * n],
-        attr_rows[:split].view(n, user_attrs.shape[1], -1),
-        torch.from_numpy(user_attrs != 0),
-        attr_rows[split:].view(n, item_attrs.shape[1], -1),
-        torch.from_numpy(item_attrs != 0),
-        id_rows[2 * n :].view(n, history.shape[1], -1),
-        torch.from_numpy(history != 0),
-        dense,
+        id_rows[:u].view(u, 1, d),
+        id_rows[u : u + u * k].view(u, k, d),
+        attr_rows[:split].view(u, 1, user_attrs.shape[1], d),
+        torch.from_numpy(user_attrs != 0).view(u, 1, -1),
+        attr_rows[split:].view(u, k, item_attrs.shape[1], d),
+        torch.from_numpy(item_attrs != 0).view(u, k, -1),
+        id_rows[u + u * k :].view(u, 1, history.shape[1], d),
+        torch.from_numpy(history != 0).view(u, 1, -1),
+        dense.view(u, k, -1),
     )

@@ -120,6 +120,7 @@ class ItemIndex:
         self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
         self._snapshot: faiss.Index | None = None  # ANN (or GPU) index of the rows at some point
         self._changed = _NO_IDS  # sorted ids upserted or removed since `_snapshot` was taken
+        self._changed_live: tuple[np.ndarray, np.ndarray] | None = None  # their current (ids, rows), cached
         self._since_build: np.ndarray | None = None  # the same, since the running rebuild began
         self._builder: threading.Thread | None = None
         self.rebuilds = 0
@@ -161,6 +162,7 @@ class ItemIndex:
     def _mark(self, ids: np.ndarray) -> None:
         if self.snapshots:
             self._changed = np.union1d(self._changed, ids)  # once per applied version, not per query
+            self._changed_live = None
             if self._since_build is not None:
                 self._since_build = np.union1d(self._since_build, ids)
 
@@ -197,6 +199,7 @@ class ItemIndex:
             with self._lock:
                 self._snapshot = index
                 self._changed = self._since_build if self._since_build is not None else _NO_IDS
+                self._changed_live = None
                 self.rebuilds += 1
         except Exception:  # keep serving from the previous snapshot and the exact rows
             log.exception("item index rebuild failed")
@@ -238,27 +241,33 @@ class ItemIndex:
                 return [(i[m].view(np.uint64), s[m]) for i, s, m in zip(ids, scores, keep, strict=True)]
             if self._snapshot is None:  # no snapshot yet: exact over the rows
                 keys, vectors = self._rows.items()
-                return [_top(_ids(keys), scores, k) for scores in q @ vectors.T]
-            changed = self._changed
+                return [top_k(_ids(keys), scores, k) for scores in q @ vectors.T]
             # 2k deep: items changed since the snapshot are dropped from its answer and scored
             # exactly below, so the snapshot must still yield ~k unchanged items
-            depth = min(2 * k, int(self._snapshot.ntotal))
+            depth = max(min(2 * k, int(self._snapshot.ntotal)), 1)
             snapshot_q = np.hstack([q, np.zeros((len(q), 1), np.float32)]) if self.config.kind != "flat" else q
-            _, found = self._snapshot.search(snapshot_q, max(depth, 1))
-            changed_rows, changed_live = self._rows.get(changed.view(np.uint64))
-            changed_ids = changed[changed_live]
-            changed_scores = q @ changed_rows[changed_live].T  # [u, live changed]
-            out = []
-            for row, query, extra in zip(found, q, changed_scores, strict=True):
-                row = row[(row != -1) & ~np.isin(row, changed)]
-                vectors, live = self._rows.get(row.view(np.uint64))  # exact scores of the current rows
-                out.append(
-                    _top(np.concatenate([row[live], changed_ids]), np.concatenate([vectors[live] @ query, extra]), k)
-                )
-            return out
+            _, found = self._snapshot.search(snapshot_q, depth)  # [u, depth], -1 padded
+            # exact scores of the current rows: the snapshot's unchanged finds, then the changed items
+            vectors, live = self._rows.get(found.ravel().view(np.uint64))
+            keep = (found != -1) & ~np.isin(found, self._changed) & live.reshape(found.shape)
+            scores = np.einsum("ukd,ud->uk", vectors.reshape(*found.shape, self.dim), q)
+            changed_ids, changed_rows = self._changed_rows()
+            ids = np.hstack([found, np.broadcast_to(changed_ids, (len(q), len(changed_ids)))])
+            scores = np.hstack([scores, q @ changed_rows.T])
+            keep = np.hstack([keep, np.ones((len(q), len(changed_ids)), bool)])
+            return [top_k(i[m], s[m], k) for i, s, m in zip(ids, scores, keep, strict=True)]
+
+    def _changed_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and current rows of the changed items that still exist (call under the lock);
+        kept until the next change, not gathered again for every search."""
+        if self._changed_live is None:
+            rows, live = self._rows.get(self._changed.view(np.uint64))
+            self._changed_live = (self._changed[live], rows[live])
+        return self._changed_live
 
 
-def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best (uint64 keys, float32 scores) of int64 ids and their scores, best first."""
+def top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (uint64 keys, float32 scores) of keys or their int64 ids and their scores,
+    best first (ties keep their order)."""
     order = np.argsort(-scores, kind="stable")[:k]
     return ids[order].view(np.uint64), scores[order].astype(np.float32)

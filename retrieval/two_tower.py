@@ -46,9 +46,9 @@ class TwoTower(nn.Module):
         return item_rows  # [batch, dim + 1]
 
     @staticmethod
-    def user_query(user_row: np.ndarray) -> np.ndarray:
-        """Serving-side `encode_users` for one row: [dim] -> [dim + 1]."""
-        return np.append(user_row.astype(np.float32), np.float32(1.0))
+    def user_queries(user_rows: np.ndarray) -> np.ndarray:
+        """Serving-side `encode_users`: float32 [u, dim] -> [u, dim + 1] (the bias column)."""
+        return np.hstack([user_rows, np.ones((len(user_rows), 1))]).astype(np.float32)
 
     def forward(self, user_rows: torch.Tensor, item_rows: torch.Tensor) -> torch.Tensor:
         """Logits for aligned pairs: [batch, dim] x [batch, dim + 1] -> [batch]."""

@@ -24,7 +24,8 @@ from ranking.scorer import (
     Candidates,
     CandidateScorer,
 )
-from retrieval.index import IndexConfig, ItemIndex
+from retrieval.index import IndexConfig, ItemIndex, top_k
+from retrieval.two_tower import TwoTower
 from services.errors import NotFound
 from services.serving_store.base import ServingStore, VersionGap
 from services.serving_store.state import ServingState
@@ -195,7 +196,7 @@ class ServingReplica:
         if not len(known):
             return out
         # a user without a row (history only) searches nothing: only the item biases would count
-        queries = np.hstack([vectors, np.ones((len(users), 1), np.float32)])
+        queries = TwoTower.user_queries(vectors)
         searched = np.flatnonzero(found)
         depth = self._candidates + max(len(seen[i]) for i in searched) if len(searched) else 0
         ann = {  # each user's own depth, as if searched alone
@@ -210,7 +211,7 @@ class ServingReplica:
                 cand = _unseen(ann.get(i, no_items), seen[i])[: self._candidates]
                 if len(cand):
                     scores = self._ranker.score(queries[i], state.items.get(cand)[0])
-                    out[i] = _top(cand, scores, ks[i])
+                    out[i] = top_k(cand, scores, ks[i])
             return out
         candidates = []
         for i in known.tolist():
@@ -226,7 +227,7 @@ class ServingReplica:
         cand[valid] = np.concatenate(candidates)
         scores = np.where(valid, self._score(users[known], history[known], cand, queries[known]), -np.inf)
         for row, i in enumerate(known.tolist()):
-            out[i] = _top(cand[row][valid[row]], scores[row][valid[row]], ks[i])
+            out[i] = top_k(cand[row][valid[row]], scores[row][valid[row]], ks[i])
         return out
 
     def _score(self, users: np.ndarray, history: np.ndarray, cand: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -312,8 +313,3 @@ def _seen(history: Iterable[int] | None) -> np.ndarray:
 
 def _unseen(items: np.ndarray, seen: np.ndarray) -> np.ndarray:
     return items[~np.isin(items, seen)] if len(seen) else items
-
-
-def _top(keys: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-scores, kind="stable")[:k]
-    return keys[order], scores[order].astype(np.float32)

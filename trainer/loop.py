@@ -100,7 +100,7 @@ class Trainer:
         self.retrieval_loss = float("nan")
         self.blend_loss = float("nan")
         self.events_trained = 0
-        self.lag = 0  # records of its partitions the trainer has not read, as of `lag_interval_s` ago
+        self.lag = 0  # records of its partitions the trainer has not read (refreshed every LAG_INTERVAL_S)
         self._next_lag = 0.0
         self.invalid_records = 0
         self._on_step = on_step

@@ -31,7 +31,7 @@ from ranking.scorer import (
     Candidates,
     CandidateScorer,
     dense_features,
-    pair_logits,
+    ranker_logits,
 )
 from retrieval.two_tower import TwoTower, in_batch_softmax_loss
 from trainer.catalog import ItemCatalog
@@ -170,7 +170,7 @@ class OnlineModels:
         ids = _Rows(self.rank_ids, np.concatenate([user_keys, item_keys, f.history.ravel()]))
         attrs = _Rows(self.rank_attrs, np.concatenate([f.user_attrs.ravel(), f.item_attrs.ravel()]))
         trending, total = self.catalog.counts(item_keys)
-        logits = pair_logits(
+        logits = ranker_logits(  # each pair as one user with one item
             self.ranker,
             ids.gather(),
             attrs.gather(),
@@ -178,7 +178,7 @@ class OnlineModels:
             f.item_attrs,
             f.history,
             dense_features(trending, total, retrieval),
-        )
+        )[:, 0]
         return logits, [ids, attrs]
 
     def ranking_step(

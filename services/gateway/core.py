@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,40 +96,29 @@ class Gateway:
             raise InvalidArgument(f"k: must be in [1, {self.config.max_k}], got {k}")
         return k
 
-    def submit_recommend(
+    async def recommend(
         self, user_id: str, k: int | None, exclude_seen: bool, timeout_s: float | None = None
-    ) -> Future[Recommendation]:
-        """Queue a recommendation call for the model thread (`RecommendBatcher`).
+    ) -> Recommendation:
+        """Queue the call for the model thread (`RecommendBatcher`) and await its answer; the
+        REST and gRPC edges both call this from their event loops.
 
         Args:
-            timeout_s: how long the caller waits (default `server.request_timeout_s`).
+            timeout_s: how long the caller waits (default and cap: `server.request_timeout_s`).
 
         Raises:
             InvalidArgument: empty or too long user_id, k out of range.
             Unavailable: too many calls are waiting already.
+            DeadlineExceeded: no answer within the timeout.
         """
         if not user_id:
             raise InvalidArgument("user_id: is required")
         if len(user_id) > 256:
             raise InvalidArgument("user_id: must be at most 256 characters")
-        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
-        return self._batcher.submit(Request(user_id, self._k(k), exclude_seen), timeout)
-
-    def recommend(
-        self, user_id: str, k: int | None, exclude_seen: bool, timeout_s: float | None = None
-    ) -> Recommendation:
-        """`submit_recommend` and wait for the answer.
-
-        Raises:
-            InvalidArgument, Unavailable: as `submit_recommend`.
-            DeadlineExceeded: no answer within the timeout.
-        """
-        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
-        future = self.submit_recommend(user_id, k, exclude_seen, timeout)
+        timeout = min(timeout_s if timeout_s is not None else math.inf, self.config.request_timeout_s)
+        future = self._batcher.submit(Request(user_id, self._k(k), exclude_seen), timeout)
         try:
-            return future.result(timeout=timeout)
-        except FutureTimeout:
-            future.cancel()
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
             raise DeadlineExceeded(f"no recommendation within {timeout:.3g} s") from None
 
     def close(self) -> None:

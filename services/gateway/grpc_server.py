@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from proto import freshrec_pb2 as pb
 from proto import freshrec_pb2_grpc as pb_grpc
 from services import metrics
-from services.errors import DeadlineExceeded, FreshrecError
+from services.errors import FreshrecError
 from services.gateway import pb as adapt
 from services.gateway.core import Gateway
 
@@ -69,13 +68,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
         async def run() -> pb.RecommendResponse:
-            # the caller's deadline, within the server's own limit (no deadline reads as a far-off one)
-            timeout = min(context.time_remaining() or math.inf, self._gateway.config.request_timeout_s)
-            future = self._gateway.submit_recommend(request.user_id, request.k, adapt.exclude_seen(request), timeout)
-            try:
-                rec = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-            except TimeoutError:
-                raise DeadlineExceeded(f"no recommendation within {timeout:.3g} s") from None
+            deadline = context.time_remaining()  # the caller's (none: a far-off one)
+            rec = await self._gateway.recommend(request.user_id, request.k, adapt.exclude_seen(request), deadline)
             return adapt.recommendation_to_pb(rec)
 
         return await self._call("Recommend", context, run)

@@ -4,7 +4,6 @@ other handlers are plain `def`s that FastAPI runs in its own thread pool."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services import metrics
-from services.errors import DeadlineExceeded, FreshrecError, Unavailable
+from services.errors import FreshrecError, Unavailable
 from services.gateway.core import Gateway
 
 log = logging.getLogger(__name__)
@@ -143,12 +142,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/recommendations", response_model=RecommendResponse)
     async def recommend(body: RecommendRequest) -> Response:
-        timeout = gateway.config.request_timeout_s
-        future = gateway.submit_recommend(body.user_id, body.k, body.exclude_seen, timeout)
-        try:
-            rec = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"no recommendation within {timeout:.3g} s") from None
+        rec = await gateway.recommend(body.user_id, body.k, body.exclude_seen)
         answer = RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
