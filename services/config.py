@@ -119,6 +119,7 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_INDEX": "index.kind",
     "FRESHREC_INDEX_NPROBE": "index.nprobe",
     "FRESHREC_INDEX_EF_SEARCH": "index.ef_search",
+    "FRESHREC_INDEX_NORM_RANGES": "index.hnsw_norm_ranges",
     "FRESHREC_INDEX_DEVICE": "index.device",
     "FRESHREC_LOG_PARTITIONS": "log_partitions",
     "FRESHREC_METRICS_PORT": "metrics_port",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
+import faiss
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retrieval.index import IndexConfig, ItemIndex
+from retrieval.index import IndexConfig, ItemIndex, NormRangedHNSW
 
 DIM = 8
 KINDS = ["flat", "ivf", "hnsw"]
@@ -83,10 +86,8 @@ def test_ann_recall_against_exact_search(kind: str) -> None:
     keys = np.arange(1, 20_001, dtype=np.uint64)
     centers = rng.normal(size=(50, dim))
     vectors = (centers[rng.integers(0, 50, len(keys))] + 0.5 * rng.normal(size=(len(keys), dim))).astype(np.float32)
-    # IVF with its defaults; HNSW given a search breadth for recall@100 (its default, 256, gets
-    # about 0.7 here: tuning it against speed is bench.serving's job)
-    breadth = {"ef_search": 1024} if kind == "hnsw" else {}
-    index = ItemIndex(dim, IndexConfig(kind=kind, device="cpu", min_ann_items=1000, **breadth))
+    # both with their defaults (HNSW: four norm-ranged graphs, 0.93 here; one graph gets 0.65)
+    index = ItemIndex(dim, IndexConfig(kind=kind, device="cpu", min_ann_items=1000))
     index.upsert(keys, vectors)
     index.publish(wait=True)
     assert index.rebuilds == 1
@@ -96,6 +97,26 @@ def test_ann_recall_against_exact_search(kind: str) -> None:
         found, _ = index.search(q, 100)
         recalls.append(len(set(found.tolist()) & set(exact_top(model, q, 100))) / 100)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
+
+
+@pytest.mark.parametrize("ranges", [1, 2, 4])
+def test_norm_ranged_hnsw_splits_items_by_norm(ranges: int) -> None:
+    rng = np.random.default_rng(2)
+    vectors = (rng.normal(size=(3000, DIM)) * rng.lognormal(size=(3000, 1))).astype(np.float32)
+    ids = rng.permutation(10_000)[:3000].astype(np.int64)
+    index = NormRangedHNSW(ids, vectors, ranges, m=16, ef_search=64)
+    norm = dict(zip(ids.tolist(), np.linalg.norm(vectors, axis=1).tolist(), strict=True))
+    parts = [faiss_ids(graph) for graph in index.graphs]
+    assert len(parts) == ranges and [len(p) for p in parts] == sorted(len(p) for p in parts)
+    assert sorted(np.concatenate(parts).tolist()) == sorted(ids.tolist())  # every item in one graph
+    for larger, smaller in itertools.pairwise(parts):  # each graph's norms above the next one's
+        assert min(norm[i] for i in larger) >= max(norm[i] for i in smaller)
+    _, found = index.search(np.zeros((2, DIM + 1), np.float32), 10)
+    assert found.shape == (2, 10 * ranges)
+
+
+def faiss_ids(index: faiss.IndexIDMap) -> np.ndarray:
+    return faiss.vector_to_array(index.id_map)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
