@@ -33,13 +33,23 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis", metavar="URL", help="use this Redis (redis://HOST:PORT) as the serving store")
 
 
+def _stage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (env FRESHREC_* and flags override it)")
+    parser.add_argument("--host", help="interface to bind (default 0.0.0.0)")
+    parser.add_argument("--grpc-port", type=int, help="the stage's gRPC port (default 50051)")
+    parser.add_argument("--redis", metavar="URL", help="the serving store to follow (redis://HOST:PORT)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9100, 0: none)")
+
+
 def _config(args: argparse.Namespace) -> Config:
+    kafka = getattr(args, "kafka", None)
     overrides: dict[str, Any] = {
         "server.host": args.host,
-        "server.http_port": args.port,
+        "server.http_port": getattr(args, "port", None),
         "server.grpc_port": args.grpc_port,
-        "log_url": f"kafka://{args.kafka}" if args.kafka else None,
+        "log_url": f"kafka://{kafka}" if kafka else None,
         "serving_store_url": args.redis,
+        "metrics_port": getattr(args, "metrics_port", None),
     }
     return load_config(args.config, overrides=overrides)
 
@@ -65,6 +75,8 @@ def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "train
     node = Node(config, roles)
     if "gateway" in roles:
         print(f"freshrec {'+'.join(roles)}: log {config.log_url}, serving store {config.serving_store_url}", flush=True)
+    if node.stage:
+        print(f"freshrec {node.stage}: serving store {config.serving_store_url}", flush=True)
     return _serve(node)
 
 
@@ -133,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     trainer = sub.add_parser("trainer", help="cluster role: online trainer + parameter sync")
     _server_flags(trainer)
     trainer.set_defaults(func=lambda a: cmd_up(a, ("trainer",)))
+
+    for stage, what in (("retrieval", "candidates from the item index"), ("ranking", "the ranker's order")):
+        role = sub.add_parser(stage, help=f"cluster role: {what} for gateways, over gRPC (a serving replica)")
+        _stage_flags(role)
+        role.set_defaults(func=lambda a, stage=stage: cmd_up(a, (stage,)))
 
     shard = sub.add_parser("store-shard", help="cluster role: one embedding-store shard served over gRPC")
     shard.add_argument("--host", default="0.0.0.0", help="interface to bind")

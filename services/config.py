@@ -40,6 +40,9 @@ class ServerConfig:
             refused as unavailable (HTTP 503, gRPC UNAVAILABLE) instead of queueing without end.
         request_timeout_s: longest a recommendation call may wait and run (a gRPC deadline can
             make it shorter); past it the caller gets a deadline error (504, DEADLINE_EXCEEDED).
+        retrieval_url, ranking_url: `grpc://HOST:PORT` of a `freshrec retrieval` and a
+            `freshrec ranking` service; a gateway given both sends the serving stages there
+            instead of running them on a replica of its own (both or neither).
     """
 
     host: str = "0.0.0.0"
@@ -52,6 +55,8 @@ class ServerConfig:
     recommend_batch: int = 8
     recommend_queue: int = 512
     request_timeout_s: float = 2.0
+    retrieval_url: str = ""
+    ranking_url: str = ""
 
     def __post_init__(self) -> None:
         for name in ("recommend_batch", "recommend_queue"):
@@ -68,6 +73,16 @@ class ServerConfig:
             raise ValueError(f"server.max_batch_events: must be >= 1, got {self.max_batch_events}")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"server.default_k: must be in [1, max_k={self.max_k}], got {self.default_k}")
+        for name in ("retrieval_url", "ranking_url"):
+            url = getattr(self, name)
+            if url and (not url.startswith("grpc://") or ":" not in url[len("grpc://") :]):
+                raise ValueError(f"server.{name}: expected grpc://HOST:PORT, got {url!r}")
+        if bool(self.retrieval_url) != bool(self.ranking_url):
+            raise ValueError("server.retrieval_url/ranking_url: set both (remote stages) or neither")
+
+    @property
+    def remote_stages(self) -> bool:
+        return bool(self.retrieval_url)
 
 
 @dataclass(frozen=True)
@@ -100,9 +115,6 @@ class Config:
             raise ValueError(f"serving_store_url: expected memory:// or redis://..., got {self.serving_store_url!r}")
         if self.log_partitions < 1:
             raise ValueError(f"log_partitions: must be >= 1, got {self.log_partitions}")
-        if (self.log_url.startswith("memory://")) != (self.serving_store_url.startswith("memory://")):
-            # One process can share in-memory parts, two cannot: mixing would silently split state.
-            raise ValueError("log_url/serving_store_url: memory:// must be used for both or neither")
 
     @property
     def embedded(self) -> bool:
@@ -116,6 +128,8 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_RECOMMEND_BATCH": "server.recommend_batch",
     "FRESHREC_RECOMMEND_QUEUE": "server.recommend_queue",
     "FRESHREC_REQUEST_TIMEOUT_S": "server.request_timeout_s",
+    "FRESHREC_RETRIEVAL_URL": "server.retrieval_url",
+    "FRESHREC_RANKING_URL": "server.ranking_url",
     "FRESHREC_INDEX": "index.kind",
     "FRESHREC_INDEX_NPROBE": "index.nprobe",
     "FRESHREC_INDEX_EF_SEARCH": "index.ef_search",

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import faiss
+import grpc
 import torch
 import uvicorn
 from prometheus_client import start_http_server
@@ -22,6 +23,7 @@ from services.gateway.grpc_server import GrpcEdge
 from services.gateway.rest import create_app
 from services.serving import ServingReplica
 from services.serving_store import open_serving_store
+from services.stages import STAGES, RemoteStages, serve_stage
 from trainer.eventlog import open_log
 from trainer.loop import StepResult, Trainer
 from trainer.models import TABLES
@@ -29,7 +31,7 @@ from trainer.sync import SyncMessage, SyncPublisher
 
 log = logging.getLogger(__name__)
 
-ROLES = frozenset({"gateway", "trainer"})
+ROLES = frozenset({"gateway", "trainer", "retrieval", "ranking"})
 
 
 class Node:
@@ -37,7 +39,10 @@ class Node:
 
     Args:
         config: the process configuration.
-        roles: "gateway" (REST + gRPC + serving replica) and/or "trainer" (trainer + sync).
+        roles: "gateway" (REST + gRPC + serving replica, or the remote stages when
+            `server.retrieval_url`/`ranking_url` are set) and/or "trainer" (trainer + sync);
+            or one serving stage, "retrieval" or "ranking" (a replica served over gRPC on
+            `server.grpc_port`, `services.stages`).
 
     Example:
         >>> from services.config import load_config
@@ -49,12 +54,22 @@ class Node:
         >>> node.stop()
     """
 
-    def __init__(self, config: Config, roles: Iterable[str] = ROLES) -> None:
+    def __init__(self, config: Config, roles: Iterable[str] = ("gateway", "trainer")) -> None:
         self.config = config
         self.roles = frozenset(roles)
         if not self.roles or not self.roles <= ROLES:
             raise ValueError(f"roles: expected a subset of {sorted(ROLES)}, got {sorted(self.roles)}")
-        self.log = open_log(config.log_url, partitions=config.log_partitions)
+        self.stage = next(iter(self.roles & set(STAGES)), None)
+        if self.stage is not None and len(self.roles) > 1:
+            raise ValueError(f"roles: a {self.stage} service runs alone, got {sorted(self.roles)}")
+        memory_log, memory_store = (url.startswith("memory://") for url in (config.log_url, config.serving_store_url))
+        if self.stage and memory_store:
+            raise ValueError(f"serving_store_url: a {self.stage} service follows a shared store (redis://...)")
+        if not self.stage and memory_log != memory_store:
+            # One process can share in-memory parts, two cannot: mixing would silently split state.
+            raise ValueError("log_url/serving_store_url: memory:// must be used for both or neither")
+        # a stage reads only the serving store: it never opens the event log
+        self.log = None if self.stage else open_log(config.log_url, partitions=config.log_partitions)
         self.store = open_serving_store(config.serving_store_url)
         self._stop = threading.Event()
         self._stopped = False
@@ -67,6 +82,7 @@ class Node:
         self.trainer: Trainer | None = None
         self.publisher: SyncPublisher | None = None
         if "trainer" in self.roles:
+            assert self.log is not None
             self.trainer = Trainer(config.trainer, self.log.consumer(config.trainer.group_id), on_step=self._on_step)
             metrics.STORE.watch(self._store_stats)
             self.publisher = SyncPublisher(
@@ -77,14 +93,23 @@ class Node:
             )
         self.replica: ServingReplica | None = None
         self.gateway: Gateway | None = None
-        if "gateway" in self.roles:
+        self.remote: RemoteStages | None = None
+        self._stage_server: grpc.Server | None = None
+        if self.stage or ("gateway" in self.roles and not config.server.remote_stages):
             self.replica = ServingReplica(self.store, on_apply=self._on_apply, index=config.index)
             if "trainer" not in self.roles and config.server.torch_threads:
                 # small batches: one thread per forward pass and per search beats threads that
                 # wake, spin and take the cores from the REST and gRPC event loops
                 torch.set_num_threads(config.server.torch_threads)
                 faiss.omp_set_num_threads(config.server.torch_threads)
-            self.gateway = Gateway(config.server, self.log, self.replica)
+        if "gateway" in self.roles:
+            assert self.log is not None
+            if config.server.remote_stages:
+                server = config.server
+                self.remote = RemoteStages(server.retrieval_url, server.ranking_url, server.request_timeout_s)
+            recommender = self.remote or self.replica
+            assert recommender is not None
+            self.gateway = Gateway(config.server, self.log, recommender)
 
     def _on_step(self, step: StepResult) -> None:
         assert self.trainer is not None
@@ -135,12 +160,19 @@ class Node:
             self._spawn("sync", self.publisher.run, self._stop)
             if "gateway" not in self.roles and self.config.metrics_port:
                 start_http_server(self.config.metrics_port)
-        if self.gateway is not None and self.replica is not None:
+        if self.replica is not None:
             try:
                 self.replica.bootstrap()
             except Exception as e:  # serve (cold) and keep retrying in the replica thread; /readyz says 503
                 log.warning("serving store unavailable at start (%s); retrying in the background", e)
             self._spawn("replica", self.replica.run, self._stop)
+        if self.stage is not None and self.replica is not None:
+            address = f"{self.config.server.host}:{self.config.server.grpc_port}"
+            self._stage_server, self.grpc_port = serve_stage(self.stage, self.replica, address)
+            if self.config.metrics_port:
+                start_http_server(self.config.metrics_port)
+            log.info("%s service: gRPC on %s:%d", self.stage, self.config.server.host, self.grpc_port)
+        if self.gateway is not None:
             host = self.config.server.host
             self._grpc = GrpcEdge(self.gateway, f"{host}:{self.config.server.grpc_port}")
             self.grpc_port = self._grpc.port
@@ -174,10 +206,15 @@ class Node:
             self._http.should_exit = True
         if self._grpc is not None:
             self._grpc.stop(grace=1.0)
+        if self._stage_server is not None:
+            self._stage_server.stop(grace=1.0).wait()
         if self.gateway is not None:
             self.gateway.close()
+        if self.remote is not None:
+            self.remote.close()
         for thread in self._threads:
             thread.join(timeout=10)
         metrics.STORE.unwatch(self._store_stats)
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
         self.store.close()

@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -48,6 +49,19 @@ class Recommendation:
     request_id: str
     model_version: int
     items: list[ScoredItem]
+
+
+class Recommender(Protocol):
+    """What a gateway answers recommendation calls with: a local `ServingReplica`, or the
+    remote retrieval and ranking services (`services.stages.RemoteStages`)."""
+
+    def recommend_batch(self, requests: Sequence[Request]) -> list[Recommendation]: ...
+
+    def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]: ...
+
+    def status(self) -> tuple[bool, int]:
+        """(ready to serve the model, model version)."""
+        ...
 
 
 class ServingReplica:
@@ -93,6 +107,10 @@ class ServingReplica:
     @property
     def version(self) -> int:
         return self._state.version
+
+    def status(self) -> tuple[bool, int]:
+        """(bootstrapped from the store, model version)."""
+        return self.bootstrapped.is_set(), self.version
 
     def bootstrap(self) -> None:
         """Load the store's current state, replacing everything local."""
@@ -165,14 +183,53 @@ class ServingReplica:
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[Recommendation]:
         """Answer several requests with one index search and one ranker forward pass, each
-        as `recommend` would alone."""
+        as `recommend` would alone: the retrieval stage, then the ranking stage."""
+        with self._lock:  # both stages on the same version
+            return self.rank_batch(requests, self.candidates_batch(requests)[1])
+
+    def candidates_batch(self, requests: Sequence[Request]) -> tuple[int, list[np.ndarray]]:
+        """The retrieval stage: (model version, each request's candidate item keys). A user's
+        candidates are the top `candidates` of the item index for the user's vector and the top
+        `candidates` trending items, seen items removed when asked; none for a user the model
+        knows nothing of."""
+        users = feature_keys("user", [r.user_id for r in requests])
+        none = np.zeros(0, np.uint64)
+        with self._lock:
+            state = self._state
+            out = [none] * len(requests)
+            if state.users is None or state.items is None or self._index is None:
+                return state.version, out
+            seen = self._seen(users, requests)
+            vectors, found = state.users.get(users)
+            known = np.flatnonzero(found | self._table_rows(USER_HISTORY, users).any(axis=1))
+            # a user without a row (history only) searches nothing: only the item biases would count
+            queries = TwoTower.user_queries(vectors)
+            searched = np.flatnonzero(found)
+            depth = self._candidates + max(len(seen[i]) for i in searched) if len(searched) else 0
+            ann = {  # each user's own depth, as if searched alone
+                i: found_items[: self._candidates + len(seen[i])]
+                for i, (found_items, _) in zip(
+                    searched.tolist(), self._index.search_batch(queries[searched], depth), strict=True
+                )
+            }
+            for i in known.tolist():
+                ann_items = _unseen(ann.get(i, none), seen[i])[: self._candidates]
+                popular = _unseen(state.popular_keys[: self._candidates + len(seen[i])], seen[i])
+                cand = np.concatenate([ann_items, popular])
+                out[i] = cand[np.sort(np.unique(cand, return_index=True)[1])][: 2 * self._candidates]
+            return state.version, out
+
+    def rank_batch(self, requests: Sequence[Request], candidates: Sequence[np.ndarray]) -> list[Recommendation]:
+        """The ranking stage: order each request's candidates (uint64 keys, from
+        `candidates_batch` here or on another replica) with one ranker forward pass, keep the
+        top k, fill a shortfall with trending items. Seen items are removed again when asked
+        (another replica's version may know fewer of them)."""
         users = feature_keys("user", [r.user_id for r in requests])
         with self._lock:
             state = self._state
-            seen = [
-                _seen(state.seen.get(int(u)) if r.exclude_seen else None) for u, r in zip(users, requests, strict=True)
-            ]
-            ranked = self._ranked(users, seen, [r.k for r in requests])
+            seen = self._seen(users, requests)
+            cands = [_unseen(np.asarray(c, np.uint64), s) for c, s in zip(candidates, seen, strict=True)]
+            ranked = self._ranked(users, cands, [r.k for r in requests])
             answers = []
             for (keys, scores), r, s in zip(ranked, requests, seen, strict=True):
                 if len(keys) < r.k:
@@ -184,49 +241,34 @@ class ServingReplica:
                 answers.append(Recommendation(uuid.uuid4().hex, state.version, items))
             return answers
 
-    def _ranked(self, users: np.ndarray, seen: list[np.ndarray], ks: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(keys, scores) of the ranked top k of each user [u]; empty for a user the model does not know."""
+    def _seen(self, users: np.ndarray, requests: Sequence[Request]) -> list[np.ndarray]:
+        """Each request's seen items (none unless it excludes them)."""
+        seen = self._state.seen
+        return [_seen(seen.get(int(u)) if r.exclude_seen else None) for u, r in zip(users, requests, strict=True)]
+
+    def _ranked(
+        self, users: np.ndarray, candidates: list[np.ndarray], ks: list[int]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(keys, scores) of the ranked top k of each user's candidates [u]."""
         state, none = self._state, (np.zeros(0, np.uint64), np.zeros(0, np.float32))
         out = [none] * len(users)
-        if state.users is None or state.items is None or self._index is None:
+        rows = [i for i, c in enumerate(candidates) if len(c)]
+        if not rows or state.users is None or state.items is None:
             return out
-        vectors, found = state.users.get(users)
-        history = self._table_rows(USER_HISTORY, users)
-        known = np.flatnonzero(found | history.any(axis=1))
-        if not len(known):
+        queries = TwoTower.user_queries(state.users.get(users)[0])
+        if self._scorer is None:  # no ranker yet: inner product (or `ranker`)
+            for i in rows:
+                scores = self._ranker.score(queries[i], state.items.get(candidates[i])[0])
+                out[i] = top_k(candidates[i], scores, ks[i])
             return out
-        # a user without a row (history only) searches nothing: only the item biases would count
-        queries = TwoTower.user_queries(vectors)
-        searched = np.flatnonzero(found)
-        depth = self._candidates + max(len(seen[i]) for i in searched) if len(searched) else 0
-        ann = {  # each user's own depth, as if searched alone
-            i: found_items[: self._candidates + len(seen[i])]
-            for i, (found_items, _) in zip(
-                searched.tolist(), self._index.search_batch(queries[searched], depth), strict=True
-            )
-        }
-        no_items = np.zeros(0, np.uint64)
-        if self._scorer is None:  # no ranker yet: the index's candidates by `ranker`
-            for i in known.tolist():
-                cand = _unseen(ann.get(i, no_items), seen[i])[: self._candidates]
-                if len(cand):
-                    scores = self._ranker.score(queries[i], state.items.get(cand)[0])
-                    out[i] = top_k(cand, scores, ks[i])
-            return out
-        candidates = []
-        for i in known.tolist():
-            ann_items = _unseen(ann.get(i, no_items), seen[i])[: self._candidates]
-            popular = _unseen(state.popular_keys[: self._candidates + len(seen[i])], seen[i])
-            cand = np.concatenate([ann_items, popular])
-            candidates.append(cand[np.sort(np.unique(cand, return_index=True)[1])][: 2 * self._candidates])
-        width = max(len(c) for c in candidates)
-        if width == 0:  # every candidate was seen
-            return out
-        cand = np.zeros((len(known), width), np.uint64)  # padded with key 0, masked below
-        valid = np.arange(width) < np.array([len(c) for c in candidates])[:, None]
-        cand[valid] = np.concatenate(candidates)
-        scores = np.where(valid, self._score(users[known], history[known], cand, queries[known]), -np.inf)
-        for row, i in enumerate(known.tolist()):
+        width = max(len(candidates[i]) for i in rows)
+        cand = np.zeros((len(rows), width), np.uint64)  # padded with key 0, masked below
+        valid = np.arange(width) < np.array([len(candidates[i]) for i in rows])[:, None]
+        cand[valid] = np.concatenate([candidates[i] for i in rows])
+        known = users[rows]
+        history = self._table_rows(USER_HISTORY, known)
+        scores = np.where(valid, self._score(known, history, cand, queries[rows]), -np.inf)
+        for row, i in enumerate(rows):
             out[i] = top_k(cand[row][valid[row]], scores[row][valid[row]], ks[i])
         return out
 

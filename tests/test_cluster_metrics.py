@@ -1,5 +1,5 @@
 """The compose cluster without Docker: the same `freshrec` commands as docker-compose.yml
-(gateway, trainer, two store shards) as real processes on loopback, with the real broker and
+(gateway, retrieval, ranking, trainer, two store shards) as real processes on loopback, with the real broker and
 a real Redis standing in for the `kafka` and `redis` services. Traffic goes in through the
 public API; then every /metrics is scraped and every series that a Grafana panel charts must
 be in a scrape, with the labels the query selects."""
@@ -81,7 +81,7 @@ def command(service: dict[str, Any], ports: dict[str, int], kafka: str, redis_ur
 
 @pytest.fixture(scope="module")
 def cluster(redis_server: str, kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
-    """Start store-0, store-1, trainer and gateway as compose describes them (their logs in a
+    """Start store-0, store-1, trainer, retrieval, ranking and gateway as compose describes them (their logs in a
     temporary folder); yields each service's metrics port (plus "http" and "grpc")."""
     logs = tmp_path_factory.mktemp("cluster-logs")
     services = freshrec_services(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
@@ -115,17 +115,22 @@ def cluster(redis_server: str, kafka_broker: str, tmp_path_factory: pytest.TempP
         argv = command(trainer, {}, kafka_broker, redis_server)
         start("trainer", [topic if a == kafka_broker else a for a in argv], env)
         gateway = services["gateway"]
+        gateway_env = {k: expand(str(v)) for k, v in gateway.get("environment", {}).items()}
+        for stage in ("retrieval", "ranking"):
+            stage_port, metrics_ports[stage] = free_port(), free_port()
+            ports = {"--grpc-port": stage_port, "--metrics-port": metrics_ports[stage]}
+            env = {k: expand(str(v)) for k, v in services[stage].get("environment", {}).items()}
+            start(stage, command(services[stage], ports, kafka_broker, redis_server), env)
+            variable = f"FRESHREC_{stage.upper()}_URL"  # the gateway finds the stage on this machine
+            assert gateway_env[variable].startswith(f"grpc://{stage}:")
+            gateway_env[variable] = f"grpc://127.0.0.1:{stage_port}"
         metrics_ports["gateway"] = metrics_ports["http"] = free_port()
         metrics_ports["grpc"] = free_port()
         argv = command(
             gateway, {"--port": metrics_ports["http"], "--grpc-port": metrics_ports["grpc"]}, kafka_broker, redis_server
         )
-        start(
-            "gateway",
-            [topic if a == kafka_broker else a for a in argv],
-            {k: expand(str(v)) for k, v in gateway.get("environment", {}).items()},
-        )
-        for name in ("store-0", "store-1", "trainer", "gateway"):
+        start("gateway", [topic if a == kafka_broker else a for a in argv], gateway_env)
+        for name in ("store-0", "store-1", "trainer", "retrieval", "ranking", "gateway"):
             wait_until(partial(scrape, metrics_ports[name]), 90, f"{name} to serve /metrics")
         yield metrics_ports
 
@@ -162,9 +167,15 @@ def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, in
             assert client.post("/v1/events", json={"events": events[b : b + 200]}).status_code == 200
         assert client.post("/v1/recommendations", json={"user_id": "", "k": 5}).status_code == 422
         wait_until(lambda: value(scrape(cluster["trainer"]), "freshrec_trainer_events_total") >= 1200, 120, "training")
-        wait_until(lambda: value(scrape(cluster["gateway"]), "freshrec_serving_version") >= 2, 60, "serving a version")
+        for stage in ("retrieval", "ranking"):
+            version = partial(lambda port: value(scrape(port), "freshrec_serving_version") >= 2, cluster[stage])
+            wait_until(version, 60, f"{stage} to serve a version")
+        ready = client.get("/readyz")  # ready once both stages are
+        assert ready.status_code == 200 and ready.json()["model_version"] >= 2
         for user in users[:5]:
-            assert client.post("/v1/recommendations", json={"user_id": user, "k": 5}).status_code == 200
+            # every one of the 17 items is seen by these users: ask for seen items too
+            answer = client.post("/v1/recommendations", json={"user_id": user, "k": 5, "exclude_seen": False})
+            assert answer.status_code == 200 and len(answer.json()["items"]) == 5
     with grpc.insecure_channel(f"127.0.0.1:{cluster['grpc']}") as channel:
         pb_grpc.GatewayStub(channel).Recommend(pb.RecommendRequest(user_id="u2", k=5), timeout=10)
 
@@ -180,6 +191,9 @@ def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, in
     assert value(scrapes["store-0"], "freshrec_requests_total", transport="store", code="OK") > 0
     assert value(scrapes["store-1"], "freshrec_requests_total", transport="store", code="OK") > 0
     assert value(scrapes["store-0"], "freshrec_store_ids") > 0 and value(scrapes["store-1"], "freshrec_store_ids") > 0
-    assert value(scrapes["gateway"], "freshrec_freshness_seconds_count") > 0
+    assert value(scrapes["ranking"], "freshrec_freshness_seconds_count") > 0
+    # recommendations went through the stage services (one batch per call or more calls)
+    assert value(scrapes["retrieval"], "freshrec_requests_total", transport="retrieval", method="Candidates") >= 1
+    assert value(scrapes["ranking"], "freshrec_requests_total", transport="ranking", method="Rank", code="OK") >= 1
     assert value(scrapes["gateway"], "freshrec_requests_total", transport="grpc", method="Recommend", code="OK") == 1
     assert value(scrapes["trainer"], "freshrec_trainer_progressive_auc") > 0

@@ -43,7 +43,7 @@ def test_cluster_has_kafka_kraft_redis_gateway_trainer(compose: dict[str, Any]) 
 def test_every_command_is_a_real_freshrec_subcommand(compose: dict[str, Any]) -> None:
     parser = build_parser()
     services = freshrec_services(compose)
-    assert {"gateway", "trainer", "replay", "store-0", "store-1"} <= set(services)
+    assert {"gateway", "trainer", "retrieval", "ranking", "replay", "store-0", "store-1"} <= set(services)
     for name, service in services.items():
         args = parser.parse_args([expand(str(a)) for a in service["command"][1:]])
         assert args.command == ("store-shard" if name.startswith("store-") else name)
@@ -93,7 +93,7 @@ def metrics_targets(compose: dict[str, Any]) -> dict[str, str]:
             targets[name] = f"{name}:{args.port}"
         elif args.command == "trainer":
             targets[name] = f"{name}:{service['environment']['FRESHREC_METRICS_PORT']}"
-        elif args.command == "store-shard":
+        elif args.command in ("store-shard", "retrieval", "ranking"):
             targets[name] = f"{name}:{args.metrics_port}"
     return targets
 
@@ -102,10 +102,21 @@ def test_prometheus_scrapes_every_freshrec_service(compose: dict[str, Any]) -> N
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     scraped = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     targets = metrics_targets(compose)
-    assert set(targets) == {"gateway", "trainer", "store-0", "store-1"}
+    assert set(targets) == {"gateway", "trainer", "retrieval", "ranking", "store-0", "store-1"}
     assert set(targets.values()) == scraped
     mount = "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
     assert mount in compose["services"]["prometheus"]["volumes"]
+
+
+def test_gateway_sends_the_serving_stages_to_the_stage_services(compose: dict[str, Any]) -> None:
+    parser, services = build_parser(), compose["services"]
+    env = {k: expand(str(v)) for k, v in services["gateway"]["environment"].items()}
+    for stage, variable in (("retrieval", "FRESHREC_RETRIEVAL_URL"), ("ranking", "FRESHREC_RANKING_URL")):
+        args = parser.parse_args([expand(str(a)) for a in services[stage]["command"][1:]])
+        assert env[variable] == f"grpc://{stage}:{args.grpc_port}"
+        assert "redis://redis:6379" in " ".join(services[stage]["command"])  # follows the serving store
+        assert f":{args.metrics_port}/metrics" in " ".join(services[stage]["healthcheck"]["test"])
+        assert services["gateway"]["depends_on"][stage]["condition"] == "service_healthy"
 
 
 def test_trainer_uses_both_store_shards(compose: dict[str, Any]) -> None:

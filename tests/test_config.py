@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from services.config import load_config
+from services.node import Node
 from trainer.config import TrainerConfig
 
 
@@ -28,7 +29,6 @@ def test_file_then_env_then_overrides(tmp_path: Path) -> None:
         ("[trainer]\ndim = 'big'\n", "trainer.dim: expected int"),
         ("[trainer]\ndim = 0\n", "trainer.dim"),
         ("log_url = 'kafak://x'\n", "log_url"),
-        ("log_url = 'kafka://h:1'\n", "memory:// must be used for both"),
         ("[server]\nhttp_port = 70000\n", "server.http_port"),
     ],
 )
@@ -37,6 +37,25 @@ def test_bad_values_name_their_path(tmp_path: Path, text: str, message: str) -> 
     path.write_text(text)
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(path, env={})
+
+
+@pytest.mark.parametrize(
+    ("roles", "env", "message"),
+    [
+        (("gateway", "trainer"), {"FRESHREC_LOG_URL": "kafka://h:1"}, "memory:// must be used for both"),
+        (("trainer",), {"FRESHREC_SERVING_STORE_URL": "redis://h:1"}, "memory:// must be used for both"),
+        (("retrieval",), {}, "serving_store_url: a retrieval service follows a shared store"),
+        (("ranking", "gateway"), {"FRESHREC_SERVING_STORE_URL": "redis://h:1"}, "a ranking service runs alone"),
+        (("gateway",), {"FRESHREC_RETRIEVAL_URL": "grpc://r:1"}, "set both (remote stages) or neither"),
+        (("gateway",), {"FRESHREC_RETRIEVAL_URL": "r:1", "FRESHREC_RANKING_URL": "grpc://k:2"}, "retrieval_url"),
+    ],
+)
+def test_roles_and_urls_that_cannot_work_together_are_refused(
+    roles: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    """Checked before anything is opened or connected."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Node(load_config(env=env), roles)
 
 
 def test_env_value_of_wrong_type_is_rejected() -> None:

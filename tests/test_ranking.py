@@ -123,13 +123,20 @@ def events(n: int, seed: int = 0) -> list[Event]:
     ]
 
 
-@pytest.mark.parametrize("index_kind", ["flat", "ivf", "hnsw"])
-def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) -> None:
+def trained(n: int = 3000) -> Trainer:
+    """A trainer after `n` events of `events` (its first sync carries the dense parameters)."""
     config = TrainerConfig(batch_size=128, blend_users=16)
     trainer = Trainer(config, MemoryLog().consumer("g"))
-    stream = events(3000)
+    stream = events(n)
     for b in range(0, len(stream), config.batch_size):
         trainer.train_events(stream[b : b + config.batch_size])
+    return trainer
+
+
+@pytest.mark.parametrize("index_kind", ["flat", "ivf", "hnsw"])
+def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) -> None:
+    trainer = trained()
+    config = trainer.config
     store = MemoryServingStore()
     replica = ServingReplica(store, candidates=20, index=IndexConfig(kind=index_kind, min_ann_items=1))
     message = trainer.collect_sync()

@@ -13,7 +13,7 @@ from services import metrics
 from services.config import ServerConfig
 from services.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.gateway.batcher import RecommendBatcher
-from services.serving import Recommendation, Request, ScoredItem, ServingReplica
+from services.serving import Recommendation, Recommender, Request, ScoredItem
 from trainer.eventlog.base import EventLog, LogUnavailable
 from trainer.events import Event, InvalidEvent, parse_event
 
@@ -38,20 +38,21 @@ class IngestResult:
 
 
 class Gateway:
-    """Validate and log events; answer recommendation calls from a serving replica (on one model
-    thread that batches them, `services.gateway.batcher`); `close()` stops that thread.
+    """Validate and log events; answer recommendation calls from a serving replica or the
+    remote stages (on one model thread that batches them, `services.gateway.batcher`);
+    `close()` stops that thread.
 
     Args:
         config: limits and defaults.
         event_log: where accepted events go (acknowledged only once it holds them).
-        replica: the serving replica answering recommendation calls.
+        recommender: what answers recommendation calls (`ServingReplica` or `RemoteStages`).
     """
 
-    def __init__(self, config: ServerConfig, event_log: EventLog, replica: ServingReplica) -> None:
+    def __init__(self, config: ServerConfig, event_log: EventLog, recommender: Recommender) -> None:
         self.config = config
         self.log = event_log
-        self.replica = replica
-        self._batcher = RecommendBatcher(replica.recommend_batch, config.recommend_batch, config.recommend_queue)
+        self.recommender = recommender
+        self._batcher = RecommendBatcher(recommender.recommend_batch, config.recommend_batch, config.recommend_queue)
 
     def ingest(self, raw_events: list[Any], transport: str) -> IngestResult:
         """Validate each event; append the good ones; report per event.
@@ -129,4 +130,4 @@ class Gateway:
         """Raises InvalidArgument for an empty item_id or bad k; NotFound for an unknown item."""
         if not item_id:
             raise InvalidArgument("item_id: is required")
-        return self.replica.similar_items(item_id, self._k(k))
+        return self.recommender.similar_items(item_id, self._k(k))

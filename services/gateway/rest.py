@@ -164,8 +164,8 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        ready = gateway.replica.bootstrapped.is_set()
-        body = {"ready": ready, "model_version": gateway.replica.version}
+        ready, version = gateway.recommender.status()
+        body = {"ready": ready, "model_version": version}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")

@@ -1,0 +1,58 @@
+from proto import freshrec_pb2 as _freshrec_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Call(_message.Message):
+    __slots__ = ("user_id", "k", "exclude_seen")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    k: int
+    exclude_seen: bool
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
+
+class StageRequest(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[Call]
+    def __init__(self, calls: _Optional[_Iterable[_Union[Call, _Mapping]]] = ...) -> None: ...
+
+class CandidatesResponse(_message.Message):
+    __slots__ = ("model_version", "items")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    items: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, model_version: _Optional[int] = ..., items: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class RankRequest(_message.Message):
+    __slots__ = ("calls", "candidates")
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[Call]
+    candidates: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, calls: _Optional[_Iterable[_Union[Call, _Mapping]]] = ..., candidates: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class RankResponse(_message.Message):
+    __slots__ = ("recommendations",)
+    RECOMMENDATIONS_FIELD_NUMBER: _ClassVar[int]
+    recommendations: _containers.RepeatedCompositeFieldContainer[_freshrec_pb2.RecommendResponse]
+    def __init__(self, recommendations: _Optional[_Iterable[_Union[_freshrec_pb2.RecommendResponse, _Mapping]]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("ready", "model_version")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    model_version: int
+    def __init__(self, ready: _Optional[bool] = ..., model_version: _Optional[int] = ...) -> None: ...
