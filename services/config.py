@@ -153,6 +153,8 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_MIN_COUNT": "trainer.min_count",
     "FRESHREC_TTL_S": "trainer.ttl_s",
     "FRESHREC_MAX_ROWS": "trainer.max_rows",
+    "FRESHREC_CHECKPOINT_DIR": "trainer.checkpoint_dir",
+    "FRESHREC_CHECKPOINT_INTERVAL_S": "trainer.checkpoint_interval_s",
 }
 """Environment variable -> config path. Only these variables are read."""
 

@@ -42,6 +42,11 @@ TRAINER_AUC = Gauge("freshrec_trainer_progressive_auc", "Progressive (score-befo
 TRAINER_LOGLOSS = Gauge("freshrec_trainer_progressive_logloss", "Progressive (score-before-train) log loss since start")
 TRAINER_LAG = Gauge("freshrec_trainer_consumer_lag", "Records of the trainer's partitions it has not read yet")
 TRAINER_RETRIEVAL_LOSS = Gauge("freshrec_trainer_retrieval_loss", "In-batch softmax loss of the latest step")
+TRAINER_CHECKPOINT_AGE = Gauge(
+    "freshrec_trainer_checkpoint_age_seconds",
+    "Seconds since the newest checkpoint (since the trainer started, before its first; NaN with checkpoints off)",
+)
+TRAINER_CHECKPOINTS = Counter("freshrec_trainer_checkpoints_total", "Checkpoints the trainer has written")
 
 SYNC_VERSION = Gauge("freshrec_sync_published_version", "Latest version published by the trainer")
 SYNC_ROWS = Counter("freshrec_sync_rows_total", "Rows published to the serving store", ["table"])

@@ -68,6 +68,9 @@ class Node:
         if not self.stage and memory_log != memory_store:
             # One process can share in-memory parts, two cannot: mixing would silently split state.
             raise ValueError("log_url/serving_store_url: memory:// must be used for both or neither")
+        if "trainer" in self.roles and memory_log and config.trainer.checkpoint_dir:
+            # a checkpoint's offsets point into a log that dies with the process
+            raise ValueError("trainer.checkpoint_dir: checkpoints need a durable event log (kafka://), not memory://")
         # a stage reads only the serving store: it never opens the event log
         self.log = None if self.stage else open_log(config.log_url, partitions=config.log_partitions)
         self.store = open_serving_store(config.serving_store_url)
@@ -80,6 +83,8 @@ class Node:
         self._grpc: GrpcEdge | None = None
 
         self.trainer: Trainer | None = None
+        self._started_s = time.time()
+        self._checkpoints_counted = 0
         self.publisher: SyncPublisher | None = None
         if "trainer" in self.roles:
             assert self.log is not None
@@ -116,6 +121,13 @@ class Node:
         metrics.TRAINER_EVENTS.inc(step.events)
         metrics.TRAINER_INVALID.inc(step.invalid)
         metrics.TRAINER_LAG.set(self.trainer.lag)
+        if self.config.trainer.checkpoint_dir:
+            since = self.trainer.last_checkpoint_s or self._started_s
+            metrics.TRAINER_CHECKPOINT_AGE.set(max(time.time() - since, 0.0))
+            metrics.TRAINER_CHECKPOINTS.inc(self.trainer.checkpoints_written - self._checkpoints_counted)
+            self._checkpoints_counted = self.trainer.checkpoints_written
+        else:
+            metrics.TRAINER_CHECKPOINT_AGE.set(float("nan"))
         metrics.TRAINER_EXAMPLES.inc(step.examples)
         if step.examples:
             metrics.TRAINER_LOSS.set(step.loss)

@@ -80,7 +80,15 @@ def command(service: dict[str, Any], ports: dict[str, int], kafka: str, redis_ur
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server: str, kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trainer's checkpoint folder (the compose volume shared with the shards)."""
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    redis_server: str, kafka_broker: str, tmp_path_factory: pytest.TempPathFactory, checkpoints: Path
+) -> Iterator[dict[str, int]]:
     """Start store-0, store-1, trainer, retrieval, ranking and gateway as compose describes them (their logs in a
     temporary folder); yields each service's metrics port (plus "http" and "grpc")."""
     logs = tmp_path_factory.mktemp("cluster-logs")
@@ -110,6 +118,8 @@ def cluster(redis_server: str, kafka_broker: str, tmp_path_factory: pytest.TempP
         metrics_ports["trainer"] = free_port()
         env["FRESHREC_METRICS_PORT"] = str(metrics_ports["trainer"])
         env["FRESHREC_GROUP_ID"] = "trainer-cluster-test"
+        env["FRESHREC_CHECKPOINT_DIR"] = str(checkpoints)
+        env["FRESHREC_CHECKPOINT_INTERVAL_S"] = "2"
         for name, port in shard_ports.items():
             env["FRESHREC_STORE_URL"] = env["FRESHREC_STORE_URL"].replace(f"{name}:7070", f"127.0.0.1:{port}")
         argv = command(trainer, {}, kafka_broker, redis_server)
@@ -147,7 +157,7 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
-def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, int]) -> None:
+def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, int], checkpoints: Path) -> None:
     url = f"http://127.0.0.1:{cluster['http']}"
     users = [f"u{u}" for u in range(30)]
     with httpx.Client(base_url=url, timeout=10) as client:
@@ -197,3 +207,8 @@ def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, in
     assert value(scrapes["ranking"], "freshrec_requests_total", transport="ranking", method="Rank", code="OK") >= 1
     assert value(scrapes["gateway"], "freshrec_requests_total", transport="grpc", method="Recommend", code="OK") == 1
     assert value(scrapes["trainer"], "freshrec_trainer_progressive_auc") > 0
+    # checkpoints: the trainer's state and both shards' tables in one complete checkpoint
+    wait_until(lambda: value(scrape(cluster["trainer"]), "freshrec_trainer_checkpoints_total") >= 1, 30, "a checkpoint")
+    assert 0 <= value(scrape(cluster["trainer"]), "freshrec_trainer_checkpoint_age_seconds") < 30
+    newest = max(p for p in checkpoints.iterdir() if (p / "trainer.pt").is_file())
+    assert sorted(p.name for p in (newest / "store").iterdir()) == ["shard-0-of-2", "shard-1-of-2"]

@@ -132,6 +132,17 @@ def test_trainer_uses_both_store_shards(compose: dict[str, Any]) -> None:
     assert {"store-0", "store-1"} <= set(services["trainer"]["depends_on"])
 
 
+def test_trainer_checkpoints_to_a_volume_its_shards_share(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    path = services["trainer"]["environment"]["FRESHREC_CHECKPOINT_DIR"]
+    mount = f"trainer-checkpoints:{path}"
+    for name in ("trainer", "store-0", "store-1"):  # remote shards save their tables on their host
+        assert mount in services[name]["volumes"], name
+    assert "trainer-checkpoints" in compose["volumes"]
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):  # a new volume takes the image folder's owner
+        assert f"chown -R freshrec {Path(path).parent}" in (ROOT / "deploy" / dockerfile).read_text()
+
+
 def test_grafana_is_provisioned_with_prometheus_and_the_dashboards(compose: dict[str, Any]) -> None:
     grafana = compose["services"]["grafana"]
     mounts = {v.split(":")[0]: v.split(":")[1] for v in grafana["volumes"]}

@@ -45,6 +45,7 @@ def test_bad_values_name_their_path(tmp_path: Path, text: str, message: str) -> 
         (("gateway", "trainer"), {"FRESHREC_LOG_URL": "kafka://h:1"}, "memory:// must be used for both"),
         (("trainer",), {"FRESHREC_SERVING_STORE_URL": "redis://h:1"}, "memory:// must be used for both"),
         (("retrieval",), {}, "serving_store_url: a retrieval service follows a shared store"),
+        (("gateway", "trainer"), {"FRESHREC_CHECKPOINT_DIR": "/tmp/x"}, "checkpoints need a durable event log"),
         (("ranking", "gateway"), {"FRESHREC_SERVING_STORE_URL": "redis://h:1"}, "a ranking service runs alone"),
         (("gateway",), {"FRESHREC_RETRIEVAL_URL": "grpc://r:1"}, "set both (remote stages) or neither"),
         (("gateway",), {"FRESHREC_RETRIEVAL_URL": "r:1", "FRESHREC_RANKING_URL": "grpc://k:2"}, "retrieval_url"),

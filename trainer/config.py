@@ -52,6 +52,11 @@ class TrainerConfig:
             trending count (`ranking.blend`); 0 freezes the blend.
         blend_candidates: trending items each of those pairs competes with.
         seed: seed of row initialisation and negative sampling.
+        checkpoint_dir: where the trainer writes checkpoints (`trainer.checkpoint`) and resumes
+            from the newest at start; "" disables them (offsets are then committed after each
+            step). With remote store shards the path is the shards' too (a shared volume).
+        checkpoint_interval_s: how often (wall clock) a checkpoint is written.
+        checkpoints_kept: complete checkpoints kept on disk (older ones are deleted).
 
     Raises:
         ValueError: a value is out of range; the message names the field.
@@ -86,6 +91,9 @@ class TrainerConfig:
     blend_users: int = 32
     blend_candidates: int = 100
     seed: int = 0
+    checkpoint_dir: str = ""
+    checkpoint_interval_s: float = 30.0
+    checkpoints_kept: int = 2
 
     def __post_init__(self) -> None:
         checks = {
@@ -117,6 +125,8 @@ class TrainerConfig:
             "popular_items": self.popular_items >= 1,
             "blend_users": 0 <= self.blend_users <= 100_000,
             "blend_candidates": 1 <= self.blend_candidates <= 100_000,
+            "checkpoint_interval_s": self.checkpoint_interval_s > 0,
+            "checkpoints_kept": self.checkpoints_kept >= 1,
         }
         for name, ok in checks.items():
             if not ok:

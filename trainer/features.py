@@ -74,6 +74,9 @@ class _Bounded(OrderedDict[int, list[int]]):
         super().__init__()
         self.limit = limit
 
+    def __reduce__(self) -> tuple[object, ...]:  # pickling (checkpoints): keep the limit and the order
+        return type(self), (self.limit,), None, None, iter(self.items())
+
     def put(self, key: int, value: list[int]) -> None:
         self[key] = value
         self.move_to_end(key)

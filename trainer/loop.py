@@ -7,11 +7,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from embedding_store import Store, feature_keys, open_store
 from trainer.catalog import ItemCatalog
+from trainer.checkpoint import load_latest, save_checkpoint
 from trainer.config import TrainerConfig
 from trainer.evaluation import StreamingAUC
 from trainer.eventlog.base import LogConsumer, LogRecord, LogUnavailable
@@ -58,8 +61,11 @@ class Trainer:
     one sighting per event for the frequency filter; a retrieval step (two-tower, in-batch
     softmax with logQ correction) on the positives; a ranking step (DIN + DCN-v2, BCE) on all
     labelled examples, each scored *before* the step (progressive AUC and log loss); the
-    users' histories grow by the positives. Only then are the consumed offsets committed — a
-    crash replays events rather than losing them (at-least-once training).
+    users' histories grow by the positives. Offsets are committed only for events reflected in
+    saved state: with `checkpoint_dir` set, after each checkpoint (every
+    `checkpoint_interval_s`, and at stop) — a restart resumes from the newest checkpoint and
+    the log replays the rest; without, after each step. Either way a crash replays events
+    rather than losing them (at-least-once training); see `trainer.checkpoint`.
 
     Args:
         config: trainer settings.
@@ -108,20 +114,86 @@ class Trainer:
         self._accepted: list[np.ndarray] = []  # acceptance times (ms) of events trained since the last sync
         self._rng = np.random.default_rng(config.seed)
         self._lock = threading.Lock()  # between training steps and sync collection
+        self._offsets: dict[int, int] = {}  # per partition: the offset after the last record trained on
+        self.last_checkpoint_s = 0.0  # unix time of the newest checkpoint written or resumed from
+        self.checkpoints_written = 0
+        self._next_checkpoint = time.monotonic() + config.checkpoint_interval_s
+        if config.checkpoint_dir:
+            state = load_latest(Path(config.checkpoint_dir), self.store)
+            if state is not None:
+                self.load_state_dict(state)
 
     def poll_and_train(self) -> StepResult:
         """Poll one batch from the log, train on it, commit its offsets."""
         records = self._consumer.poll(self.config.batch_size, self.config.poll_timeout_s)
+        # records the state already reflects (resumed from a checkpoint whose offsets were not
+        # committed before a crash) are skipped: each event counts once in the state
+        records = [r for r in records if r.offset >= self._offsets.get(r.partition, 0)]
         if time.monotonic() >= self._next_lag:  # on this thread: a Kafka consumer is not thread-safe
             self.lag = self._consumer.lag()
             self._next_lag = time.monotonic() + LAG_INTERVAL_S
         result = self.train_records(records)
-        if records:
-            offsets: dict[int, int] = {}
-            for r in records:
-                offsets[r.partition] = max(offsets.get(r.partition, 0), r.offset + 1)
-            self._consumer.commit(offsets)
+        for r in records:
+            self._offsets[r.partition] = max(self._offsets.get(r.partition, 0), r.offset + 1)
+        if not self.config.checkpoint_dir:
+            if records:
+                self._consumer.commit(dict(self._offsets))
+        elif time.monotonic() >= self._next_checkpoint:
+            try:
+                self.checkpoint()
+            except Exception:  # keep training; offsets stay uncommitted until a checkpoint succeeds
+                log.exception("checkpoint failed; retrying in %.0f s", self.config.checkpoint_interval_s)
+                self._next_checkpoint = time.monotonic() + self.config.checkpoint_interval_s
         return result
+
+    def checkpoint(self) -> Path | None:
+        """Write a checkpoint (`trainer.checkpoint`), then commit the offsets it reflects; on
+        the training thread (a Kafka consumer is not thread-safe). None without `checkpoint_dir`."""
+        if not self.config.checkpoint_dir:
+            return None
+        with self._lock:
+            state = self.state_dict()
+            path = save_checkpoint(Path(self.config.checkpoint_dir), self.store, state, self.config.checkpoints_kept)
+        self.last_checkpoint_s = state["written_at"]
+        self.checkpoints_written += 1
+        self._next_checkpoint = time.monotonic() + self.config.checkpoint_interval_s
+        if state["offsets"]:
+            try:
+                self._consumer.commit(state["offsets"])
+            except LogUnavailable as e:  # harmless: records the state has are skipped if read again
+                log.warning("offsets of checkpoint %s not committed (%s); the next checkpoint commits", path.name, e)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the store's tables that training and the next sync depend on."""
+        return {
+            "written_at": time.time(),
+            "offsets": dict(self._offsets),
+            "event_time_s": self.event_time_s,
+            "events_trained": self.events_trained,
+            "invalid_records": self.invalid_records,
+            "models": self.models.state_dict(),
+            "catalog": self.catalog,
+            "features": self.features,
+            "joiner": self.joiner,
+            "auc": self.auc,
+            "seen": list(self._seen),
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` (the store is restored separately). The catalog,
+        features, joiner and AUC are updated in place: the models hold references to them."""
+        self._offsets = dict(state["offsets"])
+        self.event_time_s = state["event_time_s"]
+        self.events_trained = state["events_trained"]
+        self.invalid_records = state["invalid_records"]
+        self.models.load_state_dict(state["models"])
+        for name in ("catalog", "features", "joiner", "auc"):
+            vars(getattr(self, name)).update(vars(state[name]))
+        self._seen = list(state["seen"])
+        self._rng.bit_generator.state = state["rng"]
+        self.last_checkpoint_s = state["written_at"]
 
     def train_records(self, records: list[LogRecord]) -> StepResult:
         events: list[Event] = []
@@ -243,6 +315,10 @@ class Trainer:
             except LogUnavailable as e:
                 log.warning("event log unavailable: %s; retrying", e)
                 stop.wait(1.0)
+        try:
+            self.checkpoint()  # what was trained since the last one is kept, its offsets committed
+        except Exception:
+            log.exception("final checkpoint failed; the log replays from the previous one")
         self.close()
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ loss is a sum over examples, so a row gets the same step whatever the batch size
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -310,6 +311,17 @@ class OnlineModels:
         order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
         cold = ~self.users.get(user_keys)[1] & (history == 0).all(axis=1)
         return [trending_lists[r] if cold[r] else c[o] for r, (c, o) in enumerate(zip(cand, order, strict=True))]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Dense modules, their optimizers and the sampling generator (checkpoints; the
+        sparse rows are the store's)."""
+        parts = ("two_tower", "ranker", "dense_optimizer", "blend", "blend_optimizer")
+        return {**{name: getattr(self, name).state_dict() for name in parts}, "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("two_tower", "ranker", "dense_optimizer", "blend", "blend_optimizer"):
+            getattr(self, name).load_state_dict(state[name])
+        self._rng.bit_generator.state = state["rng"]
 
     def dense_state(self) -> dict[str, np.ndarray]:
         """Copies of the ranker's and the blend's dense parameters, for serving."""

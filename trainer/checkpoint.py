@@ -1,0 +1,98 @@
+"""Trainer checkpoints: the embedding store, the dense models and every piece of trainer state,
+with the log offsets they reflect, written together and resumed from at start.
+
+Layout under the checkpoint directory::
+
+    ckpt-000000000007/
+        store/          Store.save(): one checksummed snapshot per table (per shard, on the
+                        shard's host when the store is remote: give the shards the same path)
+        trainer.pt      everything else (torch.save), written last: tmp file, fsync, rename
+
+A checkpoint is complete once its `trainer.pt` exists; the newest complete one is what
+`load_latest` returns, so a crash while writing leaves the previous checkpoint in charge.
+The `checkpoints_kept` newest complete checkpoints are kept, and older ones — complete or
+not — are deleted after each write.
+
+Guarantee (with `Trainer`): offsets are committed to the log only after the checkpoint that
+reflects them is complete, so every acknowledged event is trained on at least once: a
+restart resumes from the checkpoint and the log replays what came after it (events trained
+after the checkpoint, before the crash, are trained again). `trainer.pt` is a pickle: load
+checkpoints only from a directory you trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from embedding_store import Store
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_NAME = re.compile(r"ckpt-(\d{12})")
+_STATE = "trainer.pt"
+
+
+def _checkpoints(directory: Path) -> list[tuple[int, Path, bool]]:
+    """(sequence, path, complete) of every checkpoint folder, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        m = _NAME.fullmatch(path.name)
+        if m and path.is_dir():
+            found.append((int(m.group(1)), path, (path / _STATE).is_file()))
+    return sorted(found)
+
+
+def save_checkpoint(directory: Path, store: Store, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write one checkpoint of `store` and `state` (the trainer's `state_dict()`); returns its folder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = _checkpoints(directory)
+    path = directory / f"ckpt-{(existing[-1][0] + 1) if existing else 1:012d}"
+    path.mkdir()
+    store.save(path / "store")
+    tmp = path / f"{_STATE}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / _STATE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    complete = [p for _, p, done in _checkpoints(directory) if done]
+    for _, old, done in _checkpoints(directory):
+        if old != path and (not done or old in complete[:-keep]):
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_latest(directory: Path, store: Store) -> dict[str, Any] | None:
+    """Restore `store` from the newest complete checkpoint and return its trainer state (None
+    when there is none).
+
+    Raises:
+        ValueError: the checkpoint is of another format, or its store snapshot does not fit
+            the store (other table configs or shard count).
+        embedding_store.snapshot.CorruptSnapshot: a table snapshot is damaged.
+    """
+    complete = [(seq, path) for seq, path, done in _checkpoints(directory) if done]
+    if not complete:
+        return None
+    _, path = complete[-1]
+    state: dict[str, Any] = torch.load(path / _STATE, weights_only=False)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path}: format {state.get('format')!r}, expected {FORMAT}")
+    store.restore(path / "store")
+    log.info("restored checkpoint %s (offsets %s)", path.name, state.get("offsets"))
+    return state
