@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -105,6 +106,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         metrics_url=args.metrics_url,
         watch_user=args.watch_user,
+        api_key=args.api_key,
     )
     return 0 if report.trained and report.accepted == report.sent else 1
 
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--metrics-url", help="trainer /metrics URL (default: URL/metrics)")
     rp.add_argument("--batch-size", type=int, default=500)
     rp.add_argument("--watch-user", help="show this user's recommendations as the replay goes")
+    rp.add_argument(
+        "--api-key", default=os.environ.get("FRESHREC_API_KEY"), help="the gateway's API key (env FRESHREC_API_KEY)"
+    )
     rp.set_defaults(func=cmd_replay)
 
     qs = sub.add_parser("quickstart", help="start embedded, replay MovieLens-100K, keep the API up")

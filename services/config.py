@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.index import IndexConfig
+from services.gateway.auth import parse_api_keys
 from trainer.config import TrainerConfig
 
 
@@ -40,6 +41,10 @@ class ServerConfig:
             refused as unavailable (HTTP 503, gRPC UNAVAILABLE) instead of queueing without end.
         request_timeout_s: longest a recommendation call may wait and run (a gRPC deadline can
             make it shorter); past it the caller gets a deadline error (504, DEADLINE_EXCEEDED).
+        api_keys: API keys and their scopes, `scopes:secret;...` (`services.gateway.auth`);
+            empty turns authentication off.
+        rate_limit_per_s: calls per second per API key (0: no limit).
+        max_body_bytes: largest REST request body; larger ones get 413 unread.
         retrieval_url, ranking_url: `grpc://HOST:PORT` of a `freshrec retrieval` and a
             `freshrec ranking` service; a gateway given both sends the serving stages there
             instead of running them on a replica of its own (both or neither).
@@ -57,6 +62,9 @@ class ServerConfig:
     request_timeout_s: float = 2.0
     retrieval_url: str = ""
     ranking_url: str = ""
+    api_keys: str = field(default="", repr=False)
+    rate_limit_per_s: float = 0.0
+    max_body_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in ("recommend_batch", "recommend_queue"):
@@ -77,6 +85,11 @@ class ServerConfig:
             url = getattr(self, name)
             if url and (not url.startswith("grpc://") or ":" not in url[len("grpc://") :]):
                 raise ValueError(f"server.{name}: expected grpc://HOST:PORT, got {url!r}")
+        parse_api_keys(self.api_keys)  # raises naming the entry, never the secret
+        if self.rate_limit_per_s < 0:
+            raise ValueError(f"server.rate_limit_per_s: must be >= 0, got {self.rate_limit_per_s}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"server.max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
         if bool(self.retrieval_url) != bool(self.ranking_url):
             raise ValueError("server.retrieval_url/ranking_url: set both (remote stages) or neither")
 
@@ -130,6 +143,9 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_REQUEST_TIMEOUT_S": "server.request_timeout_s",
     "FRESHREC_RETRIEVAL_URL": "server.retrieval_url",
     "FRESHREC_RANKING_URL": "server.ranking_url",
+    "FRESHREC_API_KEYS": "server.api_keys",
+    "FRESHREC_RATE_LIMIT_PER_S": "server.rate_limit_per_s",
+    "FRESHREC_MAX_BODY_BYTES": "server.max_body_bytes",
     "FRESHREC_INDEX": "index.kind",
     "FRESHREC_INDEX_NPROBE": "index.nprobe",
     "FRESHREC_INDEX_EF_SEARCH": "index.ef_search",

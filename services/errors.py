@@ -19,6 +19,27 @@ class InvalidArgument(FreshrecError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Unauthenticated(FreshrecError):
+    """No API key, or not a known one."""
+
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(FreshrecError):
+    """The API key lacks the scope the call needs."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(FreshrecError):
+    """Over a rate limit; retry later. The call did nothing."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class NotFound(FreshrecError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND

@@ -36,6 +36,9 @@ EVENTS_REJECTED = Counter("freshrec_events_rejected_total", "Events rejected by 
 
 TRAINER_EVENTS = Counter("freshrec_trainer_events_total", "Events the trainer has trained on")
 TRAINER_INVALID = Counter("freshrec_trainer_invalid_records_total", "Log records the trainer could not decode")
+TRAINER_DUPLICATES = Counter(
+    "freshrec_trainer_duplicate_events_total", "Redelivered events dropped (an event_id already trained on)"
+)
 TRAINER_EXAMPLES = Counter("freshrec_trainer_examples_total", "Labelled examples trained on")
 TRAINER_LOSS = Gauge("freshrec_trainer_loss", "BCE loss of the latest training step")
 TRAINER_AUC = Gauge("freshrec_trainer_progressive_auc", "Progressive (score-before-train) AUC since start")

@@ -120,6 +120,7 @@ class Node:
         assert self.trainer is not None
         metrics.TRAINER_EVENTS.inc(step.events)
         metrics.TRAINER_INVALID.inc(step.invalid)
+        metrics.TRAINER_DUPLICATES.inc(step.duplicates)
         metrics.TRAINER_LAG.set(self.trainer.lag)
         if self.config.trainer.checkpoint_dir:
             since = self.trainer.last_checkpoint_s or self._started_s

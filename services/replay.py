@@ -39,6 +39,14 @@ def read_metric(client: httpx.Client, metrics_url: str, name: str) -> float:
     return float(sum(values)) if values else float("nan")
 
 
+def read_consumed(client: httpx.Client, metrics_url: str) -> float:
+    """Events the trainer has taken from the log: trained on, or dropped as copies of events
+    it had trained on (a replay of the same data again)."""
+    names = ("freshrec_trainer_events_total", "freshrec_trainer_duplicate_events_total")
+    values = [read_metric(client, metrics_url, name) for name in names]
+    return sum(0.0 if math.isnan(v) else v for v in values)
+
+
 def show_recommendations(
     client: httpx.Client,
     url: str,
@@ -69,6 +77,7 @@ def replay(
     checkpoints: int = 4,
     wait_s: float = 300.0,
     out: Callable[[str], None] = print,
+    api_key: str | None = None,
 ) -> ReplayReport:
     """Post `dataset.events` in order, `batch_size` per call, at about `rate` events/s (0 = as
     fast as the gateway takes them); then wait until the trainer has trained on all of them.
@@ -77,14 +86,16 @@ def replay(
         metrics_url: where the trainer's /metrics are (default: `url`/metrics, embedded mode).
         watch_user: show this user's recommendations at `checkpoints` points of the stream.
         wait_s: longest wait for the trainer to catch up.
+        api_key: sent as `Authorization: Bearer` when the gateway wants keys (ingest and
+            recommend scopes, or admin).
     """
     metrics_url = metrics_url or f"{url}/metrics"
     events = dataset.events
     marks = {len(events) * c // checkpoints for c in range(1, checkpoints + 1)}
     accepted = 0
-    with httpx.Client(timeout=30.0) as client:
-        trained_before = read_metric(client, metrics_url, "freshrec_trainer_events_total")
-        trained_before = 0.0 if math.isnan(trained_before) else trained_before  # no series yet
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    with httpx.Client(timeout=30.0, headers=headers) as client:
+        trained_before = read_consumed(client, metrics_url)
         if watch_user:
             show_recommendations(client, url, watch_user, dataset.item_names, "before replay", out=out)
         start = time.perf_counter()
@@ -111,7 +122,7 @@ def replay(
         deadline = time.monotonic() + wait_s
         trained = False
         while time.monotonic() < deadline:
-            if read_metric(client, metrics_url, "freshrec_trainer_events_total") - trained_before >= accepted:
+            if read_consumed(client, metrics_url) - trained_before >= accepted:
                 trained = True
                 break
             time.sleep(0.25)

@@ -163,7 +163,7 @@ def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, in
     with httpx.Client(base_url=url, timeout=10) as client:
         events = [
             {
-                "event_id": f"c{n}",
+                "event_id": f"c{n}-{kind}",
                 "user_id": users[n % 30],
                 "item_id": f"i{n % 17}",
                 "type": kind,

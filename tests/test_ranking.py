@@ -112,7 +112,7 @@ def events(n: int, seed: int = 0) -> list[Event]:
     items = np.where(rng.random(n) < 0.9, users % 4, rng.integers(0, 4, n)) + 4 * rng.integers(0, 15, n)
     return [
         Event(
-            f"e{k}",
+            f"e{seed}-{k}",
             f"u{u}",
             f"i{i}",
             "click",

@@ -52,6 +52,8 @@ class TrainerConfig:
             trending count (`ranking.blend`); 0 freezes the blend.
         blend_candidates: trending items each of those pairs competes with.
         seed: seed of row initialisation and negative sampling.
+        dedup_window: distinct event ids remembered to drop redelivered copies
+            (`trainer.dedup`); a copy arriving after that many other events is trained again.
         checkpoint_dir: where the trainer writes checkpoints (`trainer.checkpoint`) and resumes
             from the newest at start; "" disables them (offsets are then committed after each
             step). With remote store shards the path is the shards' too (a shared volume).
@@ -91,6 +93,7 @@ class TrainerConfig:
     blend_users: int = 32
     blend_candidates: int = 100
     seed: int = 0
+    dedup_window: int = 200_000
     checkpoint_dir: str = ""
     checkpoint_interval_s: float = 30.0
     checkpoints_kept: int = 2
@@ -126,6 +129,7 @@ class TrainerConfig:
             "blend_users": 0 <= self.blend_users <= 100_000,
             "blend_candidates": 1 <= self.blend_candidates <= 100_000,
             "checkpoint_interval_s": self.checkpoint_interval_s > 0,
+            "dedup_window": self.dedup_window >= 1,
             "checkpoints_kept": self.checkpoints_kept >= 1,
         }
         for name, ok in checks.items():

@@ -16,6 +16,7 @@ from embedding_store import Store, feature_keys, open_store
 from trainer.catalog import ItemCatalog
 from trainer.checkpoint import load_latest, save_checkpoint
 from trainer.config import TrainerConfig
+from trainer.dedup import RecentEvents
 from trainer.evaluation import StreamingAUC
 from trainer.eventlog.base import LogConsumer, LogRecord, LogUnavailable
 from trainer.events import Event, InvalidEvent
@@ -33,16 +34,18 @@ class StepResult:
     """What one training step did.
 
     Args:
-        events: events decoded from the polled records.
+        events: events trained on (decoded from the polled records, duplicates dropped).
         invalid: records that could not be decoded (skipped, counted).
         examples: labelled examples trained on (positives, negatives, sampled negatives).
         loss: mean BCE loss of the step (NaN if there were no examples).
+        duplicates: redelivered events dropped (`trainer.dedup`).
     """
 
     events: int
     invalid: int
     examples: int
     loss: float
+    duplicates: int = 0
 
 
 def _pair_ids(users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -109,6 +112,8 @@ class Trainer:
         self.lag = 0  # records of its partitions the trainer has not read (refreshed every LAG_INTERVAL_S)
         self._next_lag = 0.0
         self.invalid_records = 0
+        self.duplicates = 0  # redelivered events dropped (same event_id within `dedup_window`)
+        self.recent = RecentEvents(config.dedup_window)
         self._on_step = on_step
         self._seen: list[tuple[np.ndarray, np.ndarray]] = []
         self._accepted: list[np.ndarray] = []  # acceptance times (ms) of events trained since the last sync
@@ -172,6 +177,8 @@ class Trainer:
             "event_time_s": self.event_time_s,
             "events_trained": self.events_trained,
             "invalid_records": self.invalid_records,
+            "duplicates": self.duplicates,
+            "recent": self.recent,
             "models": self.models.state_dict(),
             "catalog": self.catalog,
             "features": self.features,
@@ -188,6 +195,8 @@ class Trainer:
         self.event_time_s = state["event_time_s"]
         self.events_trained = state["events_trained"]
         self.invalid_records = state["invalid_records"]
+        self.duplicates = state["duplicates"]
+        self.recent = state["recent"]
         self.models.load_state_dict(state["models"])
         for name in ("catalog", "features", "joiner", "auc"):
             vars(getattr(self, name)).update(vars(state[name]))
@@ -224,8 +233,13 @@ class Trainer:
 
     def _train(self, events: list[Event], invalid: int) -> StepResult:
         self.invalid_records += invalid
+        first = self.recent.first_seen([e.event_id for e in events])
+        duplicates = int((~first).sum())
+        if duplicates:
+            self.duplicates += duplicates
+            events = [e for e, keep in zip(events, first.tolist(), strict=True) if keep]
         if not events:
-            return StepResult(0, invalid, 0, float("nan"))
+            return StepResult(0, invalid, 0, float("nan"), duplicates)
         now = self.event_time_s = max(self.event_time_s, max(e.timestamp_ms for e in events) / 1000.0)
         user_keys = feature_keys("user", (e.user_id for e in events))
         item_keys = feature_keys("item", (e.item_id for e in events))
@@ -241,7 +255,7 @@ class Trainer:
 
         examples = self.joiner.push(events)
         if not examples:
-            return StepResult(len(events), invalid, 0, float("nan"))
+            return StepResult(len(events), invalid, 0, float("nan"), duplicates)
         u = feature_keys("user", (x.event.user_id for x in examples))
         i = feature_keys("item", (x.event.item_id for x in examples))
         y = np.fromiter((x.label for x in examples), dtype=np.float32, count=len(examples))
@@ -256,7 +270,7 @@ class Trainer:
         self.features.add_history(u[pos], i[pos])
         if self.learning and time.monotonic() >= self._next_expiry:
             self.expire()
-        return StepResult(len(events), invalid, len(y_all), ranked.loss)
+        return StepResult(len(events), invalid, len(y_all), ranked.loss, duplicates)
 
     def _sample_negatives(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`negatives` sampled items per positive pair without impressions, minus accidental hits."""

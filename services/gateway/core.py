@@ -12,6 +12,7 @@ from typing import Any
 from services import metrics
 from services.config import ServerConfig
 from services.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from services.gateway.auth import Guard, parse_api_keys
 from services.gateway.batcher import RecommendBatcher
 from services.serving import Recommendation, Recommender, Request, ScoredItem
 from trainer.eventlog.base import EventLog, LogUnavailable
@@ -52,6 +53,7 @@ class Gateway:
         self.config = config
         self.log = event_log
         self.recommender = recommender
+        self.guard = Guard(parse_api_keys(config.api_keys), config.rate_limit_per_s)
         self._batcher = RecommendBatcher(recommender.recommend_batch, config.recommend_batch, config.recommend_queue)
 
     def ingest(self, raw_events: list[Any], transport: str) -> IngestResult:

@@ -24,6 +24,7 @@ from proto import freshrec_pb2_grpc as pb_grpc
 from services import metrics
 from services.errors import FreshrecError
 from services.gateway import pb as adapt
+from services.gateway.auth import bearer
 from services.gateway.core import Gateway
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
-    async def _call(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self, method: str, scope: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]
+    ) -> T:
         start = time.perf_counter()
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:  # the caller has given up already: do no work
@@ -46,6 +49,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded before it started")
         code = grpc.StatusCode.OK
         try:
+            metadata = {m.key: m.value for m in context.invocation_metadata() or () if isinstance(m.value, str)}
+            self._gateway.guard.check(bearer(metadata.get("authorization"), metadata.get("x-api-key")), scope)
             return await fn()
         except FreshrecError as e:
             code = e.grpc_code
@@ -64,7 +69,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             events = [adapt.event_from_pb(e) for e in request.events]
             return adapt.ingest_to_pb(self._gateway.ingest(events, transport="grpc"))
 
-        return await self._call("Ingest", context, lambda: asyncio.to_thread(run))
+        return await self._call("Ingest", "ingest", context, lambda: asyncio.to_thread(run))
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
         async def run() -> pb.RecommendResponse:
@@ -72,14 +77,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             rec = await self._gateway.recommend(request.user_id, request.k, adapt.exclude_seen(request), deadline)
             return adapt.recommendation_to_pb(rec)
 
-        return await self._call("Recommend", context, run)
+        return await self._call("Recommend", "recommend", context, run)
 
     async def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.aio.ServicerContext) -> Any:
         def run() -> pb.SimilarItemsResponse:
             version, items = self._gateway.similar_items(request.item_id, request.k)
             return pb.SimilarItemsResponse(model_version=version, items=adapt.items_to_pb(items))
 
-        return await self._call("SimilarItems", context, lambda: asyncio.to_thread(run))
+        return await self._call("SimilarItems", "recommend", context, lambda: asyncio.to_thread(run))
 
 
 class GrpcEdge:

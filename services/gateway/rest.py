@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services import metrics
-from services.errors import FreshrecError, Unavailable
+from services.errors import FreshrecError, ResourceExhausted, Unavailable
+from services.gateway.auth import bearer
 from services.gateway.core import Gateway
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,55 @@ class _Observe:
             metrics.REQUEST_LATENCY.labels("rest", method).observe(time.perf_counter() - start)
 
 
+class _LimitBody:
+    """Refuses request bodies over `max_bytes` with 413 before the app reads them (declared
+    lengths at once; chunked bodies once they pass the limit)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) <= self.max_bytes:
+            await self.app(scope, receive, send)
+            return
+        if declared is None:  # chunked: read up to the limit, then hand the body on
+            chunks, size, more = [], 0, True
+            while more and size <= self.max_bytes:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+            if size <= self.max_bytes:
+                body, sent = b"".join(chunks), False
+
+                async def replay() -> Message:
+                    nonlocal sent
+                    if sent:
+                        return await receive()
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                await self.app(scope, replay, send)
+                return
+        response = _error(413, "PayloadTooLarge", f"request body over {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     """The REST application for `gateway`."""
     app = FastAPI(title="freshrec", version="0.1.0", description="Online-training recommendations.")
 
     @app.exception_handler(FreshrecError)
     async def _freshrec_error(request: Request, exc: FreshrecError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if isinstance(exc, Unavailable) else None
+        headers = {"Retry-After": "1"} if isinstance(exc, Unavailable | ResourceExhausted) else None
         return _error(exc.http_status, type(exc).__name__, str(exc), headers)
 
     @app.exception_handler(RequestValidationError)
@@ -122,10 +165,16 @@ def create_app(gateway: Gateway) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "Internal", "internal error")
 
+    app.add_middleware(_LimitBody, max_bytes=gateway.config.max_body_bytes)
     app.add_middleware(_Observe)
 
+    def authorize(request: Request, scope: str) -> None:
+        presented = bearer(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        gateway.guard.check(presented, scope)
+
     @app.post("/v1/events", response_model=EventsResponse)
-    def ingest(body: EventsRequest) -> EventsResponse:
+    def ingest(body: EventsRequest, request: Request) -> EventsResponse:
+        authorize(request, "ingest")
         result = gateway.ingest(body.events, transport="rest")
         return EventsResponse(
             accepted=result.accepted,
@@ -141,7 +190,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     @app.post("/v1/recommendations", response_model=RecommendResponse)
-    async def recommend(body: RecommendRequest) -> Response:
+    async def recommend(body: RecommendRequest, request: Request) -> Response:
+        authorize(request, "recommend")
         rec = await gateway.recommend(body.user_id, body.k, body.exclude_seen)
         answer = RecommendResponse(
             request_id=rec.request_id,
@@ -152,7 +202,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         return Response(answer.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarResponse)
-    def similar(item_id: str, k: int | None = Query(default=None, ge=1)) -> SimilarResponse:
+    def similar(request: Request, item_id: str, k: int | None = Query(default=None, ge=1)) -> SimilarResponse:
+        authorize(request, "recommend")
         version, items = gateway.similar_items(item_id, k)
         return SimilarResponse(
             model_version=version, items=[ScoredItemBody(item_id=i.item_id, score=i.score) for i in items]
