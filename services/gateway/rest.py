@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,12 +20,33 @@ from services import metrics
 from services.errors import FreshrecError, ResourceExhausted, Unavailable
 from services.gateway.auth import bearer
 from services.gateway.core import Gateway
+from trainer.events import MAX_CONTEXT_ENTRIES, MAX_ID_LENGTH
 
 log = logging.getLogger(__name__)
 
 
+class EventBody(BaseModel):
+    """One event as the OpenAPI spec shows it. Not used to validate: the gateway validates each
+    event of a batch on its own (`trainer.events.parse_event`), so one bad event does not fail
+    the others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="idempotency key")
+    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    type: Literal["impression", "click", "like", "share", "purchase", "rating", "dwell", "skip"]
+    timestamp_ms: int = Field(default=0, ge=0, lt=1 << 53, description="0 or absent: time of acceptance")
+    request_id: str | None = Field(default=None, description="the recommendation that showed the item")
+    value: float | None = Field(default=None, ge=-1e9, le=1e9, description="required for rating and dwell")
+    context: dict[str, str] = Field(default_factory=dict, max_length=MAX_CONTEXT_ENTRIES)
+
+
 class EventsRequest(BaseModel):
-    events: list[Any] = Field(description="Events to ingest; each is validated on its own.")
+    events: list[Any] = Field(
+        description="Events to ingest; each is validated on its own.",
+        json_schema_extra={"items": EventBody.model_json_schema()},
+    )
 
 
 class EventError(BaseModel):
