@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import freshrec_pb2 as proto_dot_freshrec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x13\x66reshrec.serving.v1\x1a\x14proto/freshrec.proto\"8\n\x04\x43\x61ll\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\"8\n\x0cStageRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\":\n\x12\x43\x61ndidatesResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x03(\x0c\"K\n\x0bRankRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"G\n\x0cRankResponse\x12\x37\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1e.freshrec.v1.RecommendResponse\"\x0f\n\rStatusRequest\"6\n\x0eStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x32\x8d\x02\n\tRetrieval\x12X\n\nCandidates\x12!.freshrec.serving.v1.StageRequest\x1a\'.freshrec.serving.v1.CandidatesResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponse2\xa9\x01\n\x07Ranking\x12K\n\x04Rank\x12 .freshrec.serving.v1.RankRequest\x1a!.freshrec.serving.v1.RankResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x13\x66reshrec.serving.v1\x1a\x14proto/freshrec.proto\"8\n\x04\x43\x61ll\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\"8\n\x0cStageRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\":\n\x12\x43\x61ndidatesResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x03(\x0c\"K\n\x0bRankRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"G\n\x0cRankResponse\x12\x37\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1e.freshrec.v1.RecommendResponse\"\x0f\n\rStatusRequest\"K\n\x0eStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0bstore_age_s\x18\x03 \x01(\x01\x32\x8d\x02\n\tRetrieval\x12X\n\nCandidates\x12!.freshrec.serving.v1.StageRequest\x1a\'.freshrec.serving.v1.CandidatesResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponse2\xa9\x01\n\x07Ranking\x12K\n\x04Rank\x12 .freshrec.serving.v1.RankRequest\x1a!.freshrec.serving.v1.RankResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=392
   _globals['_STATUSREQUEST']._serialized_end=407
   _globals['_STATUSRESPONSE']._serialized_start=409
-  _globals['_STATUSRESPONSE']._serialized_end=463
-  _globals['_RETRIEVAL']._serialized_start=466
-  _globals['_RETRIEVAL']._serialized_end=735
-  _globals['_RANKING']._serialized_start=738
-  _globals['_RANKING']._serialized_end=907
+  _globals['_STATUSRESPONSE']._serialized_end=484
+  _globals['_RETRIEVAL']._serialized_start=487
+  _globals['_RETRIEVAL']._serialized_end=756
+  _globals['_RANKING']._serialized_start=759
+  _globals['_RANKING']._serialized_end=928
 # @@protoc_insertion_point(module_scope)

@@ -50,9 +50,11 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("ready", "model_version")
+    __slots__ = ("ready", "model_version", "store_age_s")
     READY_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STORE_AGE_S_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     model_version: int
-    def __init__(self, ready: _Optional[bool] = ..., model_version: _Optional[int] = ...) -> None: ...
+    store_age_s: float
+    def __init__(self, ready: _Optional[bool] = ..., model_version: _Optional[int] = ..., store_age_s: _Optional[float] = ...) -> None: ...

@@ -88,7 +88,12 @@ class Node:
         self.publisher: SyncPublisher | None = None
         if "trainer" in self.roles:
             assert self.log is not None
-            self.trainer = Trainer(config.trainer, self.log.consumer(config.trainer.group_id), on_step=self._on_step)
+            self.trainer = Trainer(
+                config.trainer,
+                self.log.consumer(config.trainer.group_id),
+                on_step=self._on_step,
+                dead_letter=self.log.dead_letter,
+            )
             metrics.STORE.watch(self._store_stats)
             self.publisher = SyncPublisher(
                 self.trainer.collect_sync,

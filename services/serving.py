@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,23 @@ class Recommendation:
     items: list[ScoredItem]
 
 
+@dataclass(frozen=True)
+class ServingStatus:
+    """What /readyz reports.
+
+    Args:
+        ready: the model is loaded (bootstrapped from the serving store).
+        model_version: the version answering calls.
+        store_age_s: seconds since the serving store last answered (a replica keeps serving its
+            last version while the store is down; this says how stale that may be). NaN before
+            the first answer.
+    """
+
+    ready: bool
+    model_version: int
+    store_age_s: float
+
+
 class Recommender(Protocol):
     """What a gateway answers recommendation calls with: a local `ServingReplica`, or the
     remote retrieval and ranking services (`services.stages.RemoteStages`)."""
@@ -59,9 +77,7 @@ class Recommender(Protocol):
 
     def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]: ...
 
-    def status(self) -> tuple[bool, int]:
-        """(ready to serve the model, model version)."""
-        ...
+    def status(self) -> ServingStatus: ...
 
 
 class ServingReplica:
@@ -103,18 +119,20 @@ class ServingReplica:
         self._scorer: CandidateScorer | None = None
         self._lock = threading.RLock()
         self.bootstrapped = threading.Event()
+        self._store_seen_s = 0.0  # unix time the store last answered a read
 
     @property
     def version(self) -> int:
         return self._state.version
 
-    def status(self) -> tuple[bool, int]:
-        """(bootstrapped from the store, model version)."""
-        return self.bootstrapped.is_set(), self.version
+    def status(self) -> ServingStatus:
+        age = time.time() - self._store_seen_s if self._store_seen_s else float("nan")
+        return ServingStatus(self.bootstrapped.is_set(), self.version, age)
 
     def bootstrap(self) -> None:
         """Load the store's current state, replacing everything local."""
         self.apply(self._store.snapshot())
+        self._store_seen_s = time.time()
         self.bootstrapped.set()
 
     def apply(self, message: SyncMessage) -> None:
@@ -164,6 +182,7 @@ class ServingReplica:
             log.warning("%s; bootstrapping again", e)
             self.bootstrap()
             return 1
+        self._store_seen_s = time.time()
         for message in messages:
             self.apply(message)
         return len(messages)

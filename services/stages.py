@@ -17,6 +17,7 @@ answer's model version is the ranking replica's.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import TypeVar
@@ -29,7 +30,7 @@ from proto import serving_pb2 as spb
 from proto import serving_pb2_grpc as spb_grpc
 from services import metrics
 from services.errors import FreshrecError, InvalidArgument, NotFound, Unavailable
-from services.serving import Recommendation, Request, ScoredItem, ServingReplica
+from services.serving import Recommendation, Request, ScoredItem, ServingReplica, ServingStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,7 +88,7 @@ class RetrievalServicer(spb_grpc.RetrievalServicer):
         return _answer(context, run)
 
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusResponse:
-        return spb.StatusResponse(ready=self._replica.bootstrapped.is_set(), model_version=self._replica.version)
+        return _status(self._replica)
 
 
 class RankingServicer(spb_grpc.RankingServicer):
@@ -115,7 +116,12 @@ class RankingServicer(spb_grpc.RankingServicer):
         return _answer(context, run)
 
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusResponse:
-        return spb.StatusResponse(ready=self._replica.bootstrapped.is_set(), model_version=self._replica.version)
+        return _status(self._replica)
+
+
+def _status(replica: ServingReplica) -> spb.StatusResponse:
+    status = replica.status()
+    return spb.StatusResponse(ready=status.ready, model_version=status.model_version, store_age_s=status.store_age_s)
 
 
 def serve_stage(stage: str, replica: ServingReplica, address: str, workers: int = 4) -> tuple[grpc.Server, int]:
@@ -192,14 +198,16 @@ class RemoteStages:
         reply = self._rpc("retrieval", self._retrieval.SimilarItems, pb.SimilarItemsRequest(item_id=item_id, k=k))
         return reply.model_version, [ScoredItem(i.item_id, i.score) for i in reply.items]
 
-    def status(self) -> tuple[bool, int]:
-        """(ready, model version): ready when both stages are; the ranking stage's version."""
+    def status(self) -> ServingStatus:
+        """Ready when both stages are; the ranking stage's version; the staler store age."""
         try:
             retrieval = self._retrieval.Status(spb.StatusRequest(), timeout=1.0)
             ranking = self._ranking.Status(spb.StatusRequest(), timeout=1.0)
         except grpc.RpcError:
-            return False, 0
-        return retrieval.ready and ranking.ready, ranking.model_version
+            return ServingStatus(False, 0, float("nan"))
+        ages = (retrieval.store_age_s, ranking.store_age_s)
+        age = float("nan") if any(math.isnan(a) for a in ages) else max(ages)
+        return ServingStatus(retrieval.ready and ranking.ready, ranking.model_version, age)
 
     def close(self) -> None:
         for channel in self._channels:

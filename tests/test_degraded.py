@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 from services.local_servers import free_port, wait_until
 from tests.nodes import rest, running_node
@@ -37,6 +38,13 @@ def test_gateway_starts_without_redis_and_recovers_when_it_appears(kafka_url: st
                 return [i["item_id"] for i in body["items"]] == ["i1"]
 
             wait_until(served, 30, "the event trained while Redis was down to reach serving")
+            fresh = client.get("/readyz").json()
+            assert fresh["store_age_s"] < 2 and fresh["stale"] is False
         finally:
             server.terminate()
             server.wait(10)
+        # Redis gone again: the last applied version keeps serving; /readyz says how old it is
+        time.sleep(2.5)
+        assert served()
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["store_age_s"] > 2

@@ -1,4 +1,5 @@
-"""One suite for the EventLog interface, run against the in-process log and real Kafka."""
+"""One suite for the EventLog interface, run against the in-process log and real Kafka (and
+the trainer's dead-lettering of records it cannot use, on both)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import uuid
 import pytest
 
 from services.local_servers import wait_until
+from trainer.config import TrainerConfig
 from trainer.eventlog import EventLog, LogConsumer, LogRecord, MemoryLog, open_log
+from trainer.eventlog.kafka import KafkaConsumer, KafkaLog, KafkaProducer  # imported there without warnings
 from trainer.events import Event
+from trainer.loop import Trainer
 
 
 def events(n: int, users: int = 5, start: int = 0) -> list[Event]:
@@ -116,3 +120,60 @@ def test_memory_polls_take_turns_across_partitions() -> None:
     consumer = log.consumer("g")
     first, second = consumer.poll(50, 0.0), consumer.poll(50, 0.0)
     assert {r.partition for r in first} != {r.partition for r in second}, "a backlog in one partition starved the other"
+
+
+BAD_RECORDS = {  # raw value -> the field (or problem) its dead-letter reason must name
+    b"\xff\xfe not UTF-8": "not a JSON object",
+    b"{not json": "not a JSON object",
+    b"[" * 50_000: "RecursionError",  # nesting deep enough to exhaust the parser's stack
+    b"[1, 2]": "event must be an object",
+    b'{"event_id": "b1", "user_id": "u", "item_id": "i", "type": "rating", "timestamp_ms": 5, "value": NaN}': "value",
+    b'{"event_id": "b2", "user_id": "u", "item_id": "i", "type": "click", "timestamp_ms": 1e400}': "timestamp_ms",
+    b'{"event_id": "b3", "user_id": "u", "item_id": "i", "type": "click", "timestamp_ms": -5}': "timestamp_ms",
+    b'{"event_id": "b4", "user_id": "", "item_id": "i", "type": "click", "timestamp_ms": 5}': "user_id",
+    b'{"event_id": "b5", "user_id": "u", "item_id": "i", "type": "click", "timestamp_ms": 5, "x": 1}': "x",
+}
+
+
+def write_raw(event_log: EventLog, values: list[bytes]) -> None:
+    """Records as a producer other than the gateway might write them."""
+    if isinstance(event_log, MemoryLog):
+        event_log.append_raw(values)
+        return
+    assert isinstance(event_log, KafkaLog)
+    producer = KafkaProducer(bootstrap_servers=event_log.bootstrap, acks="all")
+    for value in values:
+        producer.send(event_log.topic, value=value)
+    producer.flush(10)
+    producer.close()
+
+
+def dead_lettered(event_log: EventLog, expected: int) -> dict[bytes, str]:
+    if isinstance(event_log, MemoryLog):
+        return {d.record.value: d.reason for d in event_log.dead_letters}
+    assert isinstance(event_log, KafkaLog)
+    consumer = KafkaConsumer(
+        event_log.dead_letter_topic,
+        bootstrap_servers=event_log.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=15_000,
+    )
+    found: dict[bytes, str] = {}
+    for message in consumer:
+        found[message.value] = dict(message.headers)["reason"].decode()
+        if len(found) >= expected:
+            break
+    consumer.close()
+    return found
+
+
+def test_bad_records_are_dead_lettered_with_their_reason(event_log: EventLog) -> None:
+    write_raw(event_log, list(BAD_RECORDS))
+    event_log.append(events(10))
+    trainer = Trainer(TrainerConfig(), event_log.consumer("dlq"), dead_letter=event_log.dead_letter)
+    wait_until(lambda: trainer.poll_and_train() is not None and trainer.events_trained >= 10, 30, "the good events")
+    assert trainer.events_trained == 10 and trainer.invalid_records == len(BAD_RECORDS)
+    letters = dead_lettered(event_log, len(BAD_RECORDS))
+    assert set(letters) == set(BAD_RECORDS)
+    for value, needle in BAD_RECORDS.items():
+        assert needle in letters[value], (value[:40], letters[value])

@@ -53,7 +53,8 @@ def test_remote_stages_answer_as_the_local_replica(stages: tuple[ServingReplica,
         np.testing.assert_allclose([i.score for i in theirs.items], [i.score for i in mine.items], rtol=1e-6)
         assert theirs.model_version == mine.model_version == local.version and len(theirs.items) == r.k
     assert len({a.request_id for a in remote_answers}) == len(requests)
-    assert remote.status() == (True, local.version)
+    status = remote.status()
+    assert (status.ready, status.model_version) == (True, local.version) and 0 <= status.store_age_s < 60
     version, similar = remote.similar_items("i3", 5)
     assert (version, similar) == local.similar_items("i3", 5)
 
@@ -96,6 +97,6 @@ def test_unreachable_stages_are_unavailable() -> None:
     try:
         with pytest.raises(Unavailable, match="retrieval service"):
             remote.recommend_batch([Request("u1", 5)])
-        assert remote.status() == (False, 0)
+        assert not remote.status().ready
     finally:
         remote.close()

@@ -91,8 +91,8 @@ class Event:
         """Decode an event from the log; raises `InvalidEvent` for anything malformed."""
         try:
             obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidEvent("", f"not a JSON object: {e}") from e
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError
+            raise InvalidEvent("", f"not a JSON object: {type(e).__name__}: {e}"[:300]) from e
         return parse_event(obj)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from trainer.checkpoint import load_latest, save_checkpoint
 from trainer.config import TrainerConfig
 from trainer.dedup import RecentEvents
 from trainer.evaluation import StreamingAUC
-from trainer.eventlog.base import LogConsumer, LogRecord, LogUnavailable
+from trainer.eventlog.base import DeadLetter, LogConsumer, LogRecord, LogUnavailable
 from trainer.events import Event, InvalidEvent
 from trainer.features import FeatureConfig, FeatureState
 from trainer.joiner import Joiner, JoinerConfig
@@ -76,6 +76,8 @@ class Trainer:
         store: the embedding store holding `trainer.models.TABLES` (default: opened from
             `config.store_url`).
         on_step: called after each step (metrics).
+        dead_letter: where undecodable records go with their reasons (`EventLog.dead_letter`);
+            without it they are only logged and counted.
 
     Example:
         >>> from trainer.eventlog import MemoryLog
@@ -92,6 +94,7 @@ class Trainer:
         consumer: LogConsumer,
         store: Store | None = None,
         on_step: Callable[[StepResult], None] | None = None,
+        dead_letter: Callable[[Sequence[DeadLetter]], None] | None = None,
     ) -> None:
         self.config = config
         self._consumer = consumer
@@ -115,6 +118,7 @@ class Trainer:
         self.duplicates = 0  # redelivered events dropped (same event_id within `dedup_window`)
         self.recent = RecentEvents(config.dedup_window)
         self._on_step = on_step
+        self._dead_letter = dead_letter
         self._seen: list[tuple[np.ndarray, np.ndarray]] = []
         self._accepted: list[np.ndarray] = []  # acceptance times (ms) of events trained since the last sync
         self._rng = np.random.default_rng(config.seed)
@@ -207,15 +211,23 @@ class Trainer:
     def train_records(self, records: list[LogRecord]) -> StepResult:
         events: list[Event] = []
         accepted_ms: list[int] = []
-        invalid = 0
+        dead: list[DeadLetter] = []
         for record in records:
             try:
                 events.append(Event.from_json(record.value))
                 accepted_ms.append(record.timestamp_ms)
             except InvalidEvent as e:
-                invalid += 1
-                log.warning("skipping undecodable record p%d@%d: %s", record.partition, record.offset, e)
-        return self.train_events(events, invalid, np.array(accepted_ms, dtype=np.int64))
+                dead.append(DeadLetter(record, f"{e.field}: {e.message}" if e.field else e.message))
+                log.warning("dead-lettering undecodable record p%d@%d: %s", record.partition, record.offset, e)
+            except Exception as e:  # whatever a record holds, it must not stop training
+                dead.append(DeadLetter(record, f"undecodable: {type(e).__name__}"))
+                log.exception("dead-lettering record p%d@%d", record.partition, record.offset)
+        if dead and self._dead_letter is not None:
+            try:
+                self._dead_letter(dead)
+            except LogUnavailable as e:  # still counted and logged; training goes on
+                log.warning("could not dead-letter %d records: %s", len(dead), e)
+        return self.train_events(events, len(dead), np.array(accepted_ms, dtype=np.int64))
 
     def train_events(self, events: list[Event], invalid: int = 0, accepted_ms: np.ndarray | None = None) -> StepResult:
         """One step on decoded events (what `train_records` does after decoding; replays call it directly).

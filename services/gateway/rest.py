@@ -5,6 +5,7 @@ other handlers are plain `def`s that FastAPI runs in its own thread pool."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from services.gateway.core import Gateway
 from trainer.events import MAX_CONTEXT_ENTRIES, MAX_ID_LENGTH
 
 log = logging.getLogger(__name__)
+STALE_AFTER_S = 10.0  # /readyz says "stale" when the serving store has not answered for longer
 
 
 class EventBody(BaseModel):
@@ -236,9 +238,11 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        ready, version = gateway.recommender.status()
-        body = {"ready": ready, "model_version": version}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        status = gateway.recommender.status()
+        age = None if math.isnan(status.store_age_s) else round(status.store_age_s, 3)
+        stale = age is None or age > STALE_AFTER_S
+        body = {"ready": status.ready, "model_version": status.model_version, "store_age_s": age, "stale": stale}
+        return JSONResponse(body, status_code=200 if status.ready else 503)
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlparse
 
-from trainer.eventlog.base import EventLog, LogConsumer, LogRecord, LogUnavailable, partition_for
+from trainer.eventlog.base import DeadLetter, EventLog, LogConsumer, LogRecord, LogUnavailable, partition_for
 from trainer.eventlog.memory import MemoryLog
 
 
@@ -34,4 +34,13 @@ def open_log(url: str, partitions: int = 4) -> EventLog:
     raise ValueError(f"event log URL {url!r}: unknown scheme {parsed.scheme!r} (use memory:// or kafka://)")
 
 
-__all__ = ["EventLog", "LogConsumer", "LogRecord", "LogUnavailable", "MemoryLog", "open_log", "partition_for"]
+__all__ = [
+    "DeadLetter",
+    "EventLog",
+    "LogConsumer",
+    "LogRecord",
+    "LogUnavailable",
+    "MemoryLog",
+    "open_log",
+    "partition_for",
+]

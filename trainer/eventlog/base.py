@@ -38,6 +38,14 @@ class LogRecord:
     timestamp_ms: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record the trainer could not use, with why (the field and the problem)."""
+
+    record: LogRecord
+    reason: str
+
+
 class LogConsumer(Protocol):
     """A member of a consumer group reading the log."""
 
@@ -73,6 +81,15 @@ class EventLog(Protocol):
 
     def consumer(self, group: str) -> LogConsumer:
         """Join consumer group `group`, starting from its committed offsets (or the start)."""
+        ...
+
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep records nobody can train on, with their reasons, beside the log (Kafka: topic
+        `<topic>.dead-letter`, the raw value with `reason` and `source` headers).
+
+        Raises:
+            LogUnavailable: they could not be written.
+        """
         ...
 
     def close(self) -> None: ...

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
-from trainer.eventlog.base import LogRecord, LogUnavailable
+from trainer.eventlog.base import DeadLetter, LogRecord, LogUnavailable
 from trainer.events import Event
 
 with warnings.catch_warnings():
@@ -56,11 +58,48 @@ class KafkaLog:
     def _ensure_topic(self) -> None:
         admin = KafkaAdminClient(bootstrap_servers=self._bootstrap, request_timeout_ms=10000)
         try:
-            admin.create_topics([NewTopic(self._topic, self._partitions, 1)])
-        except TopicAlreadyExistsError:
-            pass
+            for topic, partitions in ((self._topic, self._partitions), (self.dead_letter_topic, 1)):
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    admin.create_topics([NewTopic(topic, partitions, 1)])
         finally:
             admin.close()
+
+    @property
+    def bootstrap(self) -> str:
+        return self._bootstrap
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self._topic}.dead-letter"
+
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        self._send(
+            self.dead_letter_topic,
+            [
+                {
+                    "value": d.record.value,
+                    "headers": [
+                        ("reason", d.reason.encode("utf-8")),
+                        ("source", f"{self._topic}/{d.record.partition}@{d.record.offset}".encode()),
+                    ],
+                }
+                for d in letters
+            ],
+        )
+
+    def _send(self, topic: str, records: list[dict[str, Any]]) -> None:
+        """Produce `records` (keyword arguments of `KafkaProducer.send`) and wait for every ack."""
+        try:
+            futures = [self._producer.send(topic, **record) for record in records]
+            self._producer.flush(timeout=self._timeout_s)
+            for f in futures:
+                f.get(timeout=self._timeout_s)
+        except KafkaError as e:
+            raise LogUnavailable(f"kafka://{self._bootstrap}/{topic}: {e}") from e
 
     @property
     def partitions(self) -> int:
@@ -68,16 +107,8 @@ class KafkaLog:
 
     def append(self, events: Sequence[Event]) -> None:
         now_ms = int(time.time() * 1000)  # the record timestamp: when freshrec accepted the event
-        try:
-            futures = [
-                self._producer.send(self._topic, key=e.user_id.encode("utf-8"), value=e.to_json(), timestamp_ms=now_ms)
-                for e in events
-            ]
-            self._producer.flush(timeout=self._timeout_s)
-            for f in futures:
-                f.get(timeout=self._timeout_s)
-        except KafkaError as e:
-            raise LogUnavailable(f"kafka://{self._bootstrap}/{self._topic}: {e}") from e
+        records = [{"key": e.user_id.encode("utf-8"), "value": e.to_json(), "timestamp_ms": now_ms} for e in events]
+        self._send(self._topic, records)
 
     def consumer(self, group: str) -> KafkaLogConsumer:
         return KafkaLogConsumer(self._bootstrap, self._topic, group)

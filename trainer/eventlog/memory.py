@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from trainer.eventlog.base import LogRecord, partition_for
+from trainer.eventlog.base import DeadLetter, LogRecord, partition_for
 from trainer.events import Event
 
 
@@ -34,6 +34,7 @@ class MemoryLog:
             raise ValueError(f"partitions: must be >= 1, got {partitions}")
         self._partitions: list[list[tuple[bytes, int]]] = [[] for _ in range(partitions)]  # (value, append ms)
         self._committed: dict[str, dict[int, int]] = {}
+        self.dead_letters: list[DeadLetter] = []
         self._members: dict[str, list[MemoryConsumer]] = {}
         self._cond = threading.Condition()
 
@@ -48,6 +49,17 @@ class MemoryLog:
             for partition, value in encoded:
                 self._partitions[partition].append((value, now_ms))
             self._cond.notify_all()
+
+    def append_raw(self, values: Sequence[bytes], partition: int = 0) -> None:
+        """Append records as they are, as a producer other than the gateway might."""
+        with self._cond:
+            now_ms = int(time.time() * 1000)
+            self._partitions[partition].extend((v, now_ms) for v in values)
+            self._cond.notify_all()
+
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        with self._cond:
+            self.dead_letters.extend(letters)
 
     def consumer(self, group: str) -> MemoryConsumer:
         member = MemoryConsumer(self, group)
