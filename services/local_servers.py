@@ -83,6 +83,13 @@ def tansu_binary() -> Path:
 @contextmanager
 def kafka_broker() -> Iterator[str]:
     """A Kafka-protocol broker keeping data in memory; yields host:port."""
+    with kafka_broker_process() as (address, _):
+        yield address
+
+
+@contextmanager
+def kafka_broker_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`kafka_broker`, also yielding the process (to stop and continue it in fault tests)."""
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     command = [
@@ -95,8 +102,8 @@ def kafka_broker() -> Iterator[str]:
         "--storage-engine",
         "memory://tansu/",
     ]
-    with _server(command, port, "tansu broker"):
-        yield f"127.0.0.1:{port}"
+    with _server(command, port, "tansu broker") as proc:
+        yield f"127.0.0.1:{port}", proc
 
 
 @contextmanager

@@ -12,8 +12,9 @@ def open_log(url: str, partitions: int = 4) -> EventLog:
     """Open the event log at `url`.
 
     - `memory://` — in-process log (embedded mode).
-    - `kafka://HOST:PORT[/TOPIC][?partitions=N]` — topic on a Kafka-protocol broker
-      (default topic "events").
+    - `kafka://HOST:PORT[/TOPIC][?partitions=N&timeout_s=S]` — topic on a Kafka-protocol broker
+      (default topic "events"); `timeout_s` (default 10) bounds how long an append waits for
+      the broker before the caller is told the log is unavailable (HTTP 503).
 
     Raises:
         ValueError: unknown scheme or malformed URL (the message names the URL).
@@ -30,7 +31,13 @@ def open_log(url: str, partitions: int = 4) -> EventLog:
         from trainer.eventlog.kafka import KafkaLog
 
         topic = parsed.path.strip("/") or "events"
-        return KafkaLog(parsed.netloc, topic=topic, partitions=partitions)
+        try:
+            timeout_s = float(query.get("timeout_s", ["10"])[0])
+        except ValueError:
+            timeout_s = -1.0
+        if not timeout_s > 0:
+            raise ValueError(f"event log URL {url!r}: timeout_s must be a positive number of seconds")
+        return KafkaLog(parsed.netloc, topic=topic, partitions=partitions, request_timeout_s=timeout_s)
     raise ValueError(f"event log URL {url!r}: unknown scheme {parsed.scheme!r} (use memory:// or kafka://)")
 
 
