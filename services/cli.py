@@ -16,7 +16,7 @@ import redis
 from prometheus_client import start_http_server
 
 from services import metrics
-from services.config import Config, load_config
+from services.config import load_config
 from services.datasets import DATASETS, DatasetUnavailable, load_dataset
 from services.node import Node
 from services.replay import replay
@@ -42,7 +42,7 @@ def _stage_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9100, 0: none)")
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     kafka = getattr(args, "kafka", None)
     overrides: dict[str, Any] = {
         "server.host": args.host,
@@ -52,7 +52,7 @@ def _config(args: argparse.Namespace) -> Config:
         "serving_store_url": args.redis,
         "metrics_port": getattr(args, "metrics_port", None),
     }
-    return load_config(args.config, overrides=overrides)
+    return overrides
 
 
 def _serve(node: Node, then: Callable[[], int | None] | None = None) -> int:
@@ -72,7 +72,13 @@ def _serve(node: Node, then: Callable[[], int | None] | None = None) -> int:
 
 
 def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "trainer")) -> int:
-    config = _config(args)
+    overrides = _overrides(args)
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir:  # durable embedded mode: the log on disk, checkpoints beside it
+        overrides["trainer.checkpoint_dir"] = f"{data_dir}/checkpoints"
+        if not args.kafka:
+            overrides["log_url"] = f"file://{data_dir}/log"
+    config = load_config(args.config, overrides=overrides)
     node = Node(config, roles)
     if "gateway" in roles:
         print(f"freshrec {'+'.join(roles)}: log {config.log_url}, serving store {config.serving_store_url}", flush=True)
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="all-in-one: gateway + trainer (embedded unless --kafka/--redis)")
     _server_flags(up)
+    up.add_argument(
+        "--data-dir", help="keep the embedded log (fsync'd before acknowledging) and checkpoints here; resume from them"
+    )
     up.set_defaults(func=cmd_up)
     gateway = sub.add_parser("gateway", help="cluster role: REST + gRPC gateway with a serving replica")
     _server_flags(gateway)

@@ -122,8 +122,8 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
-        if not self.log_url.startswith(("memory://", "kafka://")):
-            raise ValueError(f"log_url: expected memory:// or kafka://HOST:PORT, got {self.log_url!r}")
+        if not self.log_url.startswith(("memory://", "file://", "kafka://")):
+            raise ValueError(f"log_url: expected memory://, file://DIR or kafka://HOST:PORT, got {self.log_url!r}")
         if not self.serving_store_url.startswith(("memory://", "redis://", "rediss://")):
             raise ValueError(f"serving_store_url: expected memory:// or redis://..., got {self.serving_store_url!r}")
         if self.log_partitions < 1:
@@ -131,7 +131,8 @@ class Config:
 
     @property
     def embedded(self) -> bool:
-        return self.log_url.startswith("memory://")
+        """One process holds the log and the serving store (memory://, or file:// for the log)."""
+        return self.log_url.startswith(("memory://", "file://"))
 
 
 ENV_VARS: dict[str, str] = {

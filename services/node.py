@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import faiss
 import grpc
@@ -22,14 +23,16 @@ from services.gateway.core import Gateway
 from services.gateway.grpc_server import GrpcEdge
 from services.gateway.rest import create_app
 from services.serving import ServingReplica
-from services.serving_store import open_serving_store
+from services.serving_store import MemoryServingStore, codec, open_serving_store
 from services.stages import STAGES, RemoteStages, serve_stage
+from trainer.checkpoint import latest_file
 from trainer.eventlog import open_log
 from trainer.loop import StepResult, Trainer
 from trainer.models import TABLES
 from trainer.sync import SyncMessage, SyncPublisher
 
 log = logging.getLogger(__name__)
+SERVING_SNAPSHOT = "serving.bin"  # the embedded serving store's state, in each trainer checkpoint
 
 ROLES = frozenset({"gateway", "trainer", "retrieval", "ranking"})
 
@@ -62,18 +65,25 @@ class Node:
         self.stage = next(iter(self.roles & set(STAGES)), None)
         if self.stage is not None and len(self.roles) > 1:
             raise ValueError(f"roles: a {self.stage} service runs alone, got {sorted(self.roles)}")
-        memory_log, memory_store = (url.startswith("memory://") for url in (config.log_url, config.serving_store_url))
+        memory_store = config.serving_store_url.startswith("memory://")
         if self.stage and memory_store:
             raise ValueError(f"serving_store_url: a {self.stage} service follows a shared store (redis://...)")
-        if not self.stage and memory_log != memory_store:
-            # One process can share in-memory parts, two cannot: mixing would silently split state.
-            raise ValueError("log_url/serving_store_url: memory:// must be used for both or neither")
-        if "trainer" in self.roles and memory_log and config.trainer.checkpoint_dir:
+        if not self.stage and config.embedded != memory_store:
+            # One process can share in-process parts, two cannot: mixing would silently split state.
+            raise ValueError("log_url/serving_store_url: memory:// must be used for both or neither (file:// log: too)")
+        if "trainer" in self.roles and config.log_url.startswith("memory://") and config.trainer.checkpoint_dir:
             # a checkpoint's offsets point into a log that dies with the process
-            raise ValueError("trainer.checkpoint_dir: checkpoints need a durable event log (kafka://), not memory://")
+            raise ValueError("trainer.checkpoint_dir: checkpoints need a durable event log (kafka:// or file://)")
         # a stage reads only the serving store: it never opens the event log
         self.log = None if self.stage else open_log(config.log_url, partitions=config.log_partitions)
         self.store = open_serving_store(config.serving_store_url)
+        checkpoints = Path(config.trainer.checkpoint_dir) if config.trainer.checkpoint_dir else None
+        if isinstance(self.store, MemoryServingStore) and checkpoints is not None:
+            # embedded: the serving state lives in this process; it is checkpointed with the
+            # trainer and comes back from the newest checkpoint that has it
+            saved = latest_file(checkpoints, SERVING_SNAPSHOT)
+            if saved is not None:
+                self.store.restore(codec.decode(saved.read_bytes()))
         self._stop = threading.Event()
         self._stopped = False
         self._threads: list[threading.Thread] = []
@@ -94,6 +104,11 @@ class Node:
                 on_step=self._on_step,
                 dead_letter=self.log.dead_letter,
             )
+            if isinstance(self.store, MemoryServingStore) and checkpoints is not None:
+                store = self.store
+                self.trainer.checkpoint_extras = lambda: {
+                    SERVING_SNAPSHOT: codec.encode(store.snapshot(), store.row_dtype)
+                }
             metrics.STORE.watch(self._store_stats)
             self.publisher = SyncPublisher(
                 self.trainer.collect_sync,

@@ -39,10 +39,15 @@ def kafka_url(kafka_broker: str) -> str:
     return f"kafka://{kafka_broker}/events-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(params=["memory", "kafka"])
+@pytest.fixture(params=["memory", "file", "kafka"])
 def event_log(request: pytest.FixtureRequest) -> Iterator[EventLog]:
-    """Each EventLog backend in turn: in-process, and a topic of its own on the real broker."""
-    url = "memory://" if request.param == "memory" else request.getfixturevalue("kafka_url")
+    """Each EventLog backend in turn: in-process, in-process on disk, and a topic of its own on
+    the real broker."""
+    url = {
+        "memory": lambda: "memory://",
+        "file": lambda: f"file://{request.getfixturevalue('tmp_path')}/log",
+        "kafka": lambda: request.getfixturevalue("kafka_url"),
+    }[request.param]()
     log = open_log(url, partitions=3)
     yield log
     log.close()

@@ -4,6 +4,7 @@ each exactly once (the killed process's work after its checkpoint is replayed, n
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.local_servers import free_port, wait_until
 from tests.test_ranking import events
 from trainer.eventlog import open_log
+from trainer.events import Event
 
 EVENTS = 20_000
 
@@ -99,3 +101,50 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(kafka_broker: str, redis_
         if first.poll() is None:
             first.kill()
         log.close()
+
+
+def test_embedded_data_dir_survives_kill_9(tmp_path: Path) -> None:
+    """`freshrec up --data-dir`: acknowledged events are on disk before the answer, so a
+    SIGKILL loses none; the restarted process resumes training and serves at once from the
+    serving state checkpointed with the trainer (item names and all)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "services.cli", "up", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--grpc-port", str(free_port()), "--data-dir", str(tmp_path / "data")]
+    env = {**os.environ, "FRESHREC_CHECKPOINT_INTERVAL_S": "0.5"}
+    stream = events(3000, seed=4)
+    base = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def post(batch: list[Event]) -> int:
+        body = {"events": [json.loads(e.to_json()) for e in batch]}
+        response = httpx.post(f"{base}/v1/events", json=body, timeout=30)
+        assert response.status_code == 200
+        return int(response.json()["accepted"])
+
+    first = start()
+    try:
+        wait_until(lambda: trained(port) >= 0, 60, "freshrec up")
+        acknowledged = sum(post(stream[b : b + 500]) for b in range(0, 2000, 500))
+        wait_until(lambda: trained(port) >= 2000, 60, "the first events to be trained")
+        wait_until(lambda: newest_checkpoint_events(tmp_path / "data" / "checkpoints") >= 2000, 30, "a checkpoint")
+        acknowledged += post(stream[2000:])  # acknowledged, then the process dies at once
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    resumed_from = newest_checkpoint_events(tmp_path / "data" / "checkpoints")
+    second = start()
+    try:
+        wait_until(lambda: trained(port) >= 0, 60, "freshrec up again")
+        # served from the restored serving state before anything new is trained: real names
+        body = httpx.post(f"{base}/v1/recommendations", json={"user_id": "u1", "k": 5, "exclude_seen": False}).json()
+        assert len(body["items"]) == 5 and all(i["item_id"].startswith("i") for i in body["items"])
+        wait_until(lambda: trained(port) >= acknowledged - resumed_from, 60, "the rest to be trained")
+        threading.Event().wait(1.0)
+        assert trained(port) == acknowledged - resumed_from == 3000 - resumed_from
+    finally:
+        second.terminate()
+        second.wait(20)

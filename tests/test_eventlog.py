@@ -4,12 +4,14 @@ the trainer's dead-lettering of records it cannot use, on both)."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
 from services.local_servers import wait_until
 from trainer.config import TrainerConfig
 from trainer.eventlog import EventLog, LogConsumer, LogRecord, MemoryLog, open_log
+from trainer.eventlog.file import FileLog
 from trainer.eventlog.kafka import KafkaConsumer, KafkaLog, KafkaProducer  # imported there without warnings
 from trainer.events import Event
 from trainer.loop import Trainer
@@ -177,3 +179,22 @@ def test_bad_records_are_dead_lettered_with_their_reason(event_log: EventLog) ->
     assert set(letters) == set(BAD_RECORDS)
     for value, needle in BAD_RECORDS.items():
         assert needle in letters[value], (value[:40], letters[value])
+
+
+def test_file_log_keeps_records_and_offsets_across_a_restart(tmp_path: Path) -> None:
+    log = FileLog(tmp_path, partitions=2)
+    log.append(events(50))
+    consumer = log.consumer("g")
+    assert len(drain(consumer, 50)) == 50
+    consumer.commit({0: 10, 1: 5})
+    log.close()
+    with open(tmp_path / "p0.log", "ab") as f:  # the process died while writing a record
+        f.write(b"\x40\x00\x00\x00half a rec")
+    reopened = FileLog(tmp_path, partitions=7)  # an existing log keeps its partition count
+    assert reopened.partitions == 2
+    assert sum(len(p) for p in reopened._partitions) == 50  # the torn record is cut off
+    resumed = drain(reopened.consumer("g"), 35)
+    assert sorted((r.partition, r.offset) for r in resumed)[0] in ((0, 10), (1, 5))
+    assert len(resumed) == 35 and {r.offset for r in resumed if r.partition == 0} >= {10}
+    reopened.append(events(1, start=50))  # appends go after the cut
+    assert sum(len(p) for p in FileLog(tmp_path)._partitions) == 51

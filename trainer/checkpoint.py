@@ -52,13 +52,21 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path, bool]]:
     return sorted(found)
 
 
-def save_checkpoint(directory: Path, store: Store, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write one checkpoint of `store` and `state` (the trainer's `state_dict()`); returns its folder."""
+def save_checkpoint(
+    directory: Path, store: Store, state: dict[str, Any], keep: int = 2, extra: dict[str, bytes] | None = None
+) -> Path:
+    """Write one checkpoint of `store` and `state` (the trainer's `state_dict()`), plus `extra`
+    files (name -> bytes; the embedded serving store's snapshot); returns its folder."""
     directory.mkdir(parents=True, exist_ok=True)
     existing = _checkpoints(directory)
     path = directory / f"ckpt-{(existing[-1][0] + 1) if existing else 1:012d}"
     path.mkdir()
     store.save(path / "store")
+    for name, data in (extra or {}).items():
+        with open(path / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     tmp = path / f"{_STATE}.tmp"
     with open(tmp, "wb") as f:
         torch.save({"format": FORMAT, **state}, f)
@@ -75,6 +83,14 @@ def save_checkpoint(directory: Path, store: Store, state: dict[str, Any], keep: 
         if old != path and (not done or old in complete[:-keep]):
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def latest_file(directory: Path, name: str) -> Path | None:
+    """`name` in the newest complete checkpoint that has it (an `extra` file), if any."""
+    for _, path, done in reversed(_checkpoints(directory)):
+        if done and (path / name).is_file():
+            return path / name
+    return None
 
 
 def load_latest(directory: Path, store: Store) -> dict[str, Any] | None:

@@ -126,6 +126,7 @@ class Trainer:
         self._offsets: dict[int, int] = {}  # per partition: the offset after the last record trained on
         self.last_checkpoint_s = 0.0  # unix time of the newest checkpoint written or resumed from
         self.checkpoints_written = 0
+        self.checkpoint_extras: Callable[[], dict[str, bytes]] | None = None  # more files for each checkpoint
         self._next_checkpoint = time.monotonic() + config.checkpoint_interval_s
         if config.checkpoint_dir:
             state = load_latest(Path(config.checkpoint_dir), self.store)
@@ -162,7 +163,10 @@ class Trainer:
             return None
         with self._lock:
             state = self.state_dict()
-            path = save_checkpoint(Path(self.config.checkpoint_dir), self.store, state, self.config.checkpoints_kept)
+            extra = self.checkpoint_extras() if self.checkpoint_extras else None
+            path = save_checkpoint(
+                Path(self.config.checkpoint_dir), self.store, state, self.config.checkpoints_kept, extra
+            )
         self.last_checkpoint_s = state["written_at"]
         self.checkpoints_written += 1
         self._next_checkpoint = time.monotonic() + self.config.checkpoint_interval_s

@@ -43,6 +43,15 @@ class MemoryServingStore:
             self._cond.notify_all()
             return stored.version
 
+    def restore(self, message: SyncMessage) -> None:
+        """Replace everything with a full message (`snapshot()` of an earlier run, from a
+        checkpoint): embedded mode's serving state survives a restart."""
+        with self._cond:
+            self._state = ServingState(max_seen=self._state.max_seen, dtype=self.row_dtype)
+            self._state.apply(message)
+            self._stream.clear()
+            self._cond.notify_all()
+
     def latest_version(self) -> int:
         with self._cond:
             return self._state.version

@@ -43,19 +43,26 @@ class MemoryLog:
         return len(self._partitions)
 
     def append(self, events: Sequence[Event]) -> None:
-        encoded = [(partition_for(e.user_id, self.partitions), e.to_json()) for e in events]
-        with self._cond:
-            now_ms = int(time.time() * 1000)
-            for partition, value in encoded:
-                self._partitions[partition].append((value, now_ms))
-            self._cond.notify_all()
+        self._store([(partition_for(e.user_id, self.partitions), e.to_json()) for e in events])
 
     def append_raw(self, values: Sequence[bytes], partition: int = 0) -> None:
         """Append records as they are, as a producer other than the gateway might."""
+        self._store([(partition, v) for v in values])
+
+    def _store(self, records: Sequence[tuple[int, bytes]]) -> None:
+        """Append (partition, value) records, stamped with the time of acceptance."""
         with self._cond:
             now_ms = int(time.time() * 1000)
-            self._partitions[partition].extend((v, now_ms) for v in values)
+            self._persist(records, now_ms)
+            for partition, value in records:
+                self._partitions[partition].append((value, now_ms))
             self._cond.notify_all()
+
+    def _persist(self, records: Sequence[tuple[int, bytes]], now_ms: int) -> None:
+        """Make records durable before they are visible (lock held); in memory: nothing to do."""
+
+    def _persist_offsets(self) -> None:
+        """Make the committed offsets durable (lock held); in memory: nothing to do."""
 
     def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         with self._cond:
@@ -132,6 +139,7 @@ class MemoryConsumer:
             committed = self._log._committed.setdefault(self.group, {})
             for p, off in offsets.items():
                 committed[p] = max(committed.get(p, 0), off)
+            self._log._persist_offsets()
 
     def close(self) -> None:
         self._log._leave(self)
