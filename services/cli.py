@@ -25,20 +25,21 @@ from trainer.eventlog import LogUnavailable
 log = logging.getLogger("freshrec")
 
 
-def _server_flags(parser: argparse.ArgumentParser) -> None:
+def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (env FRESHREC_* and flags override it)")
     parser.add_argument("--host", help="interface to bind (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="REST port (default 8000)")
     parser.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
-    parser.add_argument("--kafka", metavar="HOST:PORT", help="use this Kafka broker as the event log")
     parser.add_argument("--redis", metavar="URL", help="use this Redis (redis://HOST:PORT) as the serving store")
 
 
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    _common_flags(parser)
+    parser.add_argument("--port", type=int, help="REST port (default 8000)")
+    parser.add_argument("--kafka", metavar="HOST:PORT", help="use this Kafka broker as the event log")
+
+
 def _stage_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML config file (env FRESHREC_* and flags override it)")
-    parser.add_argument("--host", help="interface to bind (default 0.0.0.0)")
-    parser.add_argument("--grpc-port", type=int, help="the stage's gRPC port (default 50051)")
-    parser.add_argument("--redis", metavar="URL", help="the serving store to follow (redis://HOST:PORT)")
+    _common_flags(parser)
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9100, 0: none)")
 
 

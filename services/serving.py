@@ -112,7 +112,7 @@ class ServingReplica:
         self._index_config = index or IndexConfig()
         self._store = store
         self._ranker = ranker or DotProductRanker()
-        self._candidates = candidates
+        self._candidates_per_source = candidates
         self._on_apply = on_apply
         self._state = ServingState(dtype=store.row_dtype)
         self._index: ItemIndex | None = None
@@ -202,91 +202,102 @@ class ServingReplica:
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[Recommendation]:
         """Answer several requests with one index search and one ranker forward pass, each
-        as `recommend` would alone: the retrieval stage, then the ranking stage."""
-        with self._lock:  # both stages on the same version
-            return self.rank_batch(requests, self.candidates_batch(requests)[1])
+        as `recommend` would alone: the retrieval stage, then the ranking stage, on one
+        version and one lookup of the users' rows."""
+        with self._lock:
+            batch = self._users_of(requests)
+            return self._answers(batch, requests, self._candidates(batch))
 
     def candidates_batch(self, requests: Sequence[Request]) -> tuple[int, list[np.ndarray]]:
         """The retrieval stage: (model version, each request's candidate item keys). A user's
         candidates are the top `candidates` of the item index for the user's vector and the top
         `candidates` trending items, seen items removed when asked; none for a user the model
         knows nothing of."""
-        users = feature_keys("user", [r.user_id for r in requests])
-        none = np.zeros(0, np.uint64)
         with self._lock:
-            state = self._state
-            out = [none] * len(requests)
-            if state.users is None or state.items is None or self._index is None:
-                return state.version, out
-            seen = self._seen(users, requests)
-            vectors, found = state.users.get(users)
-            known = np.flatnonzero(found | self._table_rows(USER_HISTORY, users).any(axis=1))
-            # a user without a row (history only) searches nothing: only the item biases would count
-            queries = TwoTower.user_queries(vectors)
-            searched = np.flatnonzero(found)
-            depth = self._candidates + max(len(seen[i]) for i in searched) if len(searched) else 0
-            ann = {  # each user's own depth, as if searched alone
-                i: found_items[: self._candidates + len(seen[i])]
-                for i, (found_items, _) in zip(
-                    searched.tolist(), self._index.search_batch(queries[searched], depth), strict=True
-                )
-            }
-            for i in known.tolist():
-                ann_items = _unseen(ann.get(i, none), seen[i])[: self._candidates]
-                popular = _unseen(state.popular_keys[: self._candidates + len(seen[i])], seen[i])
-                cand = np.concatenate([ann_items, popular])
-                out[i] = cand[np.sort(np.unique(cand, return_index=True)[1])][: 2 * self._candidates]
-            return state.version, out
+            return self._state.version, self._candidates(self._users_of(requests))
 
     def rank_batch(self, requests: Sequence[Request], candidates: Sequence[np.ndarray]) -> list[Recommendation]:
         """The ranking stage: order each request's candidates (uint64 keys, from
         `candidates_batch` here or on another replica) with one ranker forward pass, keep the
         top k, fill a shortfall with trending items. Seen items are removed again when asked
         (another replica's version may know fewer of them)."""
-        users = feature_keys("user", [r.user_id for r in requests])
         with self._lock:
-            state = self._state
-            seen = self._seen(users, requests)
-            cands = [_unseen(np.asarray(c, np.uint64), s) for c, s in zip(candidates, seen, strict=True)]
-            ranked = self._ranked(users, cands, [r.k for r in requests])
-            answers = []
-            for (keys, scores), r, s in zip(ranked, requests, seen, strict=True):
-                if len(keys) < r.k:
-                    keys, scores = self._fill_popular(keys, scores, s, r.k)
-                items = [
-                    ScoredItem(state.names.get(key, str(key)), float(score))
-                    for key, score in zip(keys.tolist(), scores.tolist(), strict=True)
-                ]
-                answers.append(Recommendation(uuid.uuid4().hex, state.version, items))
-            return answers
+            batch = self._users_of(requests)
+            cands = [_unseen(np.asarray(c, np.uint64), s) for c, s in zip(candidates, batch.seen, strict=True)]
+            return self._answers(batch, requests, cands)
 
-    def _seen(self, users: np.ndarray, requests: Sequence[Request]) -> list[np.ndarray]:
-        """Each request's seen items (none unless it excludes them)."""
-        seen = self._state.seen
-        return [_seen(seen.get(int(u)) if r.exclude_seen else None) for u, r in zip(users, requests, strict=True)]
+    def _users_of(self, requests: Sequence[Request]) -> _Users:
+        """What both stages need of the requests' users, looked up once (call under the lock)."""
+        state = self._state
+        users = feature_keys("user", [r.user_id for r in requests])
+        seen = [_seen(state.seen.get(int(u)) if r.exclude_seen else None) for u, r in zip(users, requests, strict=True)]
+        if state.users is None:
+            vectors, found = np.zeros((len(users), 0), np.float32), np.zeros(len(users), bool)
+        else:
+            vectors, found = state.users.get(users)
+        return _Users(users, seen, found, TwoTower.user_queries(vectors), self._table_rows(USER_HISTORY, users))
+
+    def _candidates(self, batch: _Users) -> list[np.ndarray]:
+        state, none = self._state, np.zeros(0, np.uint64)
+        out = [none] * len(batch.keys)
+        if state.users is None or state.items is None or self._index is None:
+            return out
+        seen = batch.seen
+        # a user without a row (history only) searches nothing: only the item biases would count
+        known = np.flatnonzero(batch.found | batch.history.any(axis=1))
+        searched = np.flatnonzero(batch.found)
+        depth = self._candidates_per_source + max(len(seen[i]) for i in searched) if len(searched) else 0
+        ann = {  # each user's own depth, as if searched alone
+            i: found_items[: self._candidates_per_source + len(seen[i])]
+            for i, (found_items, _) in zip(
+                searched.tolist(), self._index.search_batch(batch.queries[searched], depth), strict=True
+            )
+        }
+        n = self._candidates_per_source
+        for i in known.tolist():
+            ann_items = _unseen(ann.get(i, none), seen[i])[:n]
+            popular = _unseen(state.popular_keys[: n + len(seen[i])], seen[i])
+            cand = np.concatenate([ann_items, popular])
+            out[i] = cand[np.sort(np.unique(cand, return_index=True)[1])][: 2 * n]
+        return out
+
+    def _answers(
+        self, batch: _Users, requests: Sequence[Request], candidates: list[np.ndarray]
+    ) -> list[Recommendation]:
+        """Rank each request's candidates, fill a shortfall with trending items, name the items."""
+        state = self._state
+        answers = []
+        ranked = self._ranked(batch, candidates, [r.k for r in requests])
+        for (keys, scores), r, s in zip(ranked, requests, batch.seen, strict=True):
+            if len(keys) < r.k:
+                keys, scores = self._fill_popular(keys, scores, s, r.k)
+            items = [
+                ScoredItem(state.names.get(key, str(key)), float(score))
+                for key, score in zip(keys.tolist(), scores.tolist(), strict=True)
+            ]
+            answers.append(Recommendation(uuid.uuid4().hex, state.version, items))
+        return answers
 
     def _ranked(
-        self, users: np.ndarray, candidates: list[np.ndarray], ks: list[int]
+        self, batch: _Users, candidates: list[np.ndarray], ks: list[int]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """(keys, scores) of the ranked top k of each user's candidates [u]."""
         state, none = self._state, (np.zeros(0, np.uint64), np.zeros(0, np.float32))
-        out = [none] * len(users)
+        out = [none] * len(batch.keys)
         rows = [i for i, c in enumerate(candidates) if len(c)]
         if not rows or state.users is None or state.items is None:
             return out
-        queries = TwoTower.user_queries(state.users.get(users)[0])
         if self._scorer is None:  # no ranker yet: inner product (or `ranker`)
             for i in rows:
-                scores = self._ranker.score(queries[i], state.items.get(candidates[i])[0])
+                scores = self._ranker.score(batch.queries[i], state.items.get(candidates[i])[0])
                 out[i] = top_k(candidates[i], scores, ks[i])
             return out
         width = max(len(candidates[i]) for i in rows)
         cand = np.zeros((len(rows), width), np.uint64)  # padded with key 0, masked below
         valid = np.arange(width) < np.array([len(candidates[i]) for i in rows])[:, None]
         cand[valid] = np.concatenate([candidates[i] for i in rows])
-        known = users[rows]
-        history = self._table_rows(USER_HISTORY, known)
-        scores = np.where(valid, self._score(known, history, cand, queries[rows]), -np.inf)
+        scores = self._score(batch.keys[rows], batch.history[rows], cand, batch.queries[rows])
+        scores = np.where(valid, scores, -np.inf)
         for row, i in enumerate(rows):
             out[i] = top_k(cand[row][valid[row]], scores[row][valid[row]], ks[i])
         return out
@@ -357,6 +368,17 @@ class ServingReplica:
                 for key, s in zip(cand[keep][:k].tolist(), scores[keep][:k].tolist(), strict=True)
             ]
             return state.version, items
+
+
+@dataclass(frozen=True)
+class _Users:
+    """The users of a batch of requests, as both serving stages need them."""
+
+    keys: np.ndarray  # uint64 [u]
+    seen: list[np.ndarray]  # each request's items to leave out (none unless it excludes seen)
+    found: np.ndarray  # bool [u]: the user has a vector
+    queries: np.ndarray  # [u, dim + 1] two-tower queries (zeros without a vector)
+    history: np.ndarray  # [u, h] recent item keys
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,17 @@ from proto import freshrec_pb2 as pb
 from proto import serving_pb2 as spb
 from proto import serving_pb2_grpc as spb_grpc
 from services import metrics
-from services.errors import FreshrecError, InvalidArgument, NotFound, Unavailable
+from services.errors import FreshrecError, InvalidArgument, Unavailable
+from services.gateway import pb as adapt
+from services.gateway.grpc_server import MAX_MESSAGE_BYTES
 from services.serving import Recommendation, Request, ScoredItem, ServingReplica, ServingStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STAGES = ("retrieval", "ranking")
-_OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+# a status code from a stage -> the error the gateway raises (the hierarchy maps them back at its edge)
+_ERRORS = {cls.grpc_code: cls for cls in FreshrecError.__subclasses__()}
 
 
 def _keys(raw: bytes, what: str) -> np.ndarray:
@@ -81,9 +85,7 @@ class RetrievalServicer(spb_grpc.RetrievalServicer):
             if not request.item_id or request.k < 1:
                 raise InvalidArgument("item_id and k (>= 1) are required")
             version, items = self._replica.similar_items(request.item_id, request.k)
-            return pb.SimilarItemsResponse(
-                model_version=version, items=[pb.ScoredItem(item_id=i.item_id, score=i.score) for i in items]
-            )
+            return pb.SimilarItemsResponse(model_version=version, items=adapt.items_to_pb(items))
 
         return _answer(context, run)
 
@@ -102,16 +104,7 @@ class RankingServicer(spb_grpc.RankingServicer):
                 raise InvalidArgument(f"candidates: {len(request.candidates)} lists for {len(calls)} calls")
             candidates = [_keys(raw, f"candidates[{i}]") for i, raw in enumerate(request.candidates)]
             answers = self._replica.rank_batch(calls, candidates)
-            return spb.RankResponse(
-                recommendations=[
-                    pb.RecommendResponse(
-                        request_id=a.request_id,
-                        model_version=a.model_version,
-                        items=[pb.ScoredItem(item_id=i.item_id, score=i.score) for i in a.items],
-                    )
-                    for a in answers
-                ]
-            )
+            return spb.RankResponse(recommendations=[adapt.recommendation_to_pb(a) for a in answers])
 
         return _answer(context, run)
 
@@ -179,24 +172,20 @@ class RemoteStages:
             return fn(request, timeout=self._timeout)
         except grpc.RpcError as e:
             code, details = e.code(), e.details()
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(details) from None
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(details) from None
-            raise Unavailable(f"{stage} service: {code.name}: {details}") from None
+            error = _ERRORS.get(code)
+            if error is None or error is Unavailable:  # down, unreachable, or failing inside
+                raise Unavailable(f"{stage} service: {code.name}: {details}") from None
+            raise error(details) from None
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[Recommendation]:
         calls = [spb.Call(user_id=r.user_id, k=r.k, exclude_seen=r.exclude_seen) for r in requests]
         candidates = self._rpc("retrieval", self._retrieval.Candidates, spb.StageRequest(calls=calls))
         ranked = self._rpc("ranking", self._ranking.Rank, spb.RankRequest(calls=calls, candidates=candidates.items))
-        return [
-            Recommendation(a.request_id, a.model_version, [ScoredItem(i.item_id, i.score) for i in a.items])
-            for a in ranked.recommendations
-        ]
+        return [adapt.recommendation_from_pb(a) for a in ranked.recommendations]
 
     def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]:
         reply = self._rpc("retrieval", self._retrieval.SimilarItems, pb.SimilarItemsRequest(item_id=item_id, k=k))
-        return reply.model_version, [ScoredItem(i.item_id, i.score) for i in reply.items]
+        return reply.model_version, adapt.items_from_pb(reply.items)
 
     def status(self) -> ServingStatus:
         """Ready when both stages are; the ranking stage's version; the staler store age."""

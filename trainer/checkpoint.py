@@ -59,7 +59,8 @@ def save_checkpoint(
     files (name -> bytes; the embedded serving store's snapshot); returns its folder."""
     directory.mkdir(parents=True, exist_ok=True)
     existing = _checkpoints(directory)
-    path = directory / f"ckpt-{(existing[-1][0] + 1) if existing else 1:012d}"
+    sequence = (existing[-1][0] + 1) if existing else 1
+    path = directory / f"ckpt-{sequence:012d}"
     path.mkdir()
     store.save(path / "store")
     for name, data in (extra or {}).items():
@@ -78,9 +79,10 @@ def save_checkpoint(
         os.fsync(fd)
     finally:
         os.close(fd)
-    complete = [p for _, p, done in _checkpoints(directory) if done]
-    for _, old, done in _checkpoints(directory):
-        if old != path and (not done or old in complete[:-keep]):
+    folders = [*existing, (sequence, path, True)]  # the listing from before, and this one
+    complete = [p for _, p, done in folders if done]
+    for _, old, done in folders:
+        if not done or old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return path
 

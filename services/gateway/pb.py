@@ -1,8 +1,9 @@
-"""Adapters between generated protobuf messages and freshrec's own types (the only module
-besides the gRPC servicer that touches `proto.freshrec_pb2`)."""
+"""Adapters between generated protobuf messages and freshrec's own types, for the gateway's
+gRPC servicer and the serving-stage services (`services.stages`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from proto import freshrec_pb2 as pb
@@ -50,6 +51,14 @@ def ingest_to_pb(result: IngestResult) -> pb.IngestResponse:
 
 def items_to_pb(items: list[ScoredItem]) -> list[pb.ScoredItem]:
     return [pb.ScoredItem(item_id=i.item_id, score=i.score) for i in items]
+
+
+def items_from_pb(items: Iterable[pb.ScoredItem]) -> list[ScoredItem]:
+    return [ScoredItem(i.item_id, i.score) for i in items]
+
+
+def recommendation_from_pb(rec: pb.RecommendResponse) -> Recommendation:
+    return Recommendation(rec.request_id, rec.model_version, items_from_pb(rec.items))
 
 
 def recommendation_to_pb(rec: Recommendation) -> pb.RecommendResponse:
