@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from embedding_store.base import TableConfig, TableDelta, TableStats, pick_table
+from embedding_store.dense import LocalDense
 from embedding_store.local import LocalStore
 from embedding_store.snapshot import CorruptSnapshot
 from proto import store_pb2 as pb
@@ -42,6 +43,12 @@ def _keys(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<u8").astype(np.uint64)
 
 
+def _floats(data: bytes, field: str) -> np.ndarray:
+    if len(data) % 4:
+        raise ValueError(f"{field}: {len(data)} bytes is not a whole number of float32 values")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
 def _rows(data: bytes, n: int, dim: int, field: str) -> np.ndarray:
     if len(data) != n * dim * 4:
         raise ValueError(f"{field}: expected {n} x {dim} float32 ({n * dim * 4} bytes), got {len(data)} bytes")
@@ -49,11 +56,13 @@ def _rows(data: bytes, n: int, dim: int, field: str) -> np.ndarray:
 
 
 class ShardServicer(pb_grpc.StoreShardServicer):
-    """Serves one `LocalStore`, created by the first `Open`."""
+    """Serves one `LocalStore`, created by the first `Open`, and the dense parameters of the
+    trainer workers (`embedding_store.dense`; used on the first shard only)."""
 
     def __init__(self) -> None:
         self._store: LocalStore | None = None
         self._lock = threading.Lock()
+        self.dense = LocalDense()
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -146,6 +155,8 @@ class ShardServicer(pb_grpc.StoreShardServicer):
             if self._store is None:
                 raise KeyError("no tables: call Open first")
             self._store.save(request.directory)
+            if self.dense.names():
+                self.dense.save(request.directory)
             return pb.SnapshotResponse()
 
         return self._call(context, run)
@@ -155,7 +166,24 @@ class ShardServicer(pb_grpc.StoreShardServicer):
             if self._store is None:
                 raise KeyError("no tables: call Open first")
             self._store.restore(request.directory)
+            self.dense.restore(request.directory)
             return pb.SnapshotResponse()
+
+        return self._call(context, run)
+
+    def DenseRegister(self, request: pb.DenseRequest, context: grpc.ServicerContext) -> pb.DenseResponse:
+        def run() -> pb.DenseResponse:
+            if not request.learning_rate > 0:
+                raise ValueError(f"learning_rate: must be > 0, got {request.learning_rate}")
+            values = self.dense.register(request.name, _floats(request.values, "values"), request.learning_rate)
+            return pb.DenseResponse(values=values.tobytes())
+
+        return self._call(context, run)
+
+    def DenseStep(self, request: pb.DenseRequest, context: grpc.ServicerContext) -> pb.DenseResponse:
+        def run() -> pb.DenseResponse:
+            values, version = self.dense.step(request.name, _floats(request.values, "values"))
+            return pb.DenseResponse(values=values.tobytes(), version=version)
 
         return self._call(context, run)
 
@@ -279,6 +307,56 @@ class RemoteStore:
 
     def restore(self, directory: str | Path) -> None:
         self.call("Restore", pb.SnapshotRequest(directory=str(directory)))
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class RemoteDense:
+    """`embedding_store.dense.DenseParameters` on a store shard's dense service.
+
+    Args:
+        address: "host:port" of the shard holding them (the first of a `grpc://` store URL).
+        timeout_s: deadline of each call.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self._timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._stub = pb_grpc.StoreShardStub(self._channel)
+
+    def _call(self, method: str, request: pb.DenseRequest, wait: bool = False) -> pb.DenseResponse:
+        try:
+            response: pb.DenseResponse = getattr(self._stub, method)(
+                request, timeout=self._timeout_s, wait_for_ready=wait
+            )
+            return response
+        except grpc.RpcError as e:
+            message = f"dense service {self.address} {method}: {e.details() or ''}"
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise StoreUnavailable(message) from e
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise KeyError(message) from e
+            raise ValueError(message) from e
+
+    def register(self, name: str, initial: np.ndarray, learning_rate: float) -> np.ndarray:
+        values = np.ascontiguousarray(initial, dtype="<f4").tobytes()
+        response = self._call(
+            "DenseRegister", pb.DenseRequest(name=name, values=values, learning_rate=learning_rate), True
+        )
+        return _floats(response.values, "values")
+
+    def step(self, name: str, grad: np.ndarray) -> tuple[np.ndarray, int]:
+        values = np.ascontiguousarray(grad, dtype="<f4").tobytes()
+        response = self._call("DenseStep", pb.DenseRequest(name=name, values=values))
+        return _floats(response.values, "values"), int(response.version)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # saved and restored with the shard's tables (`Save` / `Restore`)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def close(self) -> None:
         self._channel.close()

@@ -109,3 +109,21 @@ class SnapshotRequest(_message.Message):
 class SnapshotResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class DenseRequest(_message.Message):
+    __slots__ = ("name", "values", "learning_rate")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: bytes
+    learning_rate: float
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[bytes] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+
+class DenseResponse(_message.Message):
+    __slots__ = ("values", "version")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    values: bytes
+    version: int
+    def __init__(self, values: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...

@@ -79,6 +79,16 @@ class StoreShardStub:
                 request_serializer=proto_dot_store__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=proto_dot_store__pb2.SnapshotResponse.FromString,
                 _registered_method=True)
+        self.DenseRegister = channel.unary_unary(
+                '/freshrec.store.v1.StoreShard/DenseRegister',
+                request_serializer=proto_dot_store__pb2.DenseRequest.SerializeToString,
+                response_deserializer=proto_dot_store__pb2.DenseResponse.FromString,
+                _registered_method=True)
+        self.DenseStep = channel.unary_unary(
+                '/freshrec.store.v1.StoreShard/DenseStep',
+                request_serializer=proto_dot_store__pb2.DenseRequest.SerializeToString,
+                response_deserializer=proto_dot_store__pb2.DenseResponse.FromString,
+                _registered_method=True)
 
 
 class StoreShardServicer:
@@ -142,6 +152,20 @@ class StoreShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DenseRegister(self, request, context):
+        """Dense parameters shared by trainer workers (`embedding_store.dense`), held by the first
+        shard: create a named vector unless it exists, and step it with one worker's gradient.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DenseStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +213,16 @@ def add_StoreShardServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=proto_dot_store__pb2.SnapshotRequest.FromString,
                     response_serializer=proto_dot_store__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'DenseRegister': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenseRegister,
+                    request_deserializer=proto_dot_store__pb2.DenseRequest.FromString,
+                    response_serializer=proto_dot_store__pb2.DenseResponse.SerializeToString,
+            ),
+            'DenseStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenseStep,
+                    request_deserializer=proto_dot_store__pb2.DenseRequest.FromString,
+                    response_serializer=proto_dot_store__pb2.DenseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +468,60 @@ class StoreShard:
             '/freshrec.store.v1.StoreShard/Restore',
             proto_dot_store__pb2.SnapshotRequest.SerializeToString,
             proto_dot_store__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenseRegister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.store.v1.StoreShard/DenseRegister',
+            proto_dot_store__pb2.DenseRequest.SerializeToString,
+            proto_dot_store__pb2.DenseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenseStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.store.v1.StoreShard/DenseStep',
+            proto_dot_store__pb2.DenseRequest.SerializeToString,
+            proto_dot_store__pb2.DenseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,13 +104,13 @@ def test_memory_group_members_split_partitions_and_take_over_on_leave() -> None:
     log = MemoryLog(partitions=4)
     log.append(events(40, users=10))
     a, b = log.consumer("g"), log.consumer("g")
-    assert sorted(a.assignment + b.assignment) == [0, 1, 2, 3] and not set(a.assignment) & set(b.assignment)
+    assert sorted(a.assignment() + b.assignment()) == [0, 1, 2, 3] and not set(a.assignment()) & set(b.assignment())
     got_a, got_b = a.poll(1000, 0.0), b.poll(1000, 0.0)
-    assert {r.partition for r in got_a} <= set(a.assignment) and {r.partition for r in got_b} <= set(b.assignment)
+    assert {r.partition for r in got_a} <= set(a.assignment()) and {r.partition for r in got_b} <= set(b.assignment())
     assert len(got_a) + len(got_b) == 40
     b.commit({r.partition: r.offset + 1 for r in got_b[:1]})  # b commits only its first record
     b.close()
-    assert a.assignment == [0, 1, 2, 3]
+    assert a.assignment() == [0, 1, 2, 3]
     redelivered = a.poll(1000, 0.0)  # b's partitions come back from b's committed offsets
     assert len(redelivered) == len(got_b) - 1
     assert {(r.partition, r.offset) for r in redelivered} == {(r.partition, r.offset) for r in got_b[1:]}

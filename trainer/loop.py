@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from embedding_store import Store, feature_keys, open_store
+from embedding_store import Store, TableDelta, feature_keys, open_store
+from embedding_store.dense import DenseParameters, LocalDense, open_dense
 from trainer.catalog import ItemCatalog
 from trainer.checkpoint import load_latest, save_checkpoint
 from trainer.config import TrainerConfig
@@ -78,6 +79,14 @@ class Trainer:
         on_step: called after each step (metrics).
         dead_letter: where undecodable records go with their reasons (`EventLog.dead_letter`);
             without it they are only logged and counted.
+        dense: where the dense parameters live (default: `embedding_store.dense.open_dense`
+            of `config.store_url` when the store is opened from it, else this process).
+
+    Several trainers in one consumer group are data-parallel workers: each trains on the
+    partitions it is assigned (a user's events stay in one partition, so users' histories,
+    joins and dedup stay with one worker), on the shared store shards and dense service. Each
+    publishes the user rows of the users it trained (a user vector needs the history only
+    the owner has) and whatever item and ranker rows it drains from the shards.
 
     Example:
         >>> from trainer.eventlog import MemoryLog
@@ -95,14 +104,16 @@ class Trainer:
         store: Store | None = None,
         on_step: Callable[[StepResult], None] | None = None,
         dead_letter: Callable[[Sequence[DeadLetter]], None] | None = None,
+        dense: DenseParameters | None = None,
     ) -> None:
         self.config = config
         self._consumer = consumer
+        self.dense: DenseParameters = dense or (open_dense(config.store_url) if store is None else LocalDense())
         self.store = store or open_store(config.store_url, table_configs(config))
         self.catalog = ItemCatalog(seed=config.seed, half_life_s=config.trending_half_life_s)
         self.features = FeatureState(FeatureConfig(config.history_length, config.max_feature_entities))
         self.joiner = Joiner(JoinerConfig(window_s=config.join_window_s))
-        self.models = OnlineModels(config, self.store, self.catalog, self.features)
+        self.models = OnlineModels(config, self.store, self.catalog, self.features, self.dense)
         self.users, self.items = self.models.users, self.models.items
         self.learning = True  # False: score and keep features, but change no parameter (a frozen model)
         self.event_time_s = 0.0  # latest event time trained on: the clock of expiry
@@ -120,6 +131,8 @@ class Trainer:
         self._on_step = on_step
         self._dead_letter = dead_letter
         self._seen: list[tuple[np.ndarray, np.ndarray]] = []
+        self._trained_users: list[np.ndarray] = []  # user keys trained on since the last sync
+        self.partitions: list[int] = []  # the log partitions this trainer is assigned
         self._accepted: list[np.ndarray] = []  # acceptance times (ms) of events trained since the last sync
         self._rng = np.random.default_rng(config.seed)
         self._lock = threading.Lock()  # between training steps and sync collection
@@ -139,6 +152,14 @@ class Trainer:
         # records the state already reflects (resumed from a checkpoint whose offsets were not
         # committed before a crash) are skipped: each event counts once in the state
         records = [r for r in records if r.offset >= self._offsets.get(r.partition, 0)]
+        partitions = self._consumer.assignment()
+        if partitions != self.partitions:
+            # a rebalance: a partition another worker took is no longer ours to skip or commit
+            # (its records up to the offsets committed after our last step are trained; the
+            # new owner reads on from there)
+            self._offsets = {p: o for p, o in self._offsets.items() if p in partitions}
+            log.info("assigned partitions %s (were %s)", partitions, self.partitions)
+            self.partitions = partitions
         if time.monotonic() >= self._next_lag:  # on this thread: a Kafka consumer is not thread-safe
             self.lag = self._consumer.lag()
             self._next_lag = time.monotonic() + LAG_INTERVAL_S
@@ -265,6 +286,7 @@ class Trainer:
         self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64), now)
         self.features.observe(events, user_keys, item_keys)
         self._seen.append((user_keys[labelled], item_keys[labelled]))  # what exclude_seen leaves out
+        self._trained_users.append(user_keys)
         self.events_trained += len(events)
         if self.learning:
             self.models.sight(user_keys, item_keys, now)
@@ -307,15 +329,15 @@ class Trainer:
     def collect_sync(self) -> SyncMessage | None:
         """Changes since the previous call, as one sync message (None if nothing changed)."""
         with self._lock:
-            seen, accepted = self._seen, self._accepted
-            self._seen, self._accepted = [], []
+            seen, accepted, trained_users = self._seen, self._accepted, self._trained_users
+            self._seen, self._accepted, self._trained_users = [], [], []
             popular_keys, popular_scores = self.catalog.popular(self.config.popular_items)
             dense = {}
             if time.monotonic() >= self._next_dense_sync:
                 self._next_dense_sync = time.monotonic() + self.config.dense_sync_interval_s
                 dense = self.models.dense_state()
             message = SyncMessage(
-                users=self.models.serving_users(self.users.drain_delta()),
+                users=self.models.serving_users(self._user_delta(trained_users)),
                 items=self.items.drain_delta(),
                 item_names=self.catalog.drain_new_names(),
                 seen_users=np.concatenate([s[0] for s in seen]) if seen else np.zeros(0, np.uint64),
@@ -330,6 +352,16 @@ class Trainer:
                 created_ms=now_ms(),
             )
         return None if message.is_empty() else message
+
+    def _user_delta(self, trained: list[np.ndarray]) -> TableDelta:
+        """The current rows of the users trained on since the last sync (those admitted), and
+        every eviction drained from the store. Other changed user rows are another worker's
+        to publish: their vectors need histories only that worker has."""
+        drained = self.users.drain_delta()
+        keys = np.unique(np.concatenate(trained)) if trained else np.zeros(0, np.uint64)
+        rows, found = self.users.get(keys)
+        evicted = drained.evicted[~np.isin(drained.evicted, keys[found])]
+        return TableDelta(drained.table, keys[found], rows[found], evicted, drained.version)
 
     def _sample(self, accepted_ms: np.ndarray) -> np.ndarray:
         """At most `freshness_samples` of the acceptance times, uniformly (percentiles stay unbiased)."""
@@ -355,3 +387,4 @@ class Trainer:
         """Leave the consumer group (its partitions go to the other members) and close the store."""
         self._consumer.close()
         self.store.close()
+        self.dense.close()

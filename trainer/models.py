@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from embedding_store import EmbeddingTable, Store, TableConfig, TableDelta
+from embedding_store.dense import DenseParameters, LocalDense
 from ranking.blend import ScoreBlend
 from ranking.din_dcn import DinDcnRanker
 from ranking.scorer import (
@@ -83,6 +84,46 @@ class _Rows:
             self.table.apply_gradients(self.keys[real], self.rows.grad.numpy()[real], now)
 
 
+class DenseModule:
+    """A torch module whose parameters are stepped where they live (`embedding_store.dense`):
+    after a backward pass, `step()` sends the gradient and loads the parameters it gets back.
+
+    Args:
+        name: the vector's name in `dense`.
+        module: holds the parameters (its initial values register the vector if it is new).
+        dense: the backend (in process, or the first store shard's service).
+        learning_rate: Adam step size of a vector this registers.
+    """
+
+    def __init__(self, name: str, module: torch.nn.Module, dense: DenseParameters, learning_rate: float) -> None:
+        self.name = name
+        self.module = module
+        self.learning_rate = learning_rate
+        self._dense = dense
+        self.version = 0  # Adam steps of the vector when it was last loaded, by every worker
+        self.pull()
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return list(self.module.parameters())
+
+    def pull(self) -> None:
+        """Load the current values (after a restore, or to start from another worker's)."""
+        initial = torch.nn.utils.parameters_to_vector(self._params()).detach().numpy()
+        self._load(self._dense.register(self.name, initial, self.learning_rate))
+
+    def _load(self, values: np.ndarray) -> None:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(values.copy()), self._params())
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self._params()])
+        values, self.version = self._dense.step(self.name, grad.numpy())
+        self._load(values)
+
+
 class OnlineModels:
     """Retrieval and ranking models with their tables and optimizer; see the module docstring.
 
@@ -91,9 +132,17 @@ class OnlineModels:
         store: holds the `TABLES`.
         catalog: item popularity (logQ correction) and the item list (evaluation).
         features: attributes and histories.
+        dense: where the ranker's and the blend's dense parameters live (default: this process).
     """
 
-    def __init__(self, config: TrainerConfig, store: Store, catalog: ItemCatalog, features: FeatureState) -> None:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        store: Store,
+        catalog: ItemCatalog,
+        features: FeatureState,
+        dense: DenseParameters | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.catalog = catalog
@@ -101,9 +150,10 @@ class OnlineModels:
         self.two_tower = TwoTower(config.dim)
         torch.manual_seed(config.seed)
         self.ranker = DinDcnRanker(config.rank_dim, dense_features=DENSE_FEATURES)
-        self.dense_optimizer = torch.optim.Adam(self.ranker.parameters(), lr=config.dense_learning_rate)
         self.blend = ScoreBlend()
-        self.blend_optimizer = torch.optim.Adam(self.blend.parameters(), lr=0.01)
+        self.dense = dense or LocalDense()
+        self.dense_ranker = DenseModule("ranker", self.ranker, self.dense, config.dense_learning_rate)
+        self.dense_blend = DenseModule("blend", self.blend, self.dense, 0.01)
         self._rng = np.random.default_rng(config.seed)
         self.users, self.items = store.table("user"), store.table("item")
         self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
@@ -200,14 +250,14 @@ class OnlineModels:
         probs = torch.sigmoid(logits).detach().numpy()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels), reduction="sum")
         if learn:
-            self.dense_optimizer.zero_grad()
+            self.dense_ranker.zero_grad()
             loss.backward()
             for r in rows:
                 r.step(now)
             for p in self.ranker.parameters():  # dense: mean over the batch, as Adam expects
                 if p.grad is not None:
                     p.grad /= len(labels)
-            self.dense_optimizer.step()
+            self.dense_ranker.step()
         return RankingBatch(probs, float(loss.item()) / len(labels))
 
     def blend_step(self, user_keys: np.ndarray, item_keys: np.ndarray, learn: bool = True) -> float:
@@ -247,9 +297,9 @@ class OnlineModels:
         trending = torch.from_numpy(counts.astype(np.float32)).expand(n, -1)
         loss = self.blend.loss(logits, trending, torch.from_numpy(valid), torch.from_numpy(positive))
         if learn:
-            self.blend_optimizer.zero_grad()
+            self.dense_blend.zero_grad()
             (loss / n).backward()
-            self.blend_optimizer.step()
+            self.dense_blend.step()
         return float(loss.item()) / n
 
     def user_vectors(self, user_keys: np.ndarray, history: np.ndarray) -> torch.Tensor:
@@ -313,14 +363,16 @@ class OnlineModels:
         return [trending_lists[r] if cold[r] else c[o] for r, (c, o) in enumerate(zip(cand, order, strict=True))]
 
     def state_dict(self) -> dict[str, Any]:
-        """Dense modules, their optimizers and the sampling generator (checkpoints; the
+        """Dense parameters with their optimizer state (in-process ones; a remote dense
+        service is saved with its store shard) and the sampling generator (checkpoints; the
         sparse rows are the store's)."""
-        parts = ("two_tower", "ranker", "dense_optimizer", "blend", "blend_optimizer")
-        return {**{name: getattr(self, name).state_dict() for name in parts}, "rng": self._rng.bit_generator.state}
+        return {"dense": self.dense.state_dict(), "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("two_tower", "ranker", "dense_optimizer", "blend", "blend_optimizer"):
-            getattr(self, name).load_state_dict(state[name])
+        """Resume from `state_dict()`, after the store (and a remote dense service) was restored."""
+        self.dense.load_state_dict(state["dense"])
+        self.dense_ranker.pull()
+        self.dense_blend.pull()
         self._rng.bit_generator.state = state["rng"]
 
     def dense_state(self) -> dict[str, np.ndarray]:

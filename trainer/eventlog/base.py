@@ -61,6 +61,10 @@ class LogConsumer(Protocol):
         """Records in this member's partitions that it has not read yet (consumer lag)."""
         ...
 
+    def assignment(self) -> list[int]:
+        """The partitions this member is assigned now, sorted (they change at rebalances)."""
+        ...
+
     def close(self) -> None: ...
 
 

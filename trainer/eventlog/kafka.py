@@ -182,5 +182,8 @@ class KafkaLogConsumer:
         except KafkaError as e:
             raise LogUnavailable(f"lag of {self._topic}: {e}") from e
 
+    def assignment(self) -> list[int]:
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
     def close(self) -> None:
         self._consumer.close()

@@ -104,7 +104,6 @@ class MemoryConsumer:
         self._positions: dict[int, int] = {}
         self._turn = 0
 
-    @property
     def assignment(self) -> list[int]:
         with self._log._cond:
             return sorted(self._positions)
