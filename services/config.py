@@ -172,6 +172,7 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_MAX_ROWS": "trainer.max_rows",
     "FRESHREC_CHECKPOINT_DIR": "trainer.checkpoint_dir",
     "FRESHREC_CHECKPOINT_INTERVAL_S": "trainer.checkpoint_interval_s",
+    "FRESHREC_TRAINER_WORKERS": "trainer.workers",
 }
 """Environment variable -> config path. Only these variables are read."""
 

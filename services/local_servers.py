@@ -6,16 +6,22 @@ services themselves."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.config import load_config
 from services.node import Node
@@ -29,6 +35,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_until(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
@@ -49,8 +60,7 @@ def _server(command: list[str], port: int, name: str) -> Iterator[subprocess.Pop
     def is_open() -> bool:
         if proc.poll() is not None:
             raise ServerUnavailable(f"{name} exited with code {proc.returncode}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
+        return port_open(port)
 
     try:
         wait_until(is_open, 20, f"{name} on port {port}")
@@ -128,3 +138,67 @@ def running_node(log_url: str = "memory://", store_url: str = "memory://", **ove
         yield node
     finally:
         node.stop()
+
+
+def freshrec_process(
+    args: list[str], env: Mapping[str, str] | None = None, log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `python -m services.cli ARGS` with `env` added to this process's environment,
+    its output to `log_path` (or discarded); the caller stops it."""
+    output = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the process keeps it
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A running `freshrec store-shard` process."""
+
+    address: str
+    metrics_port: int
+    process: subprocess.Popen[bytes]
+
+
+@contextmanager
+def store_shards(n: int, log_dir: Path | None = None) -> Iterator[list[Shard]]:
+    """`n` store-shard processes on free loopback ports (stopped afterwards); the store URL
+    of all of them is `grpc://` + their addresses joined by commas."""
+    with ExitStack() as stack:
+        shards = []
+        for i in range(n):
+            port, metrics_port = free_port(), free_port()
+            args = ["store-shard", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
+            proc = freshrec_process(args, log_path=log_dir / f"shard-{i}.log" if log_dir else None)
+            stack.callback(_stop, proc)
+            shards.append(Shard(f"127.0.0.1:{port}", metrics_port, proc))
+        for shard in shards:
+            wait_until(partial(_listening, shard), 60, f"store shard {shard.address}")
+        yield shards
+
+
+def _listening(shard: Shard) -> bool:
+    if shard.process.poll() is not None:
+        raise ServerUnavailable(f"store shard {shard.address} exited with code {shard.process.returncode}")
+    return port_open(int(shard.address.rsplit(":", 1)[1]))
+
+
+def metric(port: int, name: str) -> float:
+    """The sum of every sample named `name` on the /metrics page at `port` (-1 when unreachable)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return -1.0
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

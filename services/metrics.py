@@ -44,6 +44,9 @@ TRAINER_LOSS = Gauge("freshrec_trainer_loss", "BCE loss of the latest training s
 TRAINER_AUC = Gauge("freshrec_trainer_progressive_auc", "Progressive (score-before-train) AUC since start")
 TRAINER_LOGLOSS = Gauge("freshrec_trainer_progressive_logloss", "Progressive (score-before-train) log loss since start")
 TRAINER_LAG = Gauge("freshrec_trainer_consumer_lag", "Records of the trainer's partitions it has not read yet")
+TRAINER_PARTITIONS = Gauge(
+    "freshrec_trainer_partitions", "Event-log partitions this trainer worker is assigned in its consumer group"
+)
 TRAINER_RETRIEVAL_LOSS = Gauge("freshrec_trainer_retrieval_loss", "In-batch softmax loss of the latest step")
 TRAINER_CHECKPOINT_AGE = Gauge(
     "freshrec_trainer_checkpoint_age_seconds",

@@ -85,6 +85,7 @@ class Node:
             if saved is not None:
                 self.store.restore(codec.decode(saved.read_bytes()))
         self._stop = threading.Event()
+        self._sync_stop = threading.Event()  # set once the trainer has stopped: the last sync has all it trained
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self.http_port = 0
@@ -142,6 +143,7 @@ class Node:
         metrics.TRAINER_INVALID.inc(step.invalid)
         metrics.TRAINER_DUPLICATES.inc(step.duplicates)
         metrics.TRAINER_LAG.set(self.trainer.lag)
+        metrics.TRAINER_PARTITIONS.set(len(self.trainer.partitions))
         if self.config.trainer.checkpoint_dir:
             since = self.trainer.last_checkpoint_s or self._started_s
             metrics.TRAINER_CHECKPOINT_AGE.set(max(time.time() - since, 0.0))
@@ -190,7 +192,7 @@ class Node:
         """Start every part of the roles; returns once the servers listen."""
         if self.trainer is not None and self.publisher is not None:
             self._spawn("trainer", self.trainer.run, self._stop)
-            self._spawn("sync", self.publisher.run, self._stop)
+            self._spawn("sync", self.publisher.run, self._sync_stop)
             if "gateway" not in self.roles and self.config.metrics_port:
                 start_http_server(self.config.metrics_port)
         if self.replica is not None:
@@ -246,7 +248,13 @@ class Node:
         if self.remote is not None:
             self.remote.close()
         for thread in self._threads:
+            if thread.name == "trainer":
+                thread.join(timeout=30)
+        self._sync_stop.set()
+        for thread in self._threads:
             thread.join(timeout=10)
+        if self.trainer is not None:
+            self.trainer.close()
         metrics.STORE.unwatch(self._store_stats)
         if self.log is not None:
             self.log.close()

@@ -30,6 +30,11 @@ def test_file_then_env_then_overrides(tmp_path: Path) -> None:
         ("[trainer]\ndim = 0\n", "trainer.dim"),
         ("log_url = 'kafak://x'\n", "log_url"),
         ("[server]\nhttp_port = 70000\n", "server.http_port"),
+        ("[trainer]\nworkers = 2\n", "trainer.workers: 2 workers share their tables through grpc://"),
+        (
+            "[trainer]\nworkers = 2\nstore_url = 'grpc://a:1'\ncheckpoint_dir = '/c'\n",
+            "leave trainer.checkpoint_dir empty",
+        ),
     ],
 )
 def test_bad_values_name_their_path(tmp_path: Path, text: str, message: str) -> None:

@@ -8,12 +8,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from embedding_store import feature_keys
+from embedding_store import feature_keys, open_store
+from embedding_store.dense import LocalDense
 from services.local_servers import wait_until
 from trainer.config import TrainerConfig
-from trainer.eventlog import EventLog, open_log
+from trainer.eventlog import EventLog, MemoryLog, open_log
+from trainer.eventlog.base import partition_for
 from trainer.events import Event
 from trainer.loop import Trainer
+from trainer.models import table_configs
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -120,3 +123,33 @@ def test_frequency_filter_counts_events_not_examples() -> None:
     log.append([Event("c", "warm", "y", "click", 3)])
     trainer.poll_and_train()
     assert trainer.users.get(feature_keys("user", ["warm", "cold"]))[1].tolist() == [True, False]
+
+
+def test_workers_sharing_a_store_each_publish_the_users_they_trained() -> None:
+    """A user's serving vector needs the user's history, which only the worker of the user's
+    partition has: a worker that drains another's user rows from the shared store leaves them
+    to that worker, and each publishes its own users' vectors, history included."""
+    log = MemoryLog(partitions=2)
+    config = TrainerConfig(poll_timeout_s=0.0)
+    store = open_store("local://", table_configs(config))
+    dense = LocalDense()
+    a, b = (Trainer(config, log.consumer("g"), store=store, dense=dense) for _ in range(2))
+    events = clicks(200)
+    log.append(events)
+    train_until(a, lambda: b.poll_and_train() is not None and b.events_trained + a.events_trained >= 200)
+    assert a.events_trained and b.events_trained
+    owned = {
+        w: set(
+            feature_keys("user", [e.user_id for e in events if partition_for(e.user_id, 2) in w.partitions]).tolist()
+        )
+        for w in (a, b)
+    }
+    from_b = b.collect_sync()  # drains every changed user row of the shared table first
+    from_a = a.collect_sync()
+    assert from_a is not None and from_b is not None
+    for worker, message in ((a, from_a), (b, from_b)):
+        assert set(message.users.keys.tolist()) == owned[worker]
+        history = worker.features.histories(message.users.keys)
+        assert (history != 0).any(), "the users have histories"
+        expected = worker.models.user_vectors(message.users.keys, history)[:, : config.dim]
+        np.testing.assert_allclose(message.users.rows, expected.numpy(), rtol=1e-6)

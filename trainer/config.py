@@ -59,6 +59,12 @@ class TrainerConfig:
             step). With remote store shards the path is the shards' too (a shared volume).
         checkpoint_interval_s: how often (wall clock) a checkpoint is written.
         checkpoints_kept: complete checkpoints kept on disk (older ones are deleted).
+        workers: trainer processes sharing `group_id` as data-parallel workers. Above 1 the
+            store must be `grpc://` store shards (their tables and the dense parameters on the
+            first are what the workers share) and `checkpoint_dir` empty: a worker restoring
+            the shared shards from its checkpoint would undo the other workers' training.
+            Workers commit offsets after each step instead (at-least-once, as without
+            checkpoints); the shards keep the state.
 
     Raises:
         ValueError: a value is out of range; the message names the field.
@@ -97,6 +103,7 @@ class TrainerConfig:
     checkpoint_dir: str = ""
     checkpoint_interval_s: float = 30.0
     checkpoints_kept: int = 2
+    workers: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -131,10 +138,21 @@ class TrainerConfig:
             "checkpoint_interval_s": self.checkpoint_interval_s > 0,
             "dedup_window": self.dedup_window >= 1,
             "checkpoints_kept": self.checkpoints_kept >= 1,
+            "workers": self.workers >= 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"trainer.{name}: invalid value {getattr(self, name)!r}")
+        if self.workers > 1 and not self.store_url.startswith("grpc://"):
+            raise ValueError(
+                f"trainer.workers: {self.workers} workers share their tables through grpc:// store shards, "
+                f"got store_url {self.store_url!r}"
+            )
+        if self.workers > 1 and self.checkpoint_dir:
+            raise ValueError(
+                "trainer.workers: workers of a group do not checkpoint (restoring the shared shards would "
+                "undo the other workers' training); leave trainer.checkpoint_dir empty"
+            )
 
     def table(self, name: str, dim: int, seed: int) -> TableConfig:
         """The embedding-table config these settings give a table `name` of width `dim`."""

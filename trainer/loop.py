@@ -370,7 +370,8 @@ class Trainer:
         return self._rng.choice(accepted_ms, self.config.freshness_samples, replace=False)
 
     def run(self, stop: threading.Event) -> None:
-        """Train until `stop` is set, then leave the consumer group; a log outage is retried, not fatal."""
+        """Train until `stop` is set, then leave the consumer group; a log outage is retried, not
+        fatal. The store stays open for a last sync; `close()` it after."""
         while not stop.is_set():
             try:
                 self.poll_and_train()
@@ -381,10 +382,10 @@ class Trainer:
             self.checkpoint()  # what was trained since the last one is kept, its offsets committed
         except Exception:
             log.exception("final checkpoint failed; the log replays from the previous one")
-        self.close()
+        self._consumer.close()  # its partitions go to the other members now
 
     def close(self) -> None:
-        """Leave the consumer group (its partitions go to the other members) and close the store."""
+        """Leave the consumer group (if `run` has not) and close the store and the dense parameters."""
         self._consumer.close()
         self.store.close()
         self.dense.close()

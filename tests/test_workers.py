@@ -1,0 +1,183 @@
+"""Trainer workers as processes in one consumer group on the real broker, with two store-shard
+processes: the partitions are split between the workers, every event is trained on (and
+published: its (user, item) pair reaches the serving store's seen lists), the shards hold
+disjoint key sets whose union is exactly the keys the frequency filter admits, and a worker
+leaving or joining mid-stream loses no event and replays at most an uncommitted batch."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from subprocess import Popen
+
+import numpy as np
+import pytest
+
+from embedding_store import ShardedStore, feature_keys, open_store
+from services.local_servers import free_port, freshrec_process, metric, store_shards, wait_until
+from services.serving_store import open_serving_store
+from trainer.config import TrainerConfig
+from trainer.eventlog import open_log
+from trainer.events import Event
+from trainer.models import table_configs
+
+BATCH = 200
+MIN_COUNT = 2
+
+
+def clicks(n: int, seed: int) -> list[Event]:
+    """Clicks of 1,000 users on 1,000 items, 3 per user and item on average: many are seen once
+    (not admitted); none more often than a seen list keeps."""
+    rng = np.random.default_rng(seed)
+    users, items = rng.integers(0, 1000, n), rng.integers(0, 1000, n)
+    return [
+        Event(f"e{seed}-{k}", f"u{u}", f"i{i}", "click", 1_700_000_000_000 + 1000 * k)
+        for k, (u, i) in enumerate(zip(users.tolist(), items.tolist(), strict=True))
+    ]
+
+
+def pairs(events: list[Event]) -> Counter[tuple[int, int]]:
+    users = feature_keys("user", [e.user_id for e in events]).tolist()
+    items = feature_keys("item", [e.item_id for e in events]).tolist()
+    return Counter(zip(users, items, strict=True))
+
+
+class Cluster:
+    """Two store shards, the broker topic and the serving store that the workers share."""
+
+    def __init__(self, stack: ExitStack, kafka_broker: str, redis_url: str, tmp_path: Path) -> None:
+        self.shards = stack.enter_context(store_shards(2, tmp_path))
+        self.store_url = "grpc://" + ",".join(s.address for s in self.shards)
+        self.topic = f"{kafka_broker}/events-workers-{uuid.uuid4().hex[:8]}"
+        self.log = open_log(f"kafka://{self.topic}", partitions=4)
+        stack.callback(self.log.close)
+        self.redis_url = redis_url
+        self.group = f"workers-{uuid.uuid4().hex[:8]}"
+        self.tmp_path = tmp_path
+        self.workers: dict[str, tuple[Popen[bytes], int]] = {}
+        stack.callback(self.stop_all)
+
+    def start(self, name: str) -> None:
+        port = free_port()
+        env = {
+            "FRESHREC_STORE_URL": self.store_url,
+            "FRESHREC_TRAINER_WORKERS": "2",
+            "FRESHREC_MIN_COUNT": str(MIN_COUNT),
+            "FRESHREC_GROUP_ID": self.group,
+            "FRESHREC_METRICS_PORT": str(port),
+            "FRESHREC_BATCH_SIZE": str(BATCH),
+            "FRESHREC_SPARSE_SYNC_INTERVAL_S": "0.5",
+        }
+        args = ["trainer", "--kafka", self.topic, "--redis", self.redis_url]
+        self.workers[name] = (freshrec_process(args, env, self.tmp_path / f"{name}.log"), port)
+
+    def value(self, name: str, metric_name: str) -> float:
+        return metric(self.workers[name][1], metric_name)
+
+    def partitions(self, name: str) -> float:
+        return self.value(name, "freshrec_trainer_partitions")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.workers.pop(name)[0]
+        proc.send_signal(sig)
+        proc.wait(60)
+
+    def stop_all(self) -> None:
+        for name in list(self.workers):
+            self.stop(name)
+
+    def seen(self) -> Counter[tuple[int, int]]:
+        """(user key, item key) pairs of every published seen list, with their multiplicity."""
+        store = open_serving_store(self.redis_url)
+        try:
+            snapshot = store.snapshot()
+        finally:
+            store.close()
+        return Counter(zip(snapshot.seen_users.tolist(), snapshot.seen_items.tolist(), strict=True))
+
+    def produce(self, events: list[Event], pause_s: float = 0.0, midway: Callable[[], None] | None = None) -> None:
+        for start in range(0, len(events), 300):
+            self.log.append(events[start : start + 300])
+            if midway is not None and start >= len(events) // 3:
+                midway()
+                midway = None
+            threading.Event().wait(pause_s)
+
+
+@contextmanager
+def cluster(kafka_broker: str, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    with ExitStack() as stack:
+        yield Cluster(stack, kafka_broker, redis_url, tmp_path)
+
+
+def wait_published(c: Cluster, expected: Counter[tuple[int, int]], what: str) -> Counter[tuple[int, int]]:
+    """Wait until every expected pair was published; return the seen pairs then."""
+    try:
+        wait_until(lambda: not (expected - c.seen()), 120, what, interval_s=0.5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {sum((expected - c.seen()).values())} of {sum(expected.values())} missing") from e
+    return c.seen()
+
+
+@pytest.mark.timeout(420)
+def test_two_workers_share_the_partitions_and_the_shards_and_survive_leave_and_join(
+    kafka_broker: str, redis_url: str, tmp_path: Path
+) -> None:
+    with cluster(kafka_broker, redis_url, tmp_path) as c:
+        c.start("a")
+        c.start("b")
+        both = lambda: c.partitions("a") >= 1 and c.partitions("b") >= 1  # noqa: E731
+        wait_until(both, 120, "both workers to be assigned partitions")
+        assert c.partitions("a") + c.partitions("b") == 4
+
+        # 1. Steady: every event trained exactly once, split between the workers.
+        first = clicks(3000, seed=1)
+        c.produce(first)
+        expected = pairs(first)
+        seen = wait_published(c, expected, "the first events to be trained and published")
+        assert seen == expected, "no rebalance happened: each event is trained exactly once"
+        trained = {w: c.value(w, "freshrec_trainer_events_total") for w in ("a", "b")}
+        assert sum(trained.values()) == len(first) and min(trained.values()) > 0, trained
+
+        # The shards hold disjoint key sets; their union is exactly the admitted keys (seen at
+        # least MIN_COUNT times over both workers: the filter counts on the shard that owns a key).
+        config = TrainerConfig(store_url=c.store_url, min_count=MIN_COUNT, workers=2)
+        store = open_store(c.store_url, table_configs(config))
+        assert isinstance(store, ShardedStore)
+        try:
+            for table, ids in (("user", [e.user_id for e in first]), ("item", [e.item_id for e in first])):
+                keys, counts = np.unique(feature_keys(table, ids), return_counts=True)
+                found = [shard.table(table).get(keys)[1] for shard in store.shards]
+                assert not (found[0] & found[1]).any(), f"{table}: a key has rows on both shards"
+                assert np.array_equal(found[0] | found[1], counts >= MIN_COUNT), f"{table}: admitted keys differ"
+                assert found[0].any() and found[1].any()
+        finally:
+            store.close()
+
+        # 2. A worker leaves mid-stream: the other takes its partitions from the committed offsets.
+        second = clicks(3000, seed=2)
+        c.produce(second, pause_s=0.2, midway=lambda: c.stop("b"))
+        wait_until(lambda: c.partitions("a") == 4, 60, "worker a to take every partition")
+        expected += pairs(second)
+        seen = wait_published(c, expected, "the events around the leave to be trained and published")
+        replayed = seen - expected
+        assert sum(replayed.values()) <= 2 * BATCH, f"{sum(replayed.values())} events trained twice"
+
+        # 3. A worker joins mid-stream: the partitions are split again.
+        third = clicks(3000, seed=3)
+
+        def join() -> None:  # the rest of the stream comes after the rebalance
+            c.start("c")
+            wait_until(lambda: c.partitions("c") >= 1, 120, "worker c to be assigned partitions")
+
+        c.produce(third, pause_s=0.2, midway=join)
+        assert c.partitions("a") + c.partitions("c") == 4
+        expected += pairs(third)
+        seen = wait_published(c, expected, "the events around the join to be trained and published")
+        assert sum((seen - expected).values()) - sum(replayed.values()) <= 2 * BATCH
+        assert c.value("c", "freshrec_trainer_events_total") > 0
