@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from prometheus_client import start_http_server
+from redis.exceptions import RedisClusterException
 
 from services import metrics
 from services.config import load_config
@@ -29,7 +30,11 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (env FRESHREC_* and flags override it)")
     parser.add_argument("--host", help="interface to bind (default 0.0.0.0)")
     parser.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
-    parser.add_argument("--redis", metavar="URL", help="use this Redis (redis://HOST:PORT) as the serving store")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="use this Redis (redis://HOST:PORT, or redis-cluster://HOST:PORT[,...]) as the serving store",
+    )
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
-    except (ValueError, DatasetUnavailable, LogUnavailable, redis.ConnectionError) as e:
+    except (ValueError, DatasetUnavailable, LogUnavailable, redis.ConnectionError, RedisClusterException) as e:
         print(f"freshrec: error: {e}", file=sys.stderr)
         return 2
 

@@ -104,7 +104,8 @@ class Config:
 
     Args:
         log_url: event log, `memory://` or `kafka://HOST:PORT[/TOPIC]`.
-        serving_store_url: serving store, `memory://` or `redis://HOST:PORT[/DB]`.
+        serving_store_url: serving store, `memory://`, `redis://HOST:PORT[/DB]` or
+            `redis-cluster://HOST:PORT[,HOST:PORT...]` (`services.serving_store`).
         log_partitions: partitions of the events topic when freshrec creates it.
         metrics_port: port of the standalone /metrics endpoint of processes without REST
             (the trainer); 0 disables it.
@@ -124,8 +125,11 @@ class Config:
     def __post_init__(self) -> None:
         if not self.log_url.startswith(("memory://", "file://", "kafka://")):
             raise ValueError(f"log_url: expected memory://, file://DIR or kafka://HOST:PORT, got {self.log_url!r}")
-        if not self.serving_store_url.startswith(("memory://", "redis://", "rediss://")):
-            raise ValueError(f"serving_store_url: expected memory:// or redis://..., got {self.serving_store_url!r}")
+        if not self.serving_store_url.startswith(("memory://", "redis://", "rediss://", "redis-cluster://")):
+            raise ValueError(
+                f"serving_store_url: expected memory://, redis://... or redis-cluster://..., "
+                f"got {self.serving_store_url!r}"
+            )
         if self.log_partitions < 1:
             raise ValueError(f"log_partitions: must be >= 1, got {self.log_partitions}")
 

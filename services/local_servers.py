@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -81,6 +82,54 @@ def redis_server() -> Iterator[str]:
     with _server(command, port, "redis-server"):
         wait_until(lambda: redis.Redis(host="127.0.0.1", port=port).ping(), 10, "redis PING")
         yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
+def redis_cluster(nodes: int = 3) -> Iterator[str]:
+    """A Redis Cluster of `nodes` redis-server processes in cluster mode (primaries only, the
+    16,384 slots split evenly, no persistence); yields its `redis-cluster://` URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise ServerUnavailable("redis-server is not installed: run scripts/setup.sh --dev")
+    with tempfile.TemporaryDirectory(prefix="freshrec-redis-cluster-") as folder, ExitStack() as stack:
+        ports = [_cluster_port() for _ in range(nodes)]
+        for port in ports:
+            command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            command += ["--cluster-enabled", "yes", "--cluster-config-file", f"{folder}/nodes-{port}.conf"]
+            command += ["--dir", folder]
+            stack.enter_context(_server(command, port, f"redis-server (cluster) on {port}"))
+        clients = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
+        bounds = [round(i * 16384 / nodes) for i in range(nodes + 1)]
+        for client, start, end in zip(clients, bounds, bounds[1:], strict=False):
+            client.execute_command("CLUSTER ADDSLOTSRANGE", start, end - 1)
+        for client in clients[1:]:
+            client.execute_command("CLUSTER MEET", "127.0.0.1", ports[0])
+
+        def ready() -> bool:  # redis-py parses both replies into dicts
+            return all(
+                c.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+                and len(c.execute_command("CLUSTER NODES")) == nodes
+                for c in clients
+            )
+
+        wait_until(ready, 30, "the Redis Cluster to agree on its slots")
+        for client in clients:
+            client.close()
+        yield "redis-cluster://" + ",".join(f"127.0.0.1:{port}" for port in ports)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 above) is free too, as Redis Cluster needs."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 def tansu_binary() -> Path:

@@ -1,6 +1,6 @@
 """Fixtures that start real services on free loopback ports (`services.local_servers`):
-redis-server and a Kafka-protocol broker. `scripts/test.sh` installs both; a missing one fails
-the tests that need it rather than skipping them."""
+redis-server (alone and as a Redis Cluster) and a Kafka-protocol broker. `scripts/test.sh`
+installs both; a missing one fails the tests that need it rather than skipping them."""
 
 from __future__ import annotations
 
@@ -24,6 +24,19 @@ def redis_server() -> Iterator[str]:
 def redis_url(redis_server: str) -> str:
     """The session's Redis with a key prefix of this test's own."""
     return f"{redis_server}?prefix=t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[str]:
+    """`redis-cluster://` URL of a 3-node Redis Cluster (redis-server in cluster mode) for the session."""
+    with local_servers.redis_cluster(3) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: str) -> str:
+    """The session's Redis Cluster with a key prefix of this test's own."""
+    return f"{redis_cluster}?prefix=t{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Events posted over the public API are trained on, synced, and change what is served —
-embedded, and on a real Kafka-protocol broker and a real Redis."""
+embedded, and on a real Kafka-protocol broker with a real Redis or Redis Cluster."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from tests.nodes import rest, running_node, wait_trained_and_served
 CLUSTERS = 4
 
 
-@pytest.fixture(params=["embedded", "kafka+redis"])
+@pytest.fixture(params=["embedded", "kafka+redis", "kafka+redis-cluster"])
 def node(request: pytest.FixtureRequest) -> Node:
     if request.param == "embedded":
         cm = running_node()
     else:
-        cm = running_node(request.getfixturevalue("kafka_url"), request.getfixturevalue("redis_url"))
+        store = "redis_url" if request.param == "kafka+redis" else "redis_cluster_url"
+        cm = running_node(request.getfixturevalue("kafka_url"), request.getfixturevalue(store))
     n = cm.__enter__()
     request.addfinalizer(lambda: cm.__exit__(None, None, None))
     return n

@@ -1,4 +1,5 @@
-"""One suite for the ServingStore interface, run against the in-process store and real Redis."""
+"""One suite for the ServingStore interface, run against the in-process store, a real Redis and
+a real Redis Cluster (three redis-server processes in cluster mode)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ from services.serving_store.state import ServingState
 from trainer.sync import SyncMessage
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest) -> ServingStore:
-    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    url = {
+        "memory": lambda: "memory://",
+        "redis": lambda: request.getfixturevalue("redis_url"),
+        "redis-cluster": lambda: request.getfixturevalue("redis_cluster_url"),
+    }[request.param]()
     s = open_serving_store(url)
     request.addfinalizer(s.close)
     return s
@@ -204,3 +209,37 @@ def test_trimmed_stream_reports_a_gap(redis_url: str) -> None:
 def test_unknown_scheme_names_the_url() -> None:
     with pytest.raises(ValueError, match="mongodb://x"):
         open_serving_store("mongodb://x")
+
+
+def test_concurrent_publishers_get_consecutive_versions_and_one_state(store: ServingStore) -> None:
+    """Trainer workers publish at once: each version is claimed once, in stream order, and a
+    snapshot equals replaying the stream (the rows were written in version order)."""
+    rngs = [np.random.default_rng(10 + t) for t in range(3)]
+    threads = [threading.Thread(target=lambda r=r: [store.publish(message(r)) for _ in range(8)]) for r in rngs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stream = store.read_since(0, timeout_s=0.1)
+    assert [m.version for m in stream] == list(range(1, 25)) and store.latest_version() == 24
+    replayed = ServingState()
+    for m in stream:
+        replayed.apply(m)
+    snapshot = store.snapshot()
+    assert snapshot.version == 24
+    same_state(snapshot, replayed.to_message())
+
+
+def test_a_redis_cluster_spreads_the_tables_over_its_nodes(redis_cluster_url: str) -> None:
+    store = open_serving_store(redis_cluster_url)
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        store.publish(message(rng, n_users=20, n_items=20))
+    prefix = redis_cluster_url.rsplit("prefix=", 1)[1]
+    cluster = redis.cluster.RedisCluster.from_url("redis://" + redis_cluster_url.split("://")[1].split(",")[0])
+    keys_per_node = [
+        sum(1 for _ in node.redis_connection.scan_iter(match=f"{prefix}:*")) for node in cluster.get_primaries()
+    ]
+    assert len(keys_per_node) == 3 and min(keys_per_node) > 0, keys_per_node
+    cluster.close()
+    store.close()

@@ -1,4 +1,5 @@
-"""Serving parameter stores, chosen by URL scheme: `memory://` or `redis://HOST:PORT[/DB]`."""
+"""Serving parameter stores, chosen by URL scheme: `memory://`, `redis://HOST:PORT[/DB]` or
+`redis-cluster://HOST:PORT[,HOST:PORT...]`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from services.serving_store.base import ServingStore, VersionGap
 from services.serving_store.memory import MemoryServingStore
 
 ROW_DTYPES = ("float16", "float32")
+SCHEMES = ("redis", "rediss", "redis-cluster")  # besides memory://
 
 
 def open_serving_store(url: str) -> ServingStore:
@@ -18,6 +20,9 @@ def open_serving_store(url: str) -> ServingStore:
     - `memory://` — in-process (embedded mode).
     - `redis://HOST:PORT[/DB][?prefix=NAME]` — a Redis server; keys live under NAME
       (default "freshrec").
+    - `redis-cluster://HOST:PORT[,HOST:PORT...][?prefix=NAME]` — a Redis Cluster reached
+      through any of the nodes given (redis-py's cluster client); the same layout, its
+      tables spread over the cluster's slots.
 
     Both take `row_dtype=float16` (default: half the bytes per synced and served row) or
     `row_dtype=float32` (exact rows) as a query parameter.
@@ -32,12 +37,19 @@ def open_serving_store(url: str) -> ServingStore:
         raise ValueError(f"serving store URL {url!r}: row_dtype must be one of {ROW_DTYPES}, got {row_dtype!r}")
     if parsed.scheme == "memory":
         return MemoryServingStore(row_dtype=np.dtype(row_dtype))
-    if parsed.scheme in ("redis", "rediss"):
+    if parsed.scheme in SCHEMES:
         from services.serving_store.redis import RedisServingStore
 
         prefix = query.get("prefix", ["freshrec"])[0]
-        return RedisServingStore(urlunparse(parsed._replace(query="")), prefix=prefix, row_dtype=np.dtype(row_dtype))
-    raise ValueError(f"serving store URL {url!r}: unknown scheme {parsed.scheme!r} (use memory:// or redis://)")
+        return RedisServingStore(
+            urlunparse(parsed._replace(query="")),
+            prefix=prefix,
+            row_dtype=np.dtype(row_dtype),
+            cluster=parsed.scheme == "redis-cluster",
+        )
+    raise ValueError(
+        f"serving store URL {url!r}: unknown scheme {parsed.scheme!r} (use memory://, redis:// or redis-cluster://)"
+    )
 
 
 __all__ = ["MemoryServingStore", "ServingStore", "VersionGap", "open_serving_store"]

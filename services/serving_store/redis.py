@@ -1,35 +1,48 @@
-"""Redis serving store: current rows in hashes, versions in a Redis Stream.
+"""Redis serving store: current rows in bucketed hashes, versions in a Redis Stream; on one
+Redis server or a Redis Cluster (redis-py's cluster client), with the same layout.
 
-Layout under a key prefix P (default "freshrec"):
+Layout under a key prefix P (default "freshrec"); `{...}` is a Redis Cluster hash tag, which
+puts every key with the same tag in one slot:
 
-- `P:version`: the latest version;
-- `P:users`, `P:items`: hashes from 8-byte little-endian key to row bytes (fp16 by default);
-- `P:names`: hash from item key to item id;
+- `{P}:version`: the latest version; `{P}:deltas`: stream with one entry `<version>-0` per
+  version, field `m` the encoded message, trimmed to about `retention` entries;
+- `{P}:popular`, `{P}:popular_scores`: the popular list (uint64 keys, float32 scores);
+  `{P}:dense`: the latest dense parameters (npz bytes); `{P}:clock`: the trainer's event
+  time and the trending half-life (2 float64); `{P}:schema`: each ranking table's
+  "<numpy dtype>:<width>"; `{P}:publish-lock`: held by the publishing trainer;
+- `P:users:{b}`, `P:items:{b}`, `P:names:{b}`, `P:table:<name>:{b}`: hashes from 8-byte
+  little-endian key to row bytes (fp16 embeddings by default) or item id, split into
+  `BUCKETS` buckets by key (b = key mod `BUCKETS`) so a cluster spreads the tables;
 - `P:seen:<user key hex>`: list of the user's recent item keys, trimmed to `max_seen`;
-- `P:popular`, `P:popular_scores`: the popular list (uint64 keys, float32 scores);
-- `P:table:<name>`: the ranking service's tables (`SyncMessage.tables`), hashes from key to
-  row bytes; `P:schema` maps each table name to "<numpy dtype>:<width>" of its rows;
-- `P:dense`: the latest dense parameters (npz bytes); `P:clock`: the trainer's event time and
-  the trending half-life (2 float64);
-- `P:deltas`: stream with one entry `<version>-0` per version, field `m` the encoded message,
-  trimmed to about `retention` entries;
 - channel `P:published`: the number of each new version, published with it.
 
-One publish is one MULTI/EXEC transaction guarded by WATCH on `P:version`, so readers never
-see half a version and concurrent publishers cannot both claim one.
+A publish holds the publish lock (trainer workers publish one at a time), writes the rows,
+then sets the version and appends the stream entry in one MULTI/EXEC on the `{P}` slot. So
+the rows of every version up to `{P}:version` are in the hashes, and a stream entry is never
+half there. A snapshot reads the version first and the rows after: it may already hold rows of
+the next versions, which the replica then applies again from the stream (a version sets rows
+to values, so applying it twice changes nothing; a seen list may repeat items, harmless for
+a recency list). A publisher that dies between the rows and the version leaves rows no
+version announces; replicas that bootstrap later have them, replicas that follow the stream
+get them the next time those rows change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 from embedding_store.base import TableDelta
 from services.serving_store import codec
 from services.serving_store.base import VersionGap
 from trainer.sync import SyncMessage
+
+BUCKETS = 64  # hashes per table
+LOCK_TIMEOUT_S = 60.0  # a publisher that dies holding the lock holds it this long
 
 
 def _field(keys: np.ndarray) -> list[bytes]:
@@ -41,14 +54,36 @@ def _keys(fields: list[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(fields), dtype="<u8").astype(np.uint64)
 
 
+def _by_bucket(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(bucket, positions of `keys` in it) for each bucket that has keys."""
+    buckets = (np.asarray(keys, dtype=np.uint64) % np.uint64(BUCKETS)).astype(np.int64)
+    order = np.argsort(buckets, kind="stable")
+    bounds = np.flatnonzero(np.diff(buckets[order])) + 1
+    for part in np.split(order, bounds) if len(order) else []:
+        yield int(buckets[part[0]]), part
+
+
+def connect(url: str, cluster: bool) -> redis.Redis | RedisCluster:
+    """A client for `redis://HOST:PORT[/DB]`, or for the Redis Cluster reachable through any
+    of `HOST:PORT[,HOST:PORT...]` (the rest of the nodes are discovered)."""
+    if not cluster:
+        return redis.Redis.from_url(url)
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    nodes = [ClusterNode(host, int(port)) for host, port in (a.rsplit(":", 1) for a in netloc.split(",") if a)]
+    return RedisCluster(startup_nodes=nodes)
+
+
 class RedisServingStore:
-    """Serving store on a Redis server.
+    """Serving store on a Redis server or a Redis Cluster.
 
     Args:
-        url: redis://HOST:PORT[/DB]; the query parameter `prefix` sets the key prefix.
+        url: redis://HOST:PORT[/DB], or with `cluster` any node(s) of the cluster,
+            HOST:PORT[,HOST:PORT...] after the scheme.
+        prefix: key prefix P (see the module docstring).
         retention: approximate number of versions kept in the stream.
         max_seen: recent items kept per user.
         row_dtype: float16 (default) or float32 embedding rows.
+        cluster: talk to a Redis Cluster (redis-py's `RedisCluster`).
 
     Raises:
         redis.ConnectionError: from any call while Redis is unreachable.
@@ -61,93 +96,105 @@ class RedisServingStore:
         retention: int = 1000,
         max_seen: int = 200,
         row_dtype: np.dtype | None = None,
+        cluster: bool = False,
     ) -> None:
         self.row_dtype = np.dtype(row_dtype or np.float16)
-        self._redis = redis.Redis.from_url(url)
+        self._redis = connect(url, cluster)
         self._p = prefix
         self._retention = retention
         self._max_seen = max_seen
 
-    def _k(self, name: str) -> str:
-        return f"{self._p}:{name}"
+    def _meta(self, name: str) -> str:
+        return f"{{{self._p}}}:{name}"
+
+    def _bucket(self, table: str, bucket: int) -> str:
+        return f"{self._p}:{table}:{{{bucket}}}"
 
     def publish(self, message: SyncMessage) -> int:
-        vkey = self._k("version")
-        while True:
+        with self._redis.lock(self._meta("publish-lock"), timeout=LOCK_TIMEOUT_S, blocking_timeout=LOCK_TIMEOUT_S):
+            message.version = int(self._redis.get(self._meta("version")) or 0) + 1
+            with self._redis.pipeline(transaction=False) as pipe:
+                self._write_rows(pipe, message)
+                pipe.execute()
             with self._redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(vkey)
-                    current: Any = pipe.get(vkey)  # immediate-mode read while watching
-                    message.version = int(current or 0) + 1
-                    pipe.multi()
-                    self._write(pipe, message)
-                    pipe.execute()
-                    return message.version
-                except redis.WatchError:
-                    continue
+                self._write_version(pipe, message)
+                pipe.execute()
+        self._redis.publish(f"{self._p}:published", message.version)  # for listeners other than replicas
+        return message.version
 
-    def _write(self, pipe: redis.client.Pipeline, m: SyncMessage) -> None:
+    def _hset(self, pipe: Any, table: str, keys: np.ndarray, values: list[Any]) -> None:
+        fields = _field(keys)
+        for bucket, at in _by_bucket(keys):
+            pipe.hset(self._bucket(table, bucket), mapping={fields[i]: values[i] for i in at.tolist()})
+
+    def _hdel(self, pipe: Any, table: str, keys: np.ndarray) -> None:
+        fields = _field(keys)
+        for bucket, at in _by_bucket(keys):
+            pipe.hdel(self._bucket(table, bucket), *(fields[i] for i in at.tolist()))
+
+    def _write_rows(self, pipe: Any, m: SyncMessage) -> None:
         for table, delta in (("users", m.users), ("items", m.items)):
             if len(delta.evicted):
-                pipe.hdel(self._k(table), *_field(delta.evicted))
+                self._hdel(pipe, table, delta.evicted)
             if len(delta.keys):
-                rows = delta.rows.astype(self.row_dtype)
-                pipe.hset(self._k(table), mapping=dict(zip(_field(delta.keys), map(bytes, rows), strict=True)))
+                self._hset(pipe, table, delta.keys, list(map(bytes, delta.rows.astype(self.row_dtype))))
         if len(m.items.evicted):
-            pipe.hdel(self._k("names"), *_field(m.items.evicted))
+            self._hdel(pipe, "names", m.items.evicted)
         if m.item_names:
             keys = np.fromiter(m.item_names.keys(), dtype=np.uint64, count=len(m.item_names))
-            pipe.hset(self._k("names"), mapping=dict(zip(_field(keys), m.item_names.values(), strict=True)))
+            self._hset(pipe, "names", keys, list(m.item_names.values()))
         for user, items in m.seen_by_user():
-            key = self._k(f"seen:{user:016x}")
+            key = f"{self._p}:seen:{user:016x}"
             pipe.rpush(key, *_field(items))
             pipe.ltrim(key, -self._max_seen, -1)
         for name, delta in m.tables.items():
-            key = self._k(f"table:{name}")
             if len(delta.evicted):
-                pipe.hdel(key, *_field(delta.evicted))
+                self._hdel(pipe, f"table:{name}", delta.evicted)
             if len(delta.keys):
                 rows = np.ascontiguousarray(codec.stored_rows(delta.rows, self.row_dtype))
-                pipe.hset(self._k("schema"), name, f"{rows.dtype.str}:{rows.shape[1]}")
-                pipe.hset(key, mapping=dict(zip(_field(delta.keys), map(bytes, rows), strict=True)))
+                self._hset(pipe, f"table:{name}", delta.keys, list(map(bytes, rows)))
+
+    def _write_version(self, pipe: Any, m: SyncMessage) -> None:
+        """Everything on the `{P}` slot: one transaction."""
+        for name, delta in m.tables.items():
+            if len(delta.keys):
+                rows = codec.stored_rows(delta.rows[:1], self.row_dtype)
+                pipe.hset(self._meta("schema"), name, f"{rows.dtype.str}:{rows.shape[1]}")
         if m.dense:
-            pipe.set(self._k("dense"), codec.encode_arrays(m.dense))
+            pipe.set(self._meta("dense"), codec.encode_arrays(m.dense))
         if m.clock_s or m.trending_half_life_s:
-            pipe.set(self._k("clock"), np.array([m.clock_s, m.trending_half_life_s], dtype="<f8").tobytes())
+            pipe.set(self._meta("clock"), np.array([m.clock_s, m.trending_half_life_s], dtype="<f8").tobytes())
         if len(m.popular_keys):
-            pipe.set(self._k("popular"), np.ascontiguousarray(m.popular_keys, dtype="<u8").tobytes())
-            pipe.set(self._k("popular_scores"), np.ascontiguousarray(m.popular_scores, dtype="<f4").tobytes())
-        pipe.set(self._k("version"), m.version)
+            pipe.set(self._meta("popular"), np.ascontiguousarray(m.popular_keys, dtype="<u8").tobytes())
+            pipe.set(self._meta("popular_scores"), np.ascontiguousarray(m.popular_scores, dtype="<f4").tobytes())
+        pipe.set(self._meta("version"), m.version)
         encoded = codec.encode(m, self.row_dtype)
         m.encoded_bytes = len(encoded)
-        pipe.xadd(self._k("deltas"), {"m": encoded}, id=f"{m.version}-0", maxlen=self._retention, approximate=True)
-        pipe.publish(self._k("published"), m.version)  # for listeners other than replicas (they block on the stream)
+        pipe.xadd(self._meta("deltas"), {"m": encoded}, id=f"{m.version}-0", maxlen=self._retention, approximate=True)
 
     def latest_version(self) -> int:
-        return int(self._redis.get(self._k("version")) or 0)
+        return int(self._redis.get(self._meta("version")) or 0)
+
+    def _hgetall(self, table: str) -> dict[bytes, bytes]:
+        """Every bucket of `table`, merged."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for bucket in range(BUCKETS):
+                pipe.hgetall(self._bucket(table, bucket))
+            parts: list[dict[bytes, bytes]] = pipe.execute()
+        return {k: v for part in parts for k, v in part.items()}
 
     def snapshot(self) -> SyncMessage:
-        schema: dict[bytes, bytes] = self._redis.hgetall(self._k("schema"))  # type: ignore[assignment]
-        while True:  # one transaction over everything but the seen lists; again if a table appeared
-            names = sorted(schema)
-            with self._redis.pipeline(transaction=True) as pipe:
-                for key in ("version", "popular", "popular_scores", "dense", "clock"):
-                    pipe.get(self._k(key))
-                for key in ("users", "items", "names", "schema"):
-                    pipe.hgetall(self._k(key))
-                for name in names:
-                    pipe.hgetall(self._k(f"table:{name.decode()}"))
-                version, popular, popular_scores, dense, clock, users, items, names_map, now_schema, *tables = (
-                    pipe.execute()
-                )
-            if sorted(now_schema) == names:
-                break
-            schema = now_schema
-        # Seen lists are read after the transaction; they may already hold items of a later
-        # version, which the replica then sees twice (a history is a recency list, so harmless).
+        with self._redis.pipeline(transaction=True) as pipe:  # the version first: the rows hold at least it
+            for key in ("version", "popular", "popular_scores", "dense", "clock"):
+                pipe.get(self._meta(key))
+            pipe.hgetall(self._meta("schema"))
+            version, popular, popular_scores, dense, clock, schema = pipe.execute()
+        users, items, names_map = (self._hgetall(t) for t in ("users", "items", "names"))
+        names = sorted(schema)
+        tables = [self._hgetall(f"table:{name.decode()}") for name in names]
         seen_users: list[np.ndarray] = []
         seen_items: list[np.ndarray] = []
-        seen_keys = list(self._redis.scan_iter(match=self._k("seen:*"), count=1000))
+        seen_keys = list(self._redis.scan_iter(match=f"{self._p}:seen:*", count=1000))
         for start in range(0, len(seen_keys), 1000):  # one round trip per 1,000 users
             chunk = seen_keys[start : start + 1000]
             with self._redis.pipeline(transaction=False) as pipe:
@@ -170,7 +217,7 @@ class RedisServingStore:
             popular_keys=np.frombuffer(popular or b"", dtype="<u8").astype(np.uint64),
             popular_scores=np.frombuffer(popular_scores or b"", dtype="<f4").astype(np.float32),
             tables={
-                name.decode(): self._table(name.decode(), mapping, now_schema[name])
+                name.decode(): self._table(name.decode(), mapping, schema[name])
                 for name, mapping in zip(names, tables, strict=True)
             },
             dense=codec.decode_arrays(dense) if dense else {},
@@ -193,7 +240,7 @@ class RedisServingStore:
 
     def read_since(self, version: int, timeout_s: float) -> list[SyncMessage]:
         block_ms = max(1, int(timeout_s * 1000))
-        reply: Any = self._redis.xread({self._k("deltas"): f"{version}-0"}, count=1000, block=block_ms)
+        reply: Any = self._redis.xread({self._meta("deltas"): f"{version}-0"}, count=1000, block=block_ms)
         if not reply:
             return []
         entries = reply[0][1]
