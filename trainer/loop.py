@@ -214,6 +214,7 @@ class Trainer:
             "joiner": self.joiner,
             "auc": self.auc,
             "seen": list(self._seen),
+            "trained_users": list(self._trained_users),
             "rng": self._rng.bit_generator.state,
         }
 
@@ -230,6 +231,7 @@ class Trainer:
         for name in ("catalog", "features", "joiner", "auc"):
             vars(getattr(self, name)).update(vars(state[name]))
         self._seen = list(state["seen"])
+        self._trained_users = list(state.get("trained_users", []))  # absent from older checkpoints
         self._rng.bit_generator.state = state["rng"]
         self.last_checkpoint_s = state["written_at"]
 
