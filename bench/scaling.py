@@ -90,7 +90,7 @@ def run(workers: int, events: list[Any], partitions: int, kafka: str, redis_url:
             args = ["trainer", "--kafka", topic, "--redis", f"{redis_url}?prefix={group}"]
             proc = freshrec_process(args, env, logs / f"{group}-worker-{n}.log")
             procs.append(proc)
-            stack.callback(local_servers._stop, proc)
+            stack.callback(local_servers.stop_process, proc)
 
         def total(name: str) -> float:
             return sum(max(metric(p, name), 0.0) for p in ports)

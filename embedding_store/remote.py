@@ -258,27 +258,19 @@ class RemoteTable:
         )
 
 
-class RemoteStore:
-    """The tables of one `freshrec store-shard` process.
+class ShardClient:
+    """A gRPC connection to one `freshrec store-shard` process.
 
     Args:
         address: "host:port" of the shard.
-        configs: the tables to open there (the shard keeps the first configs it was opened with).
         timeout_s: deadline of each call.
-
-    Raises:
-        StoreUnavailable: the shard cannot be reached within `timeout_s`.
-        ValueError: the shard holds tables with other configs.
     """
 
-    def __init__(self, address: str, configs: list[TableConfig], timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
         self.address = address
         self._timeout_s = timeout_s
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = pb_grpc.StoreShardStub(self._channel)
-        self._configs = list(configs)
-        self.call("Open", pb.OpenRequest(configs_json=json.dumps([c.to_dict() for c in configs])), wait=True)
-        self._tables = {c.name: RemoteTable(self, c) for c in configs}
 
     def call(self, method: str, request: Any, wait: bool = False) -> Any:
         """Call `method` on the shard, turning gRPC errors into this package's exceptions."""
@@ -295,6 +287,29 @@ class RemoteStore:
                 raise (FileNotFoundError if method == "Restore" else KeyError)(message) from e
             raise ValueError(message) from e
 
+    def close(self) -> None:
+        self._channel.close()
+
+
+class RemoteStore(ShardClient):
+    """The tables of one `freshrec store-shard` process.
+
+    Args:
+        address: "host:port" of the shard.
+        configs: the tables to open there (the shard keeps the first configs it was opened with).
+        timeout_s: deadline of each call.
+
+    Raises:
+        StoreUnavailable: the shard cannot be reached within `timeout_s`.
+        ValueError: the shard holds tables with other configs.
+    """
+
+    def __init__(self, address: str, configs: list[TableConfig], timeout_s: float = 30.0) -> None:
+        super().__init__(address, timeout_s)
+        self._configs = list(configs)
+        self.call("Open", pb.OpenRequest(configs_json=json.dumps([c.to_dict() for c in configs])), wait=True)
+        self._tables = {c.name: RemoteTable(self, c) for c in configs}
+
     def table(self, name: str) -> RemoteTable:
         return pick_table(self._tables, name)
 
@@ -308,11 +323,8 @@ class RemoteStore:
     def restore(self, directory: str | Path) -> None:
         self.call("Restore", pb.SnapshotRequest(directory=str(directory)))
 
-    def close(self) -> None:
-        self._channel.close()
 
-
-class RemoteDense:
+class RemoteDense(ShardClient):
     """`embedding_store.dense.DenseParameters` on a store shard's dense service.
 
     Args:
@@ -320,36 +332,14 @@ class RemoteDense:
         timeout_s: deadline of each call.
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
-        self.address = address
-        self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
-        self._stub = pb_grpc.StoreShardStub(self._channel)
-
-    def _call(self, method: str, request: pb.DenseRequest, wait: bool = False) -> pb.DenseResponse:
-        try:
-            response: pb.DenseResponse = getattr(self._stub, method)(
-                request, timeout=self._timeout_s, wait_for_ready=wait
-            )
-            return response
-        except grpc.RpcError as e:
-            message = f"dense service {self.address} {method}: {e.details() or ''}"
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise StoreUnavailable(message) from e
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                raise KeyError(message) from e
-            raise ValueError(message) from e
-
     def register(self, name: str, initial: np.ndarray, learning_rate: float) -> np.ndarray:
         values = np.ascontiguousarray(initial, dtype="<f4").tobytes()
-        response = self._call(
-            "DenseRegister", pb.DenseRequest(name=name, values=values, learning_rate=learning_rate), True
-        )
-        return _floats(response.values, "values")
+        request = pb.DenseRequest(name=name, values=values, learning_rate=learning_rate)
+        return _floats(self.call("DenseRegister", request, wait=True).values, "values")
 
     def step(self, name: str, grad: np.ndarray) -> tuple[np.ndarray, int]:
         values = np.ascontiguousarray(grad, dtype="<f4").tobytes()
-        response = self._call("DenseStep", pb.DenseRequest(name=name, values=values))
+        response = self.call("DenseStep", pb.DenseRequest(name=name, values=values))
         return _floats(response.values, "values"), int(response.version)
 
     def state_dict(self) -> dict[str, Any]:
@@ -357,6 +347,3 @@ class RemoteDense:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-    def close(self) -> None:
-        self._channel.close()

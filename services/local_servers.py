@@ -222,7 +222,7 @@ def store_shards(n: int, log_dir: Path | None = None) -> Iterator[list[Shard]]:
             port, metrics_port = free_port(), free_port()
             args = ["store-shard", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
             proc = freshrec_process(args, log_path=log_dir / f"shard-{i}.log" if log_dir else None)
-            stack.callback(_stop, proc)
+            stack.callback(stop_process, proc)
             shards.append(Shard(f"127.0.0.1:{port}", metrics_port, proc))
         for shard in shards:
             wait_until(partial(_listening, shard), 60, f"store shard {shard.address}")
@@ -244,7 +244,8 @@ def metric(port: int, name: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 20 s."""
     proc.terminate()
     try:
         proc.wait(20)
