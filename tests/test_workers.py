@@ -131,9 +131,12 @@ def test_two_workers_share_the_partitions_and_the_shards_and_survive_leave_and_j
     with cluster(kafka_broker, redis_url, tmp_path) as c:
         c.start("a")
         c.start("b")
-        both = lambda: c.partitions("a") >= 1 and c.partitions("b") >= 1  # noqa: E731
-        wait_until(both, 120, "both workers to be assigned partitions")
-        assert c.partitions("a") + c.partitions("b") == 4
+
+        def split() -> bool:  # each worker's gauge follows its own poll: wait for both to agree
+            a, b = c.partitions("a"), c.partitions("b")
+            return a >= 1 and b >= 1 and a + b == 4
+
+        wait_until(split, 120, "both workers to be assigned partitions")
 
         # 1. Steady: every event trained exactly once, split between the workers.
         first = clicks(3000, seed=1)
@@ -176,7 +179,8 @@ def test_two_workers_share_the_partitions_and_the_shards_and_survive_leave_and_j
             wait_until(lambda: c.partitions("c") >= 1, 120, "worker c to be assigned partitions")
 
         c.produce(third, pause_s=0.2, midway=join)
-        assert c.partitions("a") + c.partitions("c") == 4
+        # a reports its share after its next poll, the one that completes its side of the rebalance
+        wait_until(lambda: c.partitions("a") + c.partitions("c") == 4, 30, "a and c to split the partitions")
         expected += pairs(third)
         seen = wait_published(c, expected, "the events around the join to be trained and published")
         assert sum((seen - expected).values()) - sum(replayed.values()) <= 2 * BATCH

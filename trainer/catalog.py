@@ -19,6 +19,11 @@ class ItemCatalog:
     Args:
         seed: seed of the negative sampler.
         half_life_s: half-life of the trending score, in seconds of event time.
+        traffic_share: the share of all events this catalogue sees (1 / the number of trainer
+            workers, each of which sees its partitions' users): `counts` and `drain_counts`
+            extrapolate to the whole stream, so the count features the ranker trains and serves
+            on keep their scale however many workers there are. Sampling and shares are
+            relative and do not change.
 
     Example:
         >>> catalog = ItemCatalog()
@@ -27,7 +32,10 @@ class ItemCatalog:
         [5, 5, 5]
     """
 
-    def __init__(self, seed: int = 0, half_life_s: float = 7 * 86400.0) -> None:
+    def __init__(self, seed: int = 0, half_life_s: float = 7 * 86400.0, traffic_share: float = 1.0) -> None:
+        if not 0 < traffic_share <= 1:
+            raise ValueError(f"traffic_share: must be in (0, 1], got {traffic_share}")
+        self.traffic_share = traffic_share
         self._index = KeyIndex()
         self._counts = np.zeros(0, dtype=np.float64)
         self._trending = np.zeros(0, dtype=np.float64)  # decayed counts x 2^((t - t0) / half-life)
@@ -85,25 +93,27 @@ class ItemCatalog:
         return np.maximum(counts / max(float(self._counts.sum()), 1.0), 1e-6)
 
     def counts(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(trending, all-time) positive counts of items: float64 [n] each, 0 for unknown items."""
+        """(trending, all-time) positive counts of items over the whole stream (this catalogue's
+        counts / `traffic_share`): float64 [n] each, 0 for unknown items."""
         rows = self._index.find(keys)
         known, at = rows >= 0, np.maximum(rows, 0)
-        trending = (
-            np.where(known, self._trending[at] / self._scale, 0.0) if len(self._trending) else np.zeros(len(rows))
-        )
-        return trending, np.where(known, self._counts[at], 0.0) if len(self._counts) else np.zeros(len(rows))
+        per_share = self._scale * self.traffic_share
+        trending = np.where(known, self._trending[at] / per_share, 0.0) if len(self._trending) else np.zeros(len(rows))
+        counts = np.where(known, self._counts[at], 0.0) if len(self._counts) else np.zeros(len(rows))
+        return trending, counts / self.traffic_share
 
     def drain_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Items whose counts changed since the previous drain: (keys [n], float64 [n, 2]).
 
         Columns: the trending count as log2(count) + t / half-life at any time t (constant
         until the item is counted again: `trending_at` turns it back into a count), and the
-        all-time count.
+        all-time count; both over the whole stream, as `counts`.
         """
         rows = np.flatnonzero(self._changed)
         self._changed[:] = False
-        anchored = np.log2(np.maximum(self._trending[rows], 1e-300)) + (self._t0 or 0.0) / self._half_life_s
-        return self._index.keys_of(rows), np.stack([anchored, self._counts[rows]], axis=1)
+        trending = np.maximum(self._trending[rows] / self.traffic_share, 1e-300)
+        anchored = np.log2(trending) + (self._t0 or 0.0) / self._half_life_s
+        return self._index.keys_of(rows), np.stack([anchored, self._counts[rows] / self.traffic_share], axis=1)
 
     @staticmethod
     def trending_at(anchored: np.ndarray, clock_s: float, half_life_s: float) -> np.ndarray:

@@ -110,7 +110,7 @@ class Trainer:
         self._consumer = consumer
         self.dense: DenseParameters = dense or (open_dense(config.store_url) if store is None else LocalDense())
         self.store = store or open_store(config.store_url, table_configs(config))
-        self.catalog = ItemCatalog(seed=config.seed, half_life_s=config.trending_half_life_s)
+        self.catalog = ItemCatalog(config.seed, config.trending_half_life_s, traffic_share=1 / config.workers)
         self.features = FeatureState(FeatureConfig(config.history_length, config.max_feature_entities))
         self.joiner = Joiner(JoinerConfig(window_s=config.join_window_s))
         self.models = OnlineModels(config, self.store, self.catalog, self.features, self.dense)

@@ -1,0 +1,68 @@
+"""The trainer's item catalogue: trending and all-time counts, and their extrapolation when a
+trainer worker sees only its share of the users."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer.catalog import ItemCatalog
+
+HALF_LIFE_S = 3600.0
+
+
+def stream(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user ids, item keys, event times): Zipf-popular items over an hour."""
+    rng = np.random.default_rng(seed)
+    items = (rng.zipf(1.5, n) % 200 + 1).astype(np.uint64)
+    return rng.integers(0, 5000, n), items, np.sort(rng.uniform(0, 3600, n))
+
+
+def observe(catalog: ItemCatalog, items: np.ndarray, times: np.ndarray) -> None:
+    for start in range(0, len(items), 500):  # batches, as the trainer does
+        part = slice(start, start + 500)
+        keys = items[part]
+        catalog.observe(keys, [str(k) for k in keys.tolist()], np.ones(len(keys)), float(times[part][-1]))
+
+
+def test_drained_trending_counts_come_back_as_counts() -> None:
+    _, items, times = stream(5000)
+    catalog = ItemCatalog(half_life_s=HALF_LIFE_S)
+    observe(catalog, items, times)
+    keys, columns = catalog.drain_counts()
+    trending, total = catalog.counts(keys)
+    np.testing.assert_allclose(ItemCatalog.trending_at(columns[:, 0], catalog.clock_s, HALF_LIFE_S), trending)
+    np.testing.assert_array_equal(columns[:, 1], total)
+    assert total.sum() == len(items) and (trending <= total).all() and (trending < total).any()  # decayed
+    assert len(catalog.drain_counts()[0]) == 0  # nothing changed since
+
+
+def test_workers_catalogues_extrapolate_to_the_whole_stream() -> None:
+    """Two workers each see the users of their partitions: each one's counts, extrapolated by
+    its traffic share, estimate the counts of a catalogue that saw everything."""
+    users, items, times = stream(40_000, seed=1)
+    whole = ItemCatalog(half_life_s=HALF_LIFE_S)
+    observe(whole, items, times)
+    popular = whole.popular(5)[0]  # over 1,000 events each: a half's noise is a few %
+    expected_trending, expected_total = whole.counts(popular)
+    for mine in (users % 2 == 0, users % 2 == 1):
+        worker = ItemCatalog(half_life_s=HALF_LIFE_S, traffic_share=0.5)
+        observe(worker, items[mine], times[mine])
+        trending, total = worker.counts(popular)
+        np.testing.assert_allclose(total, expected_total, rtol=0.15)
+        np.testing.assert_allclose(trending, expected_trending, rtol=0.15)
+        keys, columns = worker.drain_counts()
+        at = {k: i for i, k in enumerate(keys.tolist())}
+        rows = [at[k] for k in popular.tolist()]
+        np.testing.assert_allclose(columns[rows, 1], total)
+        np.testing.assert_allclose(ItemCatalog.trending_at(columns[rows, 0], worker.clock_s, HALF_LIFE_S), trending)
+        # what is relative does not change with the share
+        unscaled = ItemCatalog(half_life_s=HALF_LIFE_S)
+        observe(unscaled, items[mine], times[mine])
+        np.testing.assert_array_equal(worker.popular(10)[1], unscaled.popular(10)[1])
+        np.testing.assert_array_equal(worker.share(popular), unscaled.share(popular))
+
+
+def test_traffic_share_is_validated() -> None:
+    with pytest.raises(ValueError, match="traffic_share"):
+        ItemCatalog(traffic_share=0.0)
