@@ -35,9 +35,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.results import write
 from embedding_store.remote import RemoteDense
@@ -56,15 +54,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def store_rpcs(shard: Shard, method: str | None = None) -> float:
-    """gRPC calls the shard has answered (of `method`, or all)."""
-    text = httpx.get(f"http://127.0.0.1:{shard.metrics_port}/metrics", timeout=5).text
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "freshrec_requests_total" and (method is None or s.labels.get("method") == method)
-    )
+def store_rpcs(shard: Shard, **labels: str) -> float:
+    """gRPC calls the shard has answered (those with `labels`, e.g. method="DenseStep")."""
+    return metric(shard.metrics_port, "freshrec_requests_total", **labels)
 
 
 def run(workers: int, events: list[Any], partitions: int, kafka: str, redis_url: str, logs: Path) -> dict[str, Any]:
@@ -116,7 +108,7 @@ def run(workers: int, events: list[Any], partitions: int, kafka: str, redis_url:
                     time.perf_counter(),
                     total("freshrec_trainer_examples_total"),
                     trained,
-                    [store_rpcs(s) for s in shards] + [store_rpcs(shards[0], "DenseStep")],
+                    [store_rpcs(s) for s in shards] + [store_rpcs(shards[0], method="DenseStep")],
                     [cpu_seconds(s.process.pid) for s in shards] + [cpu_seconds(p.pid) for p in procs],
                 )
                 return True

@@ -9,8 +9,10 @@
 - `local`: in-process tables and stores; `remote`: a shard served over gRPC and its client;
   `sharded`: N shards acting as one store.
 - `row_map`: rows without optimizer state, for serving.
+- `dense`: dense parameters shared by trainer workers, in process or on the first shard.
 
-Stores are opened by URL with `open_store`.
+Stores are opened by URL with `open_store`, the dense parameters that go with them with
+`open_dense`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 from embedding_store.base import EmbeddingTable, Store, TableConfig, TableDelta, TableStats
+from embedding_store.dense import DenseParameters, LocalDense
 from embedding_store.hash_index import KeyIndex
 from embedding_store.keys import feature_key, feature_keys
 from embedding_store.local import LocalStore, LocalTable
@@ -52,9 +55,7 @@ def open_store(url: str, configs: list[TableConfig]) -> Store:
     if parsed.scheme == "grpc":
         from embedding_store.remote import RemoteStore
 
-        addresses = [a for a in parsed.netloc.split(",") if a]
-        if not addresses or any(":" not in a for a in addresses):
-            raise ValueError(f"store URL {url!r}: expected grpc://HOST:PORT[,HOST:PORT...]")
+        addresses = _shard_addresses(url)
         if len(addresses) == 1:
             return RemoteStore(addresses[0], configs)
         n = len(addresses)
@@ -64,10 +65,31 @@ def open_store(url: str, configs: list[TableConfig]) -> Store:
     raise ValueError(f"store URL {url!r}: unknown scheme {parsed.scheme!r} (use local:// or grpc://)")
 
 
+def open_dense(store_url: str) -> DenseParameters:
+    """The dense parameters that go with the embedding store at `store_url`
+    (`embedding_store.dense`): in this process for `local://`, the first shard's dense
+    service for `grpc://HOST:PORT[,...]`."""
+    if urlparse(store_url).scheme == "grpc":
+        from embedding_store.remote import RemoteDense
+
+        return RemoteDense(_shard_addresses(store_url)[0])
+    return LocalDense()
+
+
+def _shard_addresses(url: str) -> list[str]:
+    """The shard addresses of a `grpc://HOST:PORT[,HOST:PORT...]` store URL, in shard order."""
+    addresses = [a for a in urlparse(url).netloc.split(",") if a]
+    if not addresses or any(":" not in a for a in addresses):
+        raise ValueError(f"store URL {url!r}: expected grpc://HOST:PORT[,HOST:PORT...]")
+    return addresses
+
+
 __all__ = [
     "CorruptSnapshot",
+    "DenseParameters",
     "EmbeddingTable",
     "KeyIndex",
+    "LocalDense",
     "LocalStore",
     "LocalTable",
     "ShardedStore",
@@ -78,6 +100,7 @@ __all__ = [
     "TableStats",
     "feature_key",
     "feature_keys",
+    "open_dense",
     "open_store",
     "shard_config",
 ]

@@ -158,14 +158,3 @@ class LocalDense:
 
     def close(self) -> None:
         pass
-
-
-def open_dense(store_url: str) -> DenseParameters:
-    """The dense parameters that go with the embedding store at `store_url`: in process for
-    `local://`, the first shard's dense service for `grpc://HOST:PORT[,...]`."""
-    if store_url.startswith("grpc://"):
-        from embedding_store.remote import RemoteDense
-
-        first = store_url.removeprefix("grpc://").split("?", 1)[0].split(",", 1)[0]
-        return RemoteDense(first)
-    return LocalDense()

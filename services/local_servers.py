@@ -57,29 +57,33 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, int
 def _server(command: list[str], port: int, name: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server process until the block ends; yields once its port accepts connections."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def is_open() -> bool:
-        if proc.poll() is not None:
-            raise ServerUnavailable(f"{name} exited with code {proc.returncode}")
-        return port_open(port)
-
     try:
-        wait_until(is_open, 20, f"{name} on port {port}")
+        wait_until(partial(_listening, proc, port, name), 20, f"{name} on port {port}")
         yield proc
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
+
+
+def _listening(proc: subprocess.Popen[bytes], port: int, name: str) -> bool:
+    """Whether the server process `proc` accepts connections on `port` yet; raises if it exited."""
+    if proc.poll() is not None:
+        raise ServerUnavailable(f"{name} exited with code {proc.returncode}")
+    return port_open(port)
+
+
+def _redis_command(port: int) -> list[str]:
+    """redis-server on loopback `port` without persistence."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise ServerUnavailable("redis-server is not installed: run scripts/setup.sh --dev")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
 
 
 @contextmanager
 def redis_server() -> Iterator[str]:
     """A fresh redis-server without persistence; yields its URL."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not Path(binary).exists():
-        raise ServerUnavailable("redis-server is not installed: run scripts/setup.sh --dev")
     port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    with _server(command, port, "redis-server"):
+    with _server(_redis_command(port), port, "redis-server"):
         wait_until(lambda: redis.Redis(host="127.0.0.1", port=port).ping(), 10, "redis PING")
         yield f"redis://127.0.0.1:{port}/0"
 
@@ -88,15 +92,11 @@ def redis_server() -> Iterator[str]:
 def redis_cluster(nodes: int = 3) -> Iterator[str]:
     """A Redis Cluster of `nodes` redis-server processes in cluster mode (primaries only, the
     16,384 slots split evenly, no persistence); yields its `redis-cluster://` URL."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not Path(binary).exists():
-        raise ServerUnavailable("redis-server is not installed: run scripts/setup.sh --dev")
     with tempfile.TemporaryDirectory(prefix="freshrec-redis-cluster-") as folder, ExitStack() as stack:
         ports = [_cluster_port() for _ in range(nodes)]
         for port in ports:
-            command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            command += ["--cluster-enabled", "yes", "--cluster-config-file", f"{folder}/nodes-{port}.conf"]
-            command += ["--dir", folder]
+            cluster = ["--cluster-enabled", "yes", "--cluster-config-file", f"{folder}/nodes-{port}.conf"]
+            command = [*_redis_command(port), *cluster, "--dir", folder]
             stack.enter_context(_server(command, port, f"redis-server (cluster) on {port}"))
         clients = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
         bounds = [round(i * 16384 / nodes) for i in range(nodes + 1)]
@@ -225,23 +225,24 @@ def store_shards(n: int, log_dir: Path | None = None) -> Iterator[list[Shard]]:
             stack.callback(stop_process, proc)
             shards.append(Shard(f"127.0.0.1:{port}", metrics_port, proc))
         for shard in shards:
-            wait_until(partial(_listening, shard), 60, f"store shard {shard.address}")
+            port = int(shard.address.rsplit(":", 1)[1])
+            wait_until(partial(_listening, shard.process, port, "store shard"), 60, f"store shard {shard.address}")
         yield shards
 
 
-def _listening(shard: Shard) -> bool:
-    if shard.process.poll() is not None:
-        raise ServerUnavailable(f"store shard {shard.address} exited with code {shard.process.returncode}")
-    return port_open(int(shard.address.rsplit(":", 1)[1]))
-
-
-def metric(port: int, name: str) -> float:
-    """The sum of every sample named `name` on the /metrics page at `port` (-1 when unreachable)."""
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` (with these label values) on the /metrics page at
+    `port` (-1 when unreachable)."""
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     except httpx.HTTPError:
         return -1.0
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

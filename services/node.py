@@ -86,6 +86,7 @@ class Node:
                 self.store.restore(codec.decode(saved.read_bytes()))
         self._stop = threading.Event()
         self._sync_stop = threading.Event()  # set once the trainer has stopped: the last sync has all it trained
+        self._trainer_thread: threading.Thread | None = None
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self.http_port = 0
@@ -183,15 +184,16 @@ class Node:
             for age_ms in (now_ms - message.accepted_ms).tolist():
                 metrics.FRESHNESS.observe(max(age_ms, 0.0) / 1000)
 
-    def _spawn(self, name: str, target: Callable[..., object], *args: object) -> None:
+    def _spawn(self, name: str, target: Callable[..., object], *args: object) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+        return thread
 
     def start(self) -> None:
         """Start every part of the roles; returns once the servers listen."""
         if self.trainer is not None and self.publisher is not None:
-            self._spawn("trainer", self.trainer.run, self._stop)
+            self._trainer_thread = self._spawn("trainer", self.trainer.run, self._stop)
             self._spawn("sync", self.publisher.run, self._sync_stop)
             if "gateway" not in self.roles and self.config.metrics_port:
                 start_http_server(self.config.metrics_port)
@@ -247,9 +249,8 @@ class Node:
             self.gateway.close()
         if self.remote is not None:
             self.remote.close()
-        for thread in self._threads:
-            if thread.name == "trainer":
-                thread.join(timeout=30)
+        if self._trainer_thread is not None:
+            self._trainer_thread.join(timeout=30)
         self._sync_stop.set()
         for thread in self._threads:
             thread.join(timeout=10)

@@ -5,10 +5,8 @@ each exactly once (the killed process's work after its checkpoint is replayed, n
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -16,9 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from services.local_servers import free_port, wait_until
+from services.local_servers import free_port, freshrec_process, metric, wait_until
 from tests.test_ranking import events
 from trainer.eventlog import open_log
 from trainer.events import Event
@@ -28,12 +25,7 @@ EVENTS = 20_000
 
 def trained(port: int) -> float:
     """freshrec_trainer_events_total of the trainer process on `port` (-1 while it is not up)."""
-    try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return -1.0
-    families = text_string_to_metric_families(text)
-    return sum(s.value for f in families for s in f.samples if s.name == "freshrec_trainer_events_total")
+    return metric(port, "freshrec_trainer_events_total")
 
 
 def newest_checkpoint_events(directory: Path) -> int:
@@ -46,20 +38,17 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(kafka_broker: str, redis_
     topic = f"{kafka_broker}/events-crash-{uuid.uuid4().hex[:8]}"
     log = open_log(f"kafka://{topic}")
     env = {
-        **os.environ,
         "FRESHREC_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
         "FRESHREC_CHECKPOINT_INTERVAL_S": "0.5",
         "FRESHREC_GROUP_ID": "crash-test",
         "FRESHREC_BATCH_SIZE": "256",
     }
     port = free_port()
-    argv = [sys.executable, "-m", "services.cli", "trainer", "--kafka", topic, "--redis", redis_url]
+    argv = ["trainer", "--kafka", topic, "--redis", redis_url]
 
     def start() -> subprocess.Popen[bytes]:
-        stderr = open(tmp_path / f"trainer-{uuid.uuid4().hex[:6]}.log", "w")  # noqa: SIM115 - the process keeps it
-        return subprocess.Popen(
-            argv, env={**env, "FRESHREC_METRICS_PORT": str(port)}, stdout=subprocess.DEVNULL, stderr=stderr
-        )
+        log_path = tmp_path / f"trainer-{uuid.uuid4().hex[:6]}.log"
+        return freshrec_process(argv, {**env, "FRESHREC_METRICS_PORT": str(port)}, log_path)
 
     stream = events(EVENTS, seed=3)
     acknowledged = 0
@@ -108,14 +97,14 @@ def test_embedded_data_dir_survives_kill_9(tmp_path: Path) -> None:
     SIGKILL loses none; the restarted process resumes training and serves at once from the
     serving state checkpointed with the trainer (item names and all)."""
     port = free_port()
-    argv = [sys.executable, "-m", "services.cli", "up", "--host", "127.0.0.1", "--port", str(port)]
+    argv = ["up", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--grpc-port", str(free_port()), "--data-dir", str(tmp_path / "data")]
-    env = {**os.environ, "FRESHREC_CHECKPOINT_INTERVAL_S": "0.5"}
+    env = {"FRESHREC_CHECKPOINT_INTERVAL_S": "0.5"}
     stream = events(3000, seed=4)
     base = f"http://127.0.0.1:{port}"
 
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return freshrec_process(argv, env)
 
     def post(batch: list[Event]) -> int:
         body = {"events": [json.loads(e.to_json()) for e in batch]}

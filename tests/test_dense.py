@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedding_store import TableConfig
-from embedding_store.dense import DenseAdam, DenseParameters, LocalDense, open_dense
+from embedding_store import TableConfig, open_dense
+from embedding_store.dense import DenseAdam, DenseParameters, LocalDense
 from embedding_store.remote import RemoteDense, RemoteStore, serve_shard
 from trainer.models import DenseModule
 

@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from embedding_store import Store, TableDelta, feature_keys, open_store
-from embedding_store.dense import DenseParameters, LocalDense, open_dense
+from embedding_store import DenseParameters, LocalDense, Store, TableDelta, feature_keys, open_dense, open_store
 from trainer.catalog import ItemCatalog
 from trainer.checkpoint import load_latest, save_checkpoint
 from trainer.config import TrainerConfig
@@ -79,7 +78,7 @@ class Trainer:
         on_step: called after each step (metrics).
         dead_letter: where undecodable records go with their reasons (`EventLog.dead_letter`);
             without it they are only logged and counted.
-        dense: where the dense parameters live (default: `embedding_store.dense.open_dense`
+        dense: where the dense parameters live (default: `embedding_store.open_dense`
             of `config.store_url` when the store is opened from it, else this process).
 
     Several trainers in one consumer group are data-parallel workers: each trains on the
@@ -358,12 +357,17 @@ class Trainer:
     def _user_delta(self, trained: list[np.ndarray]) -> TableDelta:
         """The current rows of the users trained on since the last sync (those admitted), and
         every eviction drained from the store. Other changed user rows are another worker's
-        to publish: their vectors need histories only that worker has."""
+        to publish: their vectors need histories only that worker has. Rows another worker
+        drained first are read from the store."""
         drained = self.users.drain_delta()
-        keys = np.unique(np.concatenate(trained)) if trained else np.zeros(0, np.uint64)
-        rows, found = self.users.get(keys)
-        evicted = drained.evicted[~np.isin(drained.evicted, keys[found])]
-        return TableDelta(drained.table, keys[found], rows[found], evicted, drained.version)
+        users = np.unique(np.concatenate(trained)) if trained else np.zeros(0, np.uint64)
+        mine = np.isin(drained.keys, users)
+        elsewhere = users[~np.isin(users, drained.keys)]
+        rows, found = self.users.get(elsewhere)  # not admitted, or drained by another worker
+        keys = np.concatenate([drained.keys[mine], elsewhere[found]])
+        rows = np.concatenate([drained.rows[mine], rows[found]])
+        evicted = drained.evicted[~np.isin(drained.evicted, keys)]  # re-admitted since the drain
+        return TableDelta(drained.table, keys, rows, evicted, drained.version)
 
     def _sample(self, accepted_ms: np.ndarray) -> np.ndarray:
         """At most `freshness_samples` of the acceptance times, uniformly (percentiles stay unbiased)."""
