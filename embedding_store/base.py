@@ -129,6 +129,28 @@ class TableDelta:
     def __len__(self) -> int:
         return len(self.keys) + len(self.evicted)
 
+    def then(self, newer: TableDelta) -> TableDelta:
+        """This delta followed by `newer`, as one delta: a key's newest row wins, a key evicted
+        later loses its row, a key re-admitted later is no longer evicted.
+
+        Example:
+            >>> a = TableDelta("t", np.array([1, 2], np.uint64), np.ones((2, 1), np.float32))
+            >>> b = TableDelta("t", np.array([2], np.uint64), np.zeros((1, 1), np.float32),
+            ...                np.array([1], np.uint64), version=2)
+            >>> c = a.then(b)
+            >>> c.keys.tolist(), c.rows[:, 0].tolist(), c.evicted.tolist(), c.version
+            ([2], [0.0], [1], 2)
+        """
+        keep = ~(np.isin(self.keys, newer.keys) | np.isin(self.keys, newer.evicted))
+        if not len(newer.keys):
+            keys, rows = self.keys[keep], self.rows[keep]
+        elif not keep.any():
+            keys, rows = newer.keys, newer.rows
+        else:
+            keys, rows = np.concatenate([self.keys[keep], newer.keys]), np.concatenate([self.rows[keep], newer.rows])
+        evicted = np.union1d(self.evicted[~np.isin(self.evicted, newer.keys)], newer.evicted).astype(np.uint64)
+        return TableDelta(newer.table, keys, rows, evicted, max(self.version, newer.version))
+
     @classmethod
     def empty(cls, table: str, dim: int = 1) -> TableDelta:
         """A delta with no rows."""

@@ -44,7 +44,10 @@ class ServerConfig:
         api_keys: API keys and their scopes, `scopes:secret;...` (`services.gateway.auth`);
             empty turns authentication off.
         rate_limit_per_s: calls per second per API key (0: no limit).
-        max_body_bytes: largest REST request body; larger ones get 413 unread.
+        max_body_bytes: largest REST request body; larger ones get 413 (read and dropped,
+            so that a client still sending sees the answer).
+        max_clock_skew_s: how far ahead of the gateway's clock an event's `timestamp_ms`
+            may be; later ones are rejected (per event, naming the field).
         retrieval_url, ranking_url: `grpc://HOST:PORT` of a `freshrec retrieval` and a
             `freshrec ranking` service; a gateway given both sends the serving stages there
             instead of running them on a replica of its own (both or neither).
@@ -65,6 +68,7 @@ class ServerConfig:
     api_keys: str = field(default="", repr=False)
     rate_limit_per_s: float = 0.0
     max_body_bytes: int = 4 * 1024 * 1024
+    max_clock_skew_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("recommend_batch", "recommend_queue"):
@@ -88,6 +92,8 @@ class ServerConfig:
         parse_api_keys(self.api_keys)  # raises naming the entry, never the secret
         if self.rate_limit_per_s < 0:
             raise ValueError(f"server.rate_limit_per_s: must be >= 0, got {self.rate_limit_per_s}")
+        if not self.max_clock_skew_s >= 0:
+            raise ValueError(f"server.max_clock_skew_s: must be >= 0, got {self.max_clock_skew_s}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"server.max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
         if bool(self.retrieval_url) != bool(self.ranking_url):
@@ -151,6 +157,9 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_API_KEYS": "server.api_keys",
     "FRESHREC_RATE_LIMIT_PER_S": "server.rate_limit_per_s",
     "FRESHREC_MAX_BODY_BYTES": "server.max_body_bytes",
+    "FRESHREC_MAX_CLOCK_SKEW_S": "server.max_clock_skew_s",
+    "FRESHREC_TRAINER_MAX_CLOCK_SKEW_S": "trainer.max_clock_skew_s",
+    "FRESHREC_MAX_CLOCK_JUMP_S": "trainer.max_clock_jump_s",
     "FRESHREC_INDEX": "index.kind",
     "FRESHREC_INDEX_NPROBE": "index.nprobe",
     "FRESHREC_INDEX_EF_SEARCH": "index.ef_search",

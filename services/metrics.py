@@ -39,6 +39,10 @@ TRAINER_INVALID = Counter("freshrec_trainer_invalid_records_total", "Log records
 TRAINER_DUPLICATES = Counter(
     "freshrec_trainer_duplicate_events_total", "Redelivered events dropped (an event_id already trained on)"
 )
+TRAINER_STEP_FAILURES = Counter(
+    "freshrec_trainer_step_failures_total",
+    "Training steps (and polls) that raised: each retried, or split to dead-letter the events at fault",
+)
 TRAINER_EXAMPLES = Counter("freshrec_trainer_examples_total", "Labelled examples trained on")
 TRAINER_LOSS = Gauge("freshrec_trainer_loss", "BCE loss of the latest training step")
 TRAINER_AUC = Gauge("freshrec_trainer_progressive_auc", "Progressive (score-before-train) AUC since start")

@@ -19,7 +19,7 @@ from prometheus_client import start_http_server
 from embedding_store import TableStats
 from services import metrics
 from services.config import Config
-from services.gateway.core import Gateway
+from services.gateway.core import ComponentHealth, Gateway
 from services.gateway.grpc_server import GrpcEdge
 from services.gateway.rest import create_app
 from services.serving import ServingReplica
@@ -87,6 +87,7 @@ class Node:
         self._stop = threading.Event()
         self._sync_stop = threading.Event()  # set once the trainer has stopped: the last sync has all it trained
         self._trainer_thread: threading.Thread | None = None
+        self._sync_thread: threading.Thread | None = None
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self.http_port = 0
@@ -97,6 +98,7 @@ class Node:
         self.trainer: Trainer | None = None
         self._started_s = time.time()
         self._checkpoints_counted = 0
+        self._failures_counted = 0
         self.publisher: SyncPublisher | None = None
         if "trainer" in self.roles:
             assert self.log is not None
@@ -117,6 +119,7 @@ class Node:
                 self.store,
                 config.trainer.sparse_sync_interval_s,
                 on_publish=self._on_publish,
+                stall_after_s=config.trainer.stall_after_s,
             )
         self.replica: ServingReplica | None = None
         self.gateway: Gateway | None = None
@@ -136,13 +139,36 @@ class Node:
                 self.remote = RemoteStages(server.retrieval_url, server.ranking_url, server.request_timeout_s)
             recommender = self.remote or self.replica
             assert recommender is not None
-            self.gateway = Gateway(config.server, self.log, recommender)
+            components = {"trainer": self._trainer_health, "sync": self._sync_health} if self.trainer else {}
+            self.gateway = Gateway(config.server, self.log, recommender, components)
+
+    def _trainer_health(self) -> ComponentHealth:
+        assert self.trainer is not None
+        alive = self._trainer_thread is not None and self._trainer_thread.is_alive()
+        health = self.trainer.health()
+        detail = {
+            "alive": alive,
+            "last_step_age_s": round(health.last_step_age_s, 3),
+            "step_running_s": round(health.step_running_s, 3),
+            "lag": health.lag,
+            "step_failures": self.trainer.step_failures,
+        }
+        problem = health.problem if alive or self._trainer_thread is None else "the training thread has died"
+        return ComponentHealth(problem, detail)
+
+    def _sync_health(self) -> ComponentHealth:
+        assert self.publisher is not None
+        alive = self._sync_thread is not None and self._sync_thread.is_alive()
+        problem = self.publisher.health() if alive or self._sync_thread is None else "the sync thread has died"
+        return ComponentHealth(problem, {"alive": alive, "pending": self.publisher.pending})
 
     def _on_step(self, step: StepResult) -> None:
         assert self.trainer is not None
         metrics.TRAINER_EVENTS.inc(step.events)
         metrics.TRAINER_INVALID.inc(step.invalid)
         metrics.TRAINER_DUPLICATES.inc(step.duplicates)
+        metrics.TRAINER_STEP_FAILURES.inc(self.trainer.step_failures - self._failures_counted)
+        self._failures_counted = self.trainer.step_failures
         metrics.TRAINER_LAG.set(self.trainer.lag)
         metrics.TRAINER_PARTITIONS.set(len(self.trainer.partitions))
         if self.config.trainer.checkpoint_dir:
@@ -194,7 +220,7 @@ class Node:
         """Start every part of the roles; returns once the servers listen."""
         if self.trainer is not None and self.publisher is not None:
             self._trainer_thread = self._spawn("trainer", self.trainer.run, self._stop)
-            self._spawn("sync", self.publisher.run, self._sync_stop)
+            self._sync_thread = self._spawn("sync", self.publisher.run, self._sync_stop)
             if "gateway" not in self.roles and self.config.metrics_port:
                 start_http_server(self.config.metrics_port)
         if self.replica is not None:

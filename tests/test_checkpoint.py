@@ -47,7 +47,7 @@ def snapshot(trainer: Trainer) -> dict[str, object]:
         "counts": trainer.catalog.counts(items),
         "auc": (trainer.auc.value(), trainer.auc.log_loss()),
         "events_trained": trainer.events_trained,
-        "event_time_s": trainer.event_time_s,
+        "clock": trainer.clock.now_s,
     }
 
 

@@ -3,6 +3,7 @@ embedded, and on a real Kafka-protocol broker with a real Redis or Redis Cluster
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -48,13 +49,14 @@ def test_new_users_interactions_change_their_recommendations(node: Node) -> None
         # the new user clicks only cluster-0 items (every other of its 12 most popular), half of
         # the clicks over REST, half over gRPC
         liked = [f"i{8 * r}" for r in range(6)]
+        now_ms = int(time.time() * 1000)
         events: list[dict[str, Any]] = [
             {
                 "event_id": f"newbie-{n}",
                 "user_id": "newbie",
                 "item_id": item,
                 "type": "click",
-                "timestamp_ms": 1_800_000_000_000 + n,
+                "timestamp_ms": now_ms + n,
             }
             for n, item in enumerate(liked * 4)
         ]

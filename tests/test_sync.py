@@ -79,7 +79,7 @@ def test_both_replicas_serve_an_event_within_the_sync_interval(kafka_url: str, r
             wait_until(lambda: has_seen(a, "u1", "i7") and has_seen(b, "u1", "i7"), 30, "the backlog to be served")
             for attempt in range(3):  # one fresh event at a time
                 user = f"fresh-{attempt}"
-                log.append([Event(f"fresh-{attempt}", user, "i3", "click", 1_800_000_000_000 + attempt)])
+                log.append([Event(f"fresh-{attempt}", user, "i3", "click", int(time.time() * 1000) + attempt)])
                 accepted = time.monotonic()
                 wait_until(partial(both_have_seen, (a, b), user, "i3"), 30, f"{user} to be served")
                 elapsed = time.monotonic() - accepted

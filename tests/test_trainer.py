@@ -96,7 +96,9 @@ def test_trainer_expires_rows_by_event_time_and_syncs_the_evictions() -> None:
     log = open_log("memory://")
     day = 86_400_000
     log.append([Event("e1", "old-user", "old-item", "click", 1 * day), Event("e2", "u", "i", "click", 1 * day)])
-    trainer = Trainer(TrainerConfig(negatives=0, ttl_s=7 * 86400.0), log.consumer("g"))
+    # gaps of 4 days here are traffic, not silence: the model clock follows them (`trainer.clock`)
+    config = TrainerConfig(negatives=0, ttl_s=7 * 86400.0, max_clock_jump_s=4 * 86400.0)
+    trainer = Trainer(config, log.consumer("g"))
     trainer.poll_and_train()
     trainer.collect_sync()
     log.append([Event("e3", "u", "i", "click", 5 * day)])  # u and i stay fresh

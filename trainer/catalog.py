@@ -6,6 +6,8 @@ import numpy as np
 
 from embedding_store.hash_index import KeyIndex, grow_rows
 
+_MAX_EXPONENT = 256.0  # trending counts are stored x 2^(at most this): far from float64's 2^1024
+
 
 class ItemCatalog:
     """Items the trainer has seen, with positive-interaction counts, all-time and trending.
@@ -13,8 +15,10 @@ class ItemCatalog:
     Negatives for data without impressions are drawn from the all-time popularity distribution
     (count ** 0.75, as word2vec), which is also the logQ correction of retrieval. The trending
     score is the count with exponential decay in event time (half-life `half_life_s`): what is
-    popular *now*, which is what cold users get. It is stored scaled by 2^(t / half-life), so an
-    update touches only the batch's items, and rescaled before it overflows.
+    popular *now*, which is what cold users get. It is stored scaled by 2^((t - t0) / half-life), so an
+    update touches only the batch's items; the exponent is computed first (log domain) and t0
+    moved up before it passes 256, so no time gap overflows. `now_s` is the model clock
+    (`trainer.clock`), on which a silence in traffic decays counts by a bounded amount only.
 
     Args:
         seed: seed of the negative sampler.
@@ -63,11 +67,12 @@ class ItemCatalog:
         if self._t0 is None:
             self._t0 = now_s
         self.clock_s = max(self.clock_s, now_s)
-        scale = 2.0 ** ((max(now_s, self._t0) - self._t0) / self._half_life_s)
-        if scale > 1e100:  # rescale everything before the stored values overflow
-            self._trending /= scale
-            self._t0, scale = max(now_s, self._t0), 1.0
-        self._scale = scale
+        exponent = (max(now_s, self._t0) - self._t0) / self._half_life_s  # log2 of the scale
+        if exponent > _MAX_EXPONENT:  # move t0 to now before the stored values overflow
+            with np.errstate(under="ignore"):
+                self._trending *= np.exp2(-exponent)  # tiny counts go to 0: never an overflow
+            self._t0, exponent = max(now_s, self._t0), 0.0
+        scale = self._scale = float(np.exp2(exponent))
         self._trending += np.bincount(rows, weights=positive_weights * scale, minlength=len(self._trending))
 
     def _negative_weights(self, uniform_share: float) -> np.ndarray:

@@ -66,6 +66,14 @@ class TrainerConfig:
             Workers commit offsets after each step instead (at-least-once, as without
             checkpoints); the shards keep the state.
 
+        max_clock_skew_s: records whose `timestamp_ms` is further ahead of the trainer's clock
+            are dead-lettered (the gateway refuses them already; another producer may not).
+        max_clock_jump_s: the most one gap in event time advances the model clock that
+            expiry and trending run on (`trainer.clock`): a replay of history followed by
+            live traffic keeps its rows and trending counts.
+        stall_after_s: readiness calls the trainer stuck when a step has run this long, or
+            no event was trained for this long while its partitions had records waiting.
+
     Raises:
         ValueError: a value is out of range; the message names the field.
     """
@@ -104,6 +112,9 @@ class TrainerConfig:
     checkpoint_interval_s: float = 30.0
     checkpoints_kept: int = 2
     workers: int = 1
+    max_clock_skew_s: float = 300.0
+    max_clock_jump_s: float = 86400.0
+    stall_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -139,6 +150,9 @@ class TrainerConfig:
             "dedup_window": self.dedup_window >= 1,
             "checkpoints_kept": self.checkpoints_kept >= 1,
             "workers": self.workers >= 1,
+            "max_clock_skew_s": self.max_clock_skew_s >= 0,
+            "max_clock_jump_s": self.max_clock_jump_s > 0,
+            "stall_after_s": self.stall_after_s > 0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -87,13 +87,14 @@ class Event:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: bytes) -> Event:
-        """Decode an event from the log; raises `InvalidEvent` for anything malformed."""
+    def from_json(cls, data: bytes, max_skew_ms: int | None = None) -> Event:
+        """Decode an event from the log; raises `InvalidEvent` for anything malformed, and
+        for a `timestamp_ms` more than `max_skew_ms` ahead of this machine's clock."""
         try:
             obj = json.loads(data)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError
             raise InvalidEvent("", f"not a JSON object: {type(e).__name__}: {e}"[:300]) from e
-        return parse_event(obj)
+        return parse_event(obj, max_skew_ms=max_skew_ms)
 
 
 def _id(obj: Mapping[str, Any], name: str, required: bool = True) -> str:
@@ -112,12 +113,14 @@ def _id(obj: Mapping[str, Any], name: str, required: bool = True) -> str:
     return value
 
 
-def parse_event(obj: Any, now_ms: int | None = None) -> Event:
+def parse_event(obj: Any, now_ms: int | None = None, max_skew_ms: int | None = None) -> Event:
     """Validate one raw event (a JSON-like mapping) and return it as an `Event`.
 
     Args:
         obj: the raw event.
         now_ms: the time to use when `timestamp_ms` is absent or 0 (default: now).
+        max_skew_ms: how far `timestamp_ms` may be ahead of `now_ms` (None: any distance);
+            an event from the future would move the trainer's clock past every other event.
 
     Raises:
         InvalidEvent: naming the first bad field.
@@ -138,21 +141,29 @@ def parse_event(obj: Any, now_ms: int | None = None) -> Event:
     kind = obj.get("type")
     if kind is None or kind == "":
         raise InvalidEvent("type", "is required")
+    if not isinstance(kind, str):
+        raise InvalidEvent("type", f"must be a string, got {type(kind).__name__}")
     if kind not in EVENT_TYPES:
-        raise InvalidEvent("type", f"must be one of {sorted(EVENT_TYPES)}, got {kind!r}")
+        raise InvalidEvent("type", f"must be one of {sorted(EVENT_TYPES)}, got {kind[:64]!r}")
 
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
     ts = obj.get("timestamp_ms")
-    if ts is None or ts == 0:
-        ts = now_ms if now_ms is not None else int(time.time() * 1000)
-    if isinstance(ts, bool) or not isinstance(ts, int):
+    if isinstance(ts, bool) or not (ts is None or isinstance(ts, int)):
         raise InvalidEvent("timestamp_ms", f"must be an integer, got {type(ts).__name__}")
+    if ts is None or ts == 0:
+        ts = now
     if not 0 < ts < 1 << 53:
         raise InvalidEvent("timestamp_ms", f"must be positive milliseconds since the epoch, got {ts}")
+    if max_skew_ms is not None and ts > now + max_skew_ms:
+        ahead, allowed = (ts - now) / 1000, max_skew_ms / 1000
+        raise InvalidEvent("timestamp_ms", f"is {ahead:.0f} s ahead of the server clock (at most {allowed:.0f} s)")
 
     value = obj.get("value")
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidEvent("value", f"must be a number, got {type(value).__name__}")
+        if isinstance(value, int) and abs(value) > 10**9:
+            raise InvalidEvent("value", "must be within [-1e9, 1e9]")
         value = float(value)
         if not math.isfinite(value):
             raise InvalidEvent("value", "must be finite")
@@ -161,12 +172,16 @@ def parse_event(obj: Any, now_ms: int | None = None) -> Event:
     if kind in ("rating", "dwell") and value is None:
         raise InvalidEvent("value", f"is required for type {kind!r}")
 
-    context = obj.get("context") or {}
+    context = obj.get("context")
+    if context is None:
+        context = {}
     if not isinstance(context, Mapping):
         raise InvalidEvent("context", f"must be an object, got {type(context).__name__}")
     if len(context) > MAX_CONTEXT_ENTRIES:
         raise InvalidEvent("context", f"must have at most {MAX_CONTEXT_ENTRIES} entries")
     for key, val in context.items():
+        if not isinstance(key, str) or len(key) > MAX_ID_LENGTH:
+            raise InvalidEvent("context", f"keys must be strings of at most {MAX_ID_LENGTH} characters")
         if not isinstance(val, str) or len(val) > MAX_ID_LENGTH:
             raise InvalidEvent(f"context.{key}", f"must be a string of at most {MAX_ID_LENGTH} characters")
 

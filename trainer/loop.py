@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 from embedding_store import DenseParameters, LocalDense, Store, TableDelta, feature_keys, open_dense, open_store
 from trainer.catalog import ItemCatalog
 from trainer.checkpoint import load_latest, save_checkpoint
+from trainer.clock import ModelClock
 from trainer.config import TrainerConfig
 from trainer.dedup import RecentEvents
 from trainer.evaluation import StreamingAUC
@@ -39,6 +40,8 @@ class StepResult:
         examples: labelled examples trained on (positives, negatives, sampled negatives).
         loss: mean BCE loss of the step (NaN if there were no examples).
         duplicates: redelivered events dropped (`trainer.dedup`).
+        failures: attempts of this step that raised (a retry and the bisection's halves count).
+        poisoned: events the supervisor dead-lettered because training on them raised.
     """
 
     events: int
@@ -46,6 +49,45 @@ class StepResult:
     examples: int
     loss: float
     duplicates: int = 0
+    failures: int = 0
+    poisoned: int = 0
+
+
+@dataclass(frozen=True)
+class TrainerHealth:
+    """What readiness reports of a trainer.
+
+    Args:
+        last_step_age_s: seconds since a poll last consumed records, or found none waiting.
+        step_running_s: how long the step in progress has run (0 between steps).
+        lag: records of its partitions not yet read (refreshed every LAG_INTERVAL_S).
+        problem: why the trainer is not making progress ("" when it is).
+    """
+
+    last_step_age_s: float
+    step_running_s: float
+    lag: int
+    problem: str
+
+
+@dataclass
+class _Supervised:
+    """What the attempts of one supervised step added up to (`Trainer.train_events`)."""
+
+    events: int = 0
+    examples: int = 0
+    failures: int = 0
+    losses: list[float] = field(default_factory=list)
+    weights: list[int] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+    def add(self, trained: tuple[int, int, float]) -> None:
+        events, examples, loss = trained
+        self.events += events
+        self.examples += examples
+        if examples and np.isfinite(loss):
+            self.losses.append(loss)
+            self.weights.append(examples)
 
 
 def _pair_ids(users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -115,7 +157,7 @@ class Trainer:
         self.models = OnlineModels(config, self.store, self.catalog, self.features, self.dense)
         self.users, self.items = self.models.users, self.models.items
         self.learning = True  # False: score and keep features, but change no parameter (a frozen model)
-        self.event_time_s = 0.0  # latest event time trained on: the clock of expiry
+        self.clock = ModelClock(config.max_clock_jump_s)  # what expiry and trending run on
         self._next_expiry = time.monotonic() + config.expiry_interval_s
         self._next_dense_sync = 0.0  # the first sync carries the dense parameters
         self.auc = StreamingAUC()
@@ -140,6 +182,11 @@ class Trainer:
         self.checkpoints_written = 0
         self.checkpoint_extras: Callable[[], dict[str, bytes]] | None = None  # more files for each checkpoint
         self._next_checkpoint = time.monotonic() + config.checkpoint_interval_s
+        self.step_failures = 0  # step attempts that raised (each retried or bisected)
+        self._unsent: SyncMessage | None = None  # drained by a `collect_sync` that failed
+        self._undrained_users: TableDelta | None = None  # user rows drained by a failed sync
+        self._progress_at = time.monotonic()  # last poll that consumed records or found none waiting
+        self._step_started: float | None = None
         if config.checkpoint_dir:
             state = load_latest(Path(config.checkpoint_dir), self.store)
             if state is not None:
@@ -162,7 +209,15 @@ class Trainer:
         if time.monotonic() >= self._next_lag:  # on this thread: a Kafka consumer is not thread-safe
             self.lag = self._consumer.lag()
             self._next_lag = time.monotonic() + LAG_INTERVAL_S
-        result = self.train_records(records)
+            if self.lag == 0:
+                self._progress_at = time.monotonic()
+        self._step_started = time.monotonic()
+        try:
+            result = self.train_records(records)
+        finally:
+            self._step_started = None
+        if records:
+            self._progress_at = time.monotonic()
         for r in records:
             self._offsets[r.partition] = max(self._offsets.get(r.partition, 0), r.offset + 1)
         if not self.config.checkpoint_dir:
@@ -202,7 +257,7 @@ class Trainer:
         return {
             "written_at": time.time(),
             "offsets": dict(self._offsets),
-            "event_time_s": self.event_time_s,
+            "clock": self.clock,
             "events_trained": self.events_trained,
             "invalid_records": self.invalid_records,
             "duplicates": self.duplicates,
@@ -221,7 +276,7 @@ class Trainer:
         """Resume from `state_dict()` (the store is restored separately). The catalog,
         features, joiner and AUC are updated in place: the models hold references to them."""
         self._offsets = dict(state["offsets"])
-        self.event_time_s = state["event_time_s"]
+        self.clock = state["clock"]
         self.events_trained = state["events_trained"]
         self.invalid_records = state["invalid_records"]
         self.duplicates = state["duplicates"]
@@ -234,51 +289,129 @@ class Trainer:
         self._rng.bit_generator.state = state["rng"]
         self.last_checkpoint_s = state["written_at"]
 
+    def health(self) -> TrainerHealth:
+        """Progress as readiness sees it (`stall_after_s`); safe from any thread."""
+        now, started = time.monotonic(), self._step_started
+        running = now - started if started is not None else 0.0
+        age = now - self._progress_at
+        problem = ""
+        if running > self.config.stall_after_s:
+            problem = f"a training step has run for {running:.0f} s"
+        elif self.lag > 0 and age > self.config.stall_after_s:
+            problem = f"no records consumed for {age:.0f} s while {self.lag} wait"
+        return TrainerHealth(age, running, self.lag, problem)
+
     def train_records(self, records: list[LogRecord]) -> StepResult:
+        """Decode `records` and train on them (records that do not decode, or are stamped more
+        than `max_clock_skew_s` ahead of this clock, are dead-lettered instead)."""
         events: list[Event] = []
         accepted_ms: list[int] = []
+        sources: list[LogRecord] = []
         dead: list[DeadLetter] = []
+        skew_ms = int(self.config.max_clock_skew_s * 1000)
         for record in records:
             try:
-                events.append(Event.from_json(record.value))
+                events.append(Event.from_json(record.value, max_skew_ms=skew_ms))
                 accepted_ms.append(record.timestamp_ms)
+                sources.append(record)
             except InvalidEvent as e:
                 dead.append(DeadLetter(record, f"{e.field}: {e.message}" if e.field else e.message))
                 log.warning("dead-lettering undecodable record p%d@%d: %s", record.partition, record.offset, e)
             except Exception as e:  # whatever a record holds, it must not stop training
                 dead.append(DeadLetter(record, f"undecodable: {type(e).__name__}"))
                 log.exception("dead-lettering record p%d@%d", record.partition, record.offset)
+        self._send_dead_letters(dead)
+        return self.train_events(events, len(dead), np.array(accepted_ms, dtype=np.int64), sources)
+
+    def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
         if dead and self._dead_letter is not None:
             try:
                 self._dead_letter(dead)
             except LogUnavailable as e:  # still counted and logged; training goes on
                 log.warning("could not dead-letter %d records: %s", len(dead), e)
-        return self.train_events(events, len(dead), np.array(accepted_ms, dtype=np.int64))
 
-    def train_events(self, events: list[Event], invalid: int = 0, accepted_ms: np.ndarray | None = None) -> StepResult:
-        """One step on decoded events (what `train_records` does after decoding; replays call it directly).
+    def train_events(
+        self,
+        events: list[Event],
+        invalid: int = 0,
+        accepted_ms: np.ndarray | None = None,
+        records: list[LogRecord] | None = None,
+    ) -> StepResult:
+        """One supervised step on decoded events (what `train_records` does after decoding;
+        replays call it directly).
 
-        `accepted_ms`: when the log accepted each event; the next sync message carries a sample
-        of them, so serving can measure freshness.
+        A step that raises is retried once; if it raises again the events are split in
+        halves, and halves in halves, until the events that make it raise are found: those
+        are dead-lettered with the exception as their reason, the others trained. No
+        exception of a step ends training.
+
+        Args:
+            accepted_ms: when the log accepted each event; the next sync message carries a
+                sample of them, so serving can measure freshness.
+            records: the log record of each event (what a dead letter carries; without,
+                the event's JSON stands in for it).
         """
         with self._lock:
-            result = self._train(events, invalid)
+            result = self._train(events, invalid, records)
             if accepted_ms is not None and len(accepted_ms):
                 self._accepted.append(accepted_ms[accepted_ms > 0])
         if self._on_step:
             self._on_step(result)
         return result
 
-    def _train(self, events: list[Event], invalid: int) -> StepResult:
+    def _train(self, events: list[Event], invalid: int, records: list[LogRecord] | None) -> StepResult:
         self.invalid_records += invalid
         first = self.recent.first_seen([e.event_id for e in events])
         duplicates = int((~first).sum())
         if duplicates:
             self.duplicates += duplicates
             events = [e for e, keep in zip(events, first.tolist(), strict=True) if keep]
+            if records is not None:
+                records = [r for r, keep in zip(records, first.tolist(), strict=True) if keep]
         if not events:
             return StepResult(0, invalid, 0, float("nan"), duplicates)
-        now = self.event_time_s = max(self.event_time_s, max(e.timestamp_ms for e in events) / 1000.0)
+        sources = records if records is not None else [None] * len(events)
+        outcome = _Supervised()
+        try:
+            outcome.add(self._step(events))
+        except Exception as e:
+            outcome.failures += 1
+            log.warning("training step of %d events failed (%r); retrying once", len(events), e)
+            try:
+                outcome.add(self._step(events))
+            except Exception:
+                outcome.failures += 1
+                log.exception("training step of %d events failed twice; looking for the events at fault", len(events))
+                self._bisect(list(zip(events, sources, strict=True)), outcome)
+        self.step_failures += outcome.failures
+        if outcome.dead:
+            self._send_dead_letters(outcome.dead)
+        loss = float(np.average(outcome.losses, weights=outcome.weights)) if sum(outcome.weights) else float("nan")
+        return StepResult(
+            outcome.events, invalid, outcome.examples, loss, duplicates, outcome.failures, len(outcome.dead)
+        )
+
+    def _bisect(self, batch: list[tuple[Event, LogRecord | None]], outcome: _Supervised) -> None:
+        """Train each half of `batch` that trains; dead-letter the single events that raise."""
+        for half in (batch[: len(batch) // 2], batch[len(batch) // 2 :]):
+            if not half:
+                continue
+            events = [e for e, _ in half]
+            try:
+                outcome.add(self._step(events))
+            except Exception as e:
+                outcome.failures += 1
+                if len(half) > 1:
+                    self._bisect(half, outcome)
+                    continue
+                event, record = half[0]
+                log.error("dead-lettering event %s: training on it raised %r", event.event_id, e)
+                record = record or LogRecord(-1, -1, event.to_json(), 0)
+                outcome.dead.append(DeadLetter(record, f"training failed: {type(e).__name__}: {e}"[:500]))
+
+    def _step(self, events: list[Event]) -> tuple[int, int, float]:
+        """Train on deduplicated events: (events, examples, loss)."""
+        now = self.clock.advance(max(e.timestamp_ms for e in events) / 1000.0)
         user_keys = feature_keys("user", (e.user_id for e in events))
         item_keys = feature_keys("item", (e.item_id for e in events))
         positive = np.fromiter((e.is_positive for e in events), dtype=bool, count=len(events))
@@ -288,13 +421,13 @@ class Trainer:
         self.features.observe(events, user_keys, item_keys)
         self._seen.append((user_keys[labelled], item_keys[labelled]))  # what exclude_seen leaves out
         self._trained_users.append(user_keys)
-        self.events_trained += len(events)
         if self.learning:
             self.models.sight(user_keys, item_keys, now)
 
         examples = self.joiner.push(events)
         if not examples:
-            return StepResult(len(events), invalid, 0, float("nan"), duplicates)
+            self.events_trained += len(events)
+            return len(events), 0, float("nan")
         u = feature_keys("user", (x.event.user_id for x in examples))
         i = feature_keys("item", (x.event.item_id for x in examples))
         y = np.fromiter((x.label for x in examples), dtype=np.float32, count=len(examples))
@@ -309,7 +442,8 @@ class Trainer:
         self.features.add_history(u[pos], i[pos])
         if self.learning and time.monotonic() >= self._next_expiry:
             self.expire()
-        return StepResult(len(events), invalid, len(y_all), ranked.loss, duplicates)
+        self.events_trained += len(events)  # last: a step that raised counts none of them
+        return len(events), len(y_all), ranked.loss
 
     def _sample_negatives(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`negatives` sampled items per positive pair without impressions, minus accidental hits."""
@@ -320,38 +454,56 @@ class Trainer:
         return neg_users[~hit], neg_items[~hit]
 
     def expire(self) -> int:
-        """Evict rows whose TTL ran out by the latest event time; return how many (the next sync carries them)."""
+        """Evict rows whose TTL ran out by the model clock (`trainer.clock`); return how many
+        (the next sync carries them)."""
         self._next_expiry = time.monotonic() + self.config.expiry_interval_s
-        evicted = sum(self.store.table(name).evict_expired(self.event_time_s) for name in TABLES)
+        evicted = sum(self.store.table(name).evict_expired(self.clock.now_s) for name in TABLES)
         if evicted:
-            log.info("expired %d rows older than %.0f s of event time", evicted, self.config.ttl_s)
+            log.info("expired %d rows unused for %.0f s of model time", evicted, self.config.ttl_s)
         return evicted
 
     def collect_sync(self) -> SyncMessage | None:
-        """Changes since the previous call, as one sync message (None if nothing changed)."""
+        """Changes since the previous call, as one sync message (None if nothing changed).
+
+        What a call drained before it failed (a store shard went away mid-way) is not lost:
+        it goes out with the next call's message."""
         with self._lock:
             seen, accepted, trained_users = self._seen, self._accepted, self._trained_users
             self._seen, self._accepted, self._trained_users = [], [], []
-            popular_keys, popular_scores = self.catalog.popular(self.config.popular_items)
-            dense = {}
-            if time.monotonic() >= self._next_dense_sync:
-                self._next_dense_sync = time.monotonic() + self.config.dense_sync_interval_s
-                dense = self.models.dense_state()
-            message = SyncMessage(
-                users=self.models.serving_users(self._user_delta(trained_users)),
-                items=self.items.drain_delta(),
-                item_names=self.catalog.drain_new_names(),
+            partial = SyncMessage(
+                users=TableDelta.empty("user"),
+                items=TableDelta.empty("item"),
                 seen_users=np.concatenate([s[0] for s in seen]) if seen else np.zeros(0, np.uint64),
                 seen_items=np.concatenate([s[1] for s in seen]) if seen else np.zeros(0, np.uint64),
-                popular_keys=popular_keys,
-                popular_scores=popular_scores,
-                tables=self.models.ranking_deltas(),
-                dense=dense,
                 accepted_ms=self._sample(np.concatenate(accepted) if accepted else np.zeros(0, np.int64)),
                 clock_s=self.catalog.clock_s,
                 trending_half_life_s=self.catalog.half_life_s,
                 created_ms=now_ms(),
             )
+            try:
+                try:
+                    delta = self._user_delta(trained_users)
+                    try:
+                        partial.users = self.models.serving_users(delta)
+                    except Exception:
+                        self._undrained_users = delta
+                        raise
+                except Exception:
+                    self._trained_users[:0] = trained_users  # their rows are read again next time
+                    raise
+                partial.items = self.items.drain_delta()
+                partial.item_names = self.catalog.drain_new_names()
+                for table in self.models.ranking_deltas():
+                    partial.tables[table.table] = table
+                partial.popular_keys, partial.popular_scores = self.catalog.popular(self.config.popular_items)
+                if time.monotonic() >= self._next_dense_sync:
+                    partial.dense = self.models.dense_state()
+                    self._next_dense_sync = time.monotonic() + self.config.dense_sync_interval_s
+            except Exception:  # what was drained goes out with the next call's message
+                self._unsent = partial if self._unsent is None else self._unsent.then(partial)
+                raise
+            message = partial if self._unsent is None else self._unsent.then(partial)
+            self._unsent = None
         return None if message.is_empty() else message
 
     def _user_delta(self, trained: list[np.ndarray]) -> TableDelta:
@@ -360,10 +512,16 @@ class Trainer:
         to publish: their vectors need histories only that worker has. Rows another worker
         drained first are read from the store."""
         drained = self.users.drain_delta()
+        if self._undrained_users is not None:  # drained by a call that failed after it
+            drained, self._undrained_users = self._undrained_users.then(drained), None
         users = np.unique(np.concatenate(trained)) if trained else np.zeros(0, np.uint64)
         mine = np.isin(drained.keys, users)
         elsewhere = users[~np.isin(users, drained.keys)]
-        rows, found = self.users.get(elsewhere)  # not admitted, or drained by another worker
+        try:
+            rows, found = self.users.get(elsewhere)  # not admitted, or drained by another worker
+        except Exception:
+            self._undrained_users = drained
+            raise
         keys = np.concatenate([drained.keys[mine], elsewhere[found]])
         rows = np.concatenate([drained.rows[mine], rows[found]])
         evicted = drained.evicted[~np.isin(drained.evicted, keys)]  # re-admitted since the drain
@@ -376,13 +534,18 @@ class Trainer:
         return self._rng.choice(accepted_ms, self.config.freshness_samples, replace=False)
 
     def run(self, stop: threading.Event) -> None:
-        """Train until `stop` is set, then leave the consumer group; a log outage is retried, not
-        fatal. The store stays open for a last sync; `close()` it after."""
+        """Train until `stop` is set, then leave the consumer group; a log outage, or any other
+        error outside a step, is retried, not fatal. The store stays open for a last sync;
+        `close()` it after."""
         while not stop.is_set():
             try:
                 self.poll_and_train()
             except LogUnavailable as e:
                 log.warning("event log unavailable: %s; retrying", e)
+                stop.wait(1.0)
+            except Exception:  # whatever went wrong, training goes on (readiness tells if it stalls)
+                self.step_failures += 1
+                log.exception("trainer poll failed; retrying in 1 s")
                 stop.wait(1.0)
         try:
             self.checkpoint()  # what was trained since the last one is kept, its offsets committed

@@ -12,6 +12,7 @@ loss is a sum over examples, so a row gets the same step whatever the batch size
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -379,17 +380,16 @@ class OnlineModels:
         """Copies of the ranker's and the blend's dense parameters, for serving."""
         return CandidateScorer.dense_state(self.ranker, self.blend)
 
-    def ranking_deltas(self) -> dict[str, TableDelta]:
-        """What changed for the ranking service since the previous call: the ranker's rows,
-        the attributes and histories of changed users and items, and changed item counts."""
+    def ranking_deltas(self) -> Iterator[TableDelta]:
+        """What changed for the ranking service since the previous call, one table at a time
+        (a drain that fails leaves those before it with the caller): the ranker's rows, the
+        attributes and histories of changed users and items, and changed item counts."""
+        yield self.rank_ids.drain_delta()
+        yield self.rank_attrs.drain_delta()
         users, items = self.features.drain_changed()
         width = self.features.config.max_attributes
         count_keys, counts = self.catalog.drain_counts()
-        return {
-            RANK_ID_TABLE: self.rank_ids.drain_delta(),
-            RANK_ATTR_TABLE: self.rank_attrs.drain_delta(),
-            USER_ATTRS: TableDelta(USER_ATTRS, users, self.features.user_attributes(users, width)),
-            USER_HISTORY: TableDelta(USER_HISTORY, users, self.features.histories(users, self.config.history_length)),
-            ITEM_ATTRS: TableDelta(ITEM_ATTRS, items, self.features.item_attributes(items, width)),
-            ITEM_COUNTS: TableDelta(ITEM_COUNTS, count_keys, counts),
-        }
+        yield TableDelta(USER_ATTRS, users, self.features.user_attributes(users, width))
+        yield TableDelta(USER_HISTORY, users, self.features.histories(users, self.config.history_length))
+        yield TableDelta(ITEM_ATTRS, items, self.features.item_attributes(items, width))
+        yield TableDelta(ITEM_COUNTS, count_keys, counts)

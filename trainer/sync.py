@@ -71,6 +71,32 @@ class SyncMessage:
         bounds = np.flatnonzero(np.diff(users)) + 1
         yield from zip(users[np.r_[0, bounds]].tolist(), np.split(items, bounds), strict=True)
 
+    def then(self, newer: SyncMessage) -> SyncMessage:
+        """This message followed by `newer`, as one (the newest row of each key, every seen
+        pair, the newest popular list, dense parameters and clock): what a publisher that fell
+        behind sends instead of both."""
+
+        def tables(a: dict[str, TableDelta], b: dict[str, TableDelta]) -> dict[str, TableDelta]:
+            both = {name: a[name].then(b[name]) for name in a.keys() & b.keys()}
+            return {**a, **b, **both}
+
+        has_popular = len(newer.popular_keys) > 0
+        return SyncMessage(
+            users=self.users.then(newer.users),
+            items=self.items.then(newer.items),
+            item_names={**self.item_names, **newer.item_names},
+            seen_users=np.concatenate([self.seen_users, newer.seen_users]),
+            seen_items=np.concatenate([self.seen_items, newer.seen_items]),
+            popular_keys=newer.popular_keys if has_popular else self.popular_keys,
+            popular_scores=newer.popular_scores if has_popular else self.popular_scores,
+            tables=tables(self.tables, newer.tables),
+            dense=newer.dense or self.dense,
+            accepted_ms=np.concatenate([self.accepted_ms, newer.accepted_ms]),
+            clock_s=newer.clock_s or self.clock_s,
+            trending_half_life_s=newer.trending_half_life_s or self.trending_half_life_s,
+            created_ms=newer.created_ms,
+        )
+
     def is_empty(self) -> bool:
         return not (
             len(self.users)
@@ -101,6 +127,10 @@ class SyncPublisher:
         sink: the serving store.
         interval_s: seconds between publishes.
         on_publish: called with each published message (metrics).
+        max_pending: most messages kept while the sink is down; past it each new message is
+            merged into the newest pending one (`SyncMessage.then`), so an outage holds at
+            most one message's worth of rows per key, not one message per interval.
+        stall_after_s: `health()` reports a problem when messages have waited this long.
     """
 
     def __init__(
@@ -109,20 +139,34 @@ class SyncPublisher:
         sink: SyncSink,
         interval_s: float,
         on_publish: Callable[[SyncMessage], None] | None = None,
+        max_pending: int = 8,
+        stall_after_s: float = 60.0,
     ) -> None:
         self._collect = collect
         self._sink = sink
         self._interval_s = interval_s
         self._on_publish = on_publish
+        self._max_pending = max_pending
+        self._stall_after_s = stall_after_s
         self._pending: list[SyncMessage] = []
         self._lock = threading.Lock()
+        self._caught_up_at = time.monotonic()  # when a publish last went through
+        self._failing = False  # the last attempt raised
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting for the sink."""
+        return len(self._pending)
 
     def publish_now(self) -> int:
         """Collect and publish once; returns how many messages went out."""
         with self._lock:
             message = self._collect()
             if message is not None:
-                self._pending.append(message)
+                if len(self._pending) >= self._max_pending:
+                    self._pending[-1] = self._pending[-1].then(message)
+                else:
+                    self._pending.append(message)
             sent = 0
             while self._pending:
                 msg = self._pending[0]
@@ -131,13 +175,23 @@ class SyncPublisher:
                 sent += 1
                 if self._on_publish:
                     self._on_publish(msg)
+            self._caught_up_at = time.monotonic()
             return sent
+
+    def health(self) -> str:
+        """Why syncing is not keeping up ("" when it is): it has failed for `stall_after_s`."""
+        waited = time.monotonic() - self._caught_up_at
+        if self._failing and waited > self._stall_after_s:
+            return f"parameter sync failing for {waited:.0f} s ({len(self._pending)} messages waiting)"
+        return ""
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(self._interval_s):
             try:
                 self.publish_now()
+                self._failing = False
             except Exception:  # keep syncing after a store outage; the message stays pending
+                self._failing = True
                 log.exception("parameter sync failed; retrying in %.1fs", self._interval_s)
         try:
             self.publish_now()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from trainer.eventlog.base import EventLog, LogUnavailable
 from trainer.events import Event, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
+STALE_AFTER_S = 10.0  # /readyz says "stale" when the serving store has not answered for longer
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,19 @@ class EventResult:
     accepted: bool
     field: str = ""
     message: str = ""
+
+
+@dataclass(frozen=True)
+class ComponentHealth:
+    """How one part of the process is doing, for /readyz.
+
+    Args:
+        problem: why the part is not doing its job ("" when it is): readiness is then false.
+        detail: figures that /readyz shows for the part (JSON values).
+    """
+
+    problem: str
+    detail: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -47,12 +62,21 @@ class Gateway:
         config: limits and defaults.
         event_log: where accepted events go (acknowledged only once it holds them).
         recommender: what answers recommendation calls (`ServingReplica` or `RemoteStages`).
+        components: other parts of the process that readiness depends on, by name (the
+            trainer and the sync publisher of an embedded node), each a health check.
     """
 
-    def __init__(self, config: ServerConfig, event_log: EventLog, recommender: Recommender) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        event_log: EventLog,
+        recommender: Recommender,
+        components: Mapping[str, Callable[[], ComponentHealth]] | None = None,
+    ) -> None:
         self.config = config
         self.log = event_log
         self.recommender = recommender
+        self.components = dict(components or {})
         self.guard = Guard(parse_api_keys(config.api_keys), config.rate_limit_per_s)
         self._batcher = RecommendBatcher(recommender.recommend_batch, config.recommend_batch, config.recommend_queue)
 
@@ -70,17 +94,22 @@ class Gateway:
                 f"events: at most {self.config.max_batch_events} events per call, got {len(raw_events)}"
             )
         now_ms = int(time.time() * 1000)
+        skew_ms = int(self.config.max_clock_skew_s * 1000)
         good: list[Event] = []
         results: list[EventResult] = []
         for i, raw in enumerate(raw_events):
             try:
-                good.append(parse_event(raw, now_ms=now_ms))
+                good.append(parse_event(raw, now_ms=now_ms, max_skew_ms=skew_ms))
                 results.append(EventResult(i, True))
             except InvalidEvent as e:
                 metrics.EVENTS_REJECTED.labels(field=e.field or "event").inc()
                 results.append(
                     EventResult(i, False, f"events[{i}].{e.field}" if e.field else f"events[{i}]", e.message)
                 )
+            except Exception as e:  # a shape validation did not foresee: this event's error, not the batch's
+                log.warning("event %d of a batch failed validation unexpectedly", i, exc_info=True)
+                metrics.EVENTS_REJECTED.labels(field="event").inc()
+                results.append(EventResult(i, False, f"events[{i}]", f"unreadable event ({type(e).__name__})"))
         if not good:
             first = results[0]
             raise InvalidArgument(f"no valid event in the batch; first error: {first.field}: {first.message}")
@@ -91,6 +120,35 @@ class Gateway:
             raise Unavailable("event log unavailable; no event of this batch was accepted") from e
         metrics.EVENTS_ACCEPTED.labels(transport=transport).inc(len(good))
         return IngestResult(len(good), len(results) - len(good), results)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, what /readyz shows): ready once a model version is served and every component
+        is healthy; `reason` says why not."""
+        status = self.recommender.status()
+        age = None if math.isnan(status.store_age_s) else round(status.store_age_s, 3)
+        body: dict[str, Any] = {
+            "ready": False,
+            "model_version": status.model_version,
+            "store_age_s": age,
+            "stale": age is None or age > STALE_AFTER_S,
+        }
+        reasons = []
+        if not status.ready:
+            reasons.append("serving: no model loaded from the serving store yet")
+        elif status.model_version <= 0:
+            reasons.append("serving: no model version published yet")
+        for name, check in self.components.items():
+            try:
+                health = check()
+            except Exception as e:  # a check that fails says so instead of failing /readyz
+                health = ComponentHealth(f"health check failed: {type(e).__name__}", {})
+            body[name] = {**health.detail, "ok": not health.problem}
+            if health.problem:
+                reasons.append(f"{name}: {health.problem}")
+        body["ready"] = not reasons
+        if reasons:
+            body["reason"] = "; ".join(reasons)
+        return not reasons, body
 
     def _k(self, k: int | None) -> int:
         if k is None or k == 0:

@@ -5,7 +5,6 @@ other handlers are plain `def`s that FastAPI runs in its own thread pool."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Literal
 
@@ -24,7 +23,6 @@ from services.gateway.core import Gateway
 from trainer.events import MAX_CONTEXT_ENTRIES, MAX_ID_LENGTH
 
 log = logging.getLogger(__name__)
-STALE_AFTER_S = 10.0  # /readyz says "stale" when the serving store has not answered for longer
 
 
 class EventBody(BaseModel):
@@ -123,8 +121,16 @@ class _Observe:
 
 
 class _LimitBody:
-    """Refuses request bodies over `max_bytes` with 413 before the app reads them (declared
-    lengths at once; chunked bodies once they pass the limit)."""
+    """Refuses request bodies over `max_bytes` with 413 before the app sees them (declared
+    lengths at once; chunked bodies once they pass the limit).
+
+    The rest of a refused body is read and dropped before the answer (up to `DRAIN_BYTES`):
+    a plain client (urllib, requests, curl) sends its whole body before it reads a response,
+    and a server that closed the connection under it would show it a reset instead of the 413.
+    A client that sent `Expect: 100-continue` is answered at once (it sends nothing until told).
+    """
+
+    DRAIN_BYTES = 256 * 1024 * 1024
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -139,6 +145,8 @@ class _LimitBody:
         if declared is not None and declared.isdigit() and int(declared) <= self.max_bytes:
             await self.app(scope, receive, send)
             return
+        # a client waiting for 100 Continue sends nothing more: answer at once
+        more = b"100-continue" not in headers.get(b"expect", b"").lower()
         if declared is None:  # chunked: read up to the limit, then hand the body on
             chunks, size, more = [], 0, True
             while more and size <= self.max_bytes:
@@ -160,7 +168,14 @@ class _LimitBody:
 
                 await self.app(scope, replay, send)
                 return
-        response = _error(413, "PayloadTooLarge", f"request body over {self.max_bytes} bytes")
+        drained = 0
+        while more and drained <= self.DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        response = _error(413, "PayloadTooLarge", f"request body over {self.max_bytes} bytes", {"Connection": "close"})
         await response(scope, receive, send)
 
 
@@ -238,11 +253,8 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        status = gateway.recommender.status()
-        age = None if math.isnan(status.store_age_s) else round(status.store_age_s, 3)
-        stale = age is None or age > STALE_AFTER_S
-        body = {"ready": status.ready, "model_version": status.model_version, "store_age_s": age, "stale": stale}
-        return JSONResponse(body, status_code=200 if status.ready else 503)
+        ready, body = gateway.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:

@@ -10,7 +10,7 @@ import numpy as np
 
 from services.serving_store import codec
 from services.serving_store.base import VersionGap
-from services.serving_store.state import ServingState
+from services.serving_store.state import MAX_SEEN, ServingState
 from trainer.sync import SyncMessage
 
 
@@ -26,7 +26,7 @@ class MemoryServingStore:
         row_dtype: float16 or float32 embedding rows.
     """
 
-    def __init__(self, retention: int = 1000, max_seen: int = 200, row_dtype: np.dtype | None = None) -> None:
+    def __init__(self, retention: int = 1000, max_seen: int = MAX_SEEN, row_dtype: np.dtype | None = None) -> None:
         self.row_dtype = np.dtype(row_dtype or np.float16)
         self._state = ServingState(max_seen=max_seen, dtype=self.row_dtype)
         self._stream: deque[SyncMessage] = deque(maxlen=retention)

@@ -13,7 +13,7 @@ puts every key with the same tag in one slot:
 - `P:users:{b}`, `P:items:{b}`, `P:names:{b}`, `P:table:<name>:{b}`: hashes from 8-byte
   little-endian key to row bytes (fp16 embeddings by default) or item id, split into
   `BUCKETS` buckets by key (b = key mod `BUCKETS`) so a cluster spreads the tables;
-- `P:seen:<user key hex>`: list of the user's recent item keys, trimmed to `max_seen`;
+- `P:seen:<user key hex>`: sorted set of the user's item keys by version, trimmed to the newest `max_seen`;
 - channel `P:published`: the number of each new version, published with it.
 
 A publish holds the publish lock (trainer workers publish one at a time), writes the rows,
@@ -29,6 +29,9 @@ get them the next time those rows change.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,10 +42,36 @@ from redis.cluster import ClusterNode, RedisCluster
 from embedding_store.base import TableDelta
 from services.serving_store import codec
 from services.serving_store.base import VersionGap
+from services.serving_store.state import MAX_SEEN
 from trainer.sync import SyncMessage
 
 BUCKETS = 64  # hashes per table
+log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 60.0  # a publisher that dies holding the lock holds it this long
+
+
+@contextlib.contextmanager
+def _kept(lock: Any) -> Iterator[None]:
+    """Hold `lock` past its timeout while the body runs: a thread renews it every third of it
+    (a publish of a large version can outlast the timeout, which only guards against a
+    publisher that died holding the lock)."""
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(LOCK_TIMEOUT_S / 3):
+            try:
+                lock.reacquire()
+            except redis.exceptions.RedisError as e:  # the publish checks ownership before its version
+                log.warning("could not renew the publish lock: %s", e)
+                return
+
+    thread = threading.Thread(target=renew, name="publish-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _field(keys: np.ndarray) -> list[bytes]:
@@ -94,7 +123,7 @@ class RedisServingStore:
         url: str,
         prefix: str = "freshrec",
         retention: int = 1000,
-        max_seen: int = 200,
+        max_seen: int = MAX_SEEN,
         row_dtype: np.dtype | None = None,
         cluster: bool = False,
     ) -> None:
@@ -111,11 +140,14 @@ class RedisServingStore:
         return f"{self._p}:{table}:{{{bucket}}}"
 
     def publish(self, message: SyncMessage) -> int:
-        with self._redis.lock(self._meta("publish-lock"), timeout=LOCK_TIMEOUT_S, blocking_timeout=LOCK_TIMEOUT_S):
+        lock = self._redis.lock(self._meta("publish-lock"), timeout=LOCK_TIMEOUT_S, blocking_timeout=LOCK_TIMEOUT_S)
+        with lock, _kept(lock):
             message.version = int(self._redis.get(self._meta("version")) or 0) + 1
             with self._redis.pipeline(transaction=False) as pipe:
                 self._write_rows(pipe, message)
                 pipe.execute()
+            if not lock.owned():  # expired under us: another publisher may have taken this version
+                raise redis.exceptions.LockNotOwnedError(f"publish lock lost while writing version {message.version}")
             with self._redis.pipeline(transaction=True) as pipe:
                 self._write_version(pipe, message)
                 pipe.execute()
@@ -144,9 +176,10 @@ class RedisServingStore:
             keys = np.fromiter(m.item_names.keys(), dtype=np.uint64, count=len(m.item_names))
             self._hset(pipe, "names", keys, list(m.item_names.values()))
         for user, items in m.seen_by_user():
+            # a sorted set by version: an item seen again moves up instead of taking a second place
             key = f"{self._p}:seen:{user:016x}"
-            pipe.rpush(key, *_field(items))
-            pipe.ltrim(key, -self._max_seen, -1)
+            pipe.zadd(key, dict.fromkeys(_field(items), m.version))
+            pipe.zremrangebyrank(key, 0, -self._max_seen - 1)
         for name, delta in m.tables.items():
             if len(delta.evicted):
                 self._hdel(pipe, f"table:{name}", delta.evicted)
@@ -199,7 +232,7 @@ class RedisServingStore:
             chunk = seen_keys[start : start + 1000]
             with self._redis.pipeline(transaction=False) as pipe:
                 for key in chunk:
-                    pipe.lrange(key, 0, -1)
+                    pipe.zrange(key, 0, -1)
                 lists: list[Any] = pipe.execute()
             for key, raw_items in zip(chunk, lists, strict=True):
                 items_of_user = _keys(raw_items)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from embedding_store.base import TableDelta
 from embedding_store.row_map import RowMap
 from trainer.sync import SyncMessage
+
+MAX_SEEN = 5000
+"""Items kept per user for `exclude_seen` (distinct; the oldest fall off past it)."""
 
 
 class ServingState:
@@ -16,11 +17,11 @@ class ServingState:
     ranking service reads (its tables, dense parameters and the trending clock).
 
     Args:
-        max_seen: most recent items kept per user (older ones fall off).
+        max_seen: distinct items kept per user, the most recent (older ones fall off).
         dtype: row storage dtype.
     """
 
-    def __init__(self, max_seen: int = 200, dtype: np.dtype | type = np.float16) -> None:
+    def __init__(self, max_seen: int = MAX_SEEN, dtype: np.dtype | type = np.float16) -> None:
         self.max_seen = max_seen
         self.dtype = np.dtype(dtype)
         self.reset()
@@ -31,7 +32,7 @@ class ServingState:
         self.users: RowMap | None = None
         self.items: RowMap | None = None
         self.names: dict[int, str] = {}
-        self.seen: dict[int, deque[int]] = {}
+        self.seen: dict[int, dict[int, None]] = {}  # per user, an ordered set: oldest first
         self.popular_keys = np.zeros(0, dtype=np.uint64)
         self.popular_scores = np.zeros(0, dtype=np.float32)
         self.tables: dict[str, RowMap] = {}
@@ -51,10 +52,12 @@ class ServingState:
                 self.names.pop(key, None)
         self.names.update(message.item_names)
         for user, items in message.seen_by_user():
-            history = self.seen.get(user)
-            if history is None:
-                history = self.seen[user] = deque(maxlen=self.max_seen)
-            history.extend(items.tolist())
+            history = self.seen.setdefault(user, {})
+            for item in items.tolist():
+                history.pop(item, None)  # seen again: now the newest
+                history[item] = None
+            while len(history) > self.max_seen:
+                del history[next(iter(history))]
         if len(message.popular_keys) or message.full:
             self.popular_keys = message.popular_keys
             self.popular_scores = message.popular_scores
