@@ -6,18 +6,20 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import platformdirs
 import redis
 from prometheus_client import start_http_server
 from redis.exceptions import RedisClusterException
 
 from services import metrics
-from services.config import load_config
+from services.config import Config, load_config
 from services.datasets import DATASETS, DatasetUnavailable, load_dataset
 from services.node import Node
 from services.replay import replay
@@ -77,6 +79,20 @@ def _serve(node: Node, then: Callable[[], int | None] | None = None) -> int:
     return 0
 
 
+def _default_checkpoint_dir(config: Config) -> str | None:
+    """Where a trainer on a durable log checkpoints when told nowhere: under the user's data
+    folder, one folder per log and consumer group. Without checkpoints a restarted trainer
+    would start from empty tables while the serving store still serves the old model. None
+    when a folder is set, the log dies with the process, or the tables live on store shards."""
+    t = config.trainer
+    if t.checkpoint_dir or config.log_url.startswith("memory://") or not t.store_url.startswith("local://"):
+        return None
+    if t.workers > 1:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{config.log_url}-{t.group_id}").strip("_")
+    return str(platformdirs.user_data_path("freshrec") / "checkpoints" / slug)
+
+
 def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "trainer")) -> int:
     overrides = _overrides(args)
     data_dir = getattr(args, "data_dir", None)
@@ -85,6 +101,10 @@ def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "train
         if not args.kafka:
             overrides["log_url"] = f"file://{data_dir}/log"
     config = load_config(args.config, overrides=overrides)
+    default = _default_checkpoint_dir(config) if "trainer" in roles else None
+    if default is not None:
+        print(f"checkpoints: {default} (set trainer.checkpoint_dir to choose)", flush=True)
+        config = load_config(args.config, overrides={**overrides, "trainer.checkpoint_dir": default})
     node = Node(config, roles)
     if "gateway" in roles:
         print(f"freshrec {'+'.join(roles)}: log {config.log_url}, serving store {config.serving_store_url}", flush=True)

@@ -34,6 +34,8 @@ from trainer.sync import SyncMessage, SyncPublisher
 log = logging.getLogger(__name__)
 SERVING_SNAPSHOT = "serving.bin"  # the embedded serving store's state, in each trainer checkpoint
 
+REFREEZE_S = 600.0  # how often the served state is collected once and frozen again (`Node._on_apply`)
+
 ROLES = frozenset({"gateway", "trainer", "retrieval", "ranking"})
 
 
@@ -89,6 +91,7 @@ class Node:
         self._trainer_thread: threading.Thread | None = None
         self._sync_thread: threading.Thread | None = None
         self._stopped = False
+        self._refreeze_at = 0.0  # the first applied version freezes the state
         self._threads: list[threading.Thread] = []
         self.http_port = 0
         self.grpc_port = 0
@@ -108,6 +111,7 @@ class Node:
                 on_step=self._on_step,
                 dead_letter=self.log.dead_letter,
             )
+            self._refuse_a_mix(config)
             if isinstance(self.store, MemoryServingStore) and checkpoints is not None:
                 store = self.store
                 self.trainer.checkpoint_extras = lambda: {
@@ -141,6 +145,27 @@ class Node:
             assert recommender is not None
             components = {"trainer": self._trainer_health, "sync": self._sync_health} if self.trainer else {}
             self.gateway = Gateway(config.server, self.log, recommender, components)
+
+    def _refuse_a_mix(self, config: Config) -> None:
+        """A trainer that starts from empty tables must not publish into a serving store that
+        holds an earlier trainer's model: replicas would serve old rows beside new ones."""
+        assert self.trainer is not None
+        fresh = self.trainer.last_checkpoint_s == 0 and config.trainer.store_url.startswith("local://")
+        if not fresh or isinstance(self.store, MemoryServingStore):
+            return
+        try:
+            version = self.store.latest_version()
+        except Exception as e:  # the store is down: the trainer waits for it; nothing to compare yet
+            log.warning("serving store unavailable at start (%s); not checked for an earlier model", e)
+            return
+        if version > 0:
+            self.trainer.close()
+            raise ValueError(
+                f"serving_store_url: {config.serving_store_url} already holds version {version} of an earlier "
+                f"trainer's model, but this trainer starts with empty tables (no checkpoint in "
+                f"{config.trainer.checkpoint_dir or 'trainer.checkpoint_dir, which is not set'}): point "
+                "trainer.checkpoint_dir at that trainer's checkpoints, or start from an empty serving store"
+            )
 
     def _trainer_health(self) -> ComponentHealth:
         assert self.trainer is not None
@@ -197,12 +222,18 @@ class Node:
             metrics.SYNC_ROWS.labels(name).inc(len(delta.keys))
         metrics.SYNC_BYTES.inc(message.encoded_bytes)  # what the stream holds per version
 
-    @staticmethod
-    def _on_apply(message: SyncMessage) -> None:
+    def _on_apply(self, message: SyncMessage) -> None:
         # The served state (rows, names, seen lists) is millions of long-lived objects; left
         # to the cyclic collector, each full collection walks all of them and stalls every
         # request for hundreds of ms. Frozen, the collector skips them (reference counting
-        # still frees what a later version replaces).
+        # still frees what a later version replaces). Frozen objects are never collected,
+        # cycles among them included, so every REFREEZE_S the state is thawed for one full
+        # collection first: such garbage lives at most that long, at one pause per REFREEZE_S.
+        now = time.monotonic()
+        if now >= self._refreeze_at:
+            self._refreeze_at = now + REFREEZE_S
+            gc.unfreeze()
+            gc.collect()
         gc.freeze()
         metrics.SERVING_VERSION.set(message.version)
         if len(message.accepted_ms):

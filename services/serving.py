@@ -269,10 +269,11 @@ class ServingReplica:
         answers = []
         ranked = self._ranked(batch, candidates, [r.k for r in requests])
         for (keys, scores), r, s in zip(ranked, requests, batch.seen, strict=True):
+            keys, scores = _named(state.names, keys, scores)
             if len(keys) < r.k:
                 keys, scores = self._fill_popular(keys, scores, s, r.k)
             items = [
-                ScoredItem(state.names.get(key, str(key)), float(score))
+                ScoredItem(state.names[key], float(score))
                 for key, score in zip(keys.tolist(), scores.tolist(), strict=True)
             ]
             answers.append(Recommendation(uuid.uuid4().hex, state.version, items))
@@ -337,7 +338,7 @@ class ServingReplica:
     def _fill_popular(
         self, keys: np.ndarray, scores: np.ndarray, seen: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        popular, counts = self._state.popular_keys, self._state.popular_scores
+        popular, counts = _named(self._state.names, self._state.popular_keys, self._state.popular_scores)
         keep = ~np.isin(popular, seen) & ~np.isin(popular, keys)
         popular, counts = popular[keep], counts[keep]
         total = float(self._state.popular_scores.sum()) or 1.0
@@ -363,9 +364,10 @@ class ServingReplica:
                 raise NotFound(f"item {item_id!r} is unknown to the model")
             cand, scores = self._index.search(vectors[0], k + 1)
             keep = cand != item[0]
+            cand, scores = _named(state.names, cand[keep], scores[keep])
             items = [
-                ScoredItem(state.names.get(key, str(key)), float(s))
-                for key, s in zip(cand[keep][:k].tolist(), scores[keep][:k].tolist(), strict=True)
+                ScoredItem(state.names[key], float(s))
+                for key, s in zip(cand[:k].tolist(), scores[:k].tolist(), strict=True)
             ]
             return state.version, items
 
@@ -388,6 +390,12 @@ class Request:
     user_id: str
     k: int
     exclude_seen: bool = True
+
+
+def _named(names: dict[int, str], keys: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The items whose raw ids serving knows: an internal key never leaves as an item id."""
+    known = np.fromiter((key in names for key in keys.tolist()), dtype=bool, count=len(keys))
+    return (keys, scores) if known.all() else (keys[known], scores[known])
 
 
 def _seen(history: Iterable[int] | None) -> np.ndarray:

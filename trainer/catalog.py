@@ -48,6 +48,7 @@ class ItemCatalog:
         self._scale = 1.0  # 2^((latest time - t0) / half-life)
         self._rng = np.random.default_rng(seed)
         self._new_names: dict[int, str] = {}
+        self._names: dict[int, str] = {}  # raw id of every item, by key
         self._changed = np.zeros(0, dtype=bool)  # rows whose counts changed since `drain_counts`
         self.clock_s = 0.0  # latest event time observed
 
@@ -62,7 +63,7 @@ class ItemCatalog:
         self._changed = grow_rows(self._changed, self._index.row_capacity)
         self._changed[rows] = True
         for i in np.flatnonzero(created):  # only items never seen before
-            self._new_names[int(keys[i])] = names[i]
+            self._new_names[int(keys[i])] = self._names[int(keys[i])] = names[i]
         self._counts += np.bincount(rows, weights=positive_weights, minlength=len(self._counts))
         if self._t0 is None:
             self._t0 = now_s
@@ -143,6 +144,10 @@ class ItemCatalog:
         top = top[self._trending[top] > 0]
         scores = self._trending[top] / self._trending[top[0]] if len(top) else self._trending[top]
         return self._index.keys_of(top), scores.astype(np.float32)
+
+    def names(self, keys: np.ndarray) -> dict[int, str]:
+        """Raw ids of the known items among `keys`, by key."""
+        return {key: self._names[key] for key in keys.tolist() if key in self._names}
 
     def drain_new_names(self) -> dict[int, str]:
         """Raw ids of items first seen since the previous drain, by key."""

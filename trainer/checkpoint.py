@@ -96,21 +96,29 @@ def latest_file(directory: Path, name: str) -> Path | None:
 
 
 def load_latest(directory: Path, store: Store) -> dict[str, Any] | None:
-    """Restore `store` from the newest complete checkpoint and return its trainer state (None
-    when there is none).
+    """Restore `store` from the newest complete checkpoint that restores and return its
+    trainer state (None when there is none). A damaged checkpoint (unreadable state, another
+    format, a corrupt or mismatched store snapshot) is logged and the one before it tried.
 
     Raises:
-        ValueError: the checkpoint is of another format, or its store snapshot does not fit
-            the store (other table configs or shard count).
-        embedding_store.snapshot.CorruptSnapshot: a table snapshot is damaged.
+        ValueError: there are checkpoints, and none of them restores (each one's error named).
     """
-    complete = [(seq, path) for seq, path, done in _checkpoints(directory) if done]
-    if not complete:
-        return None
-    _, path = complete[-1]
-    state: dict[str, Any] = torch.load(path / _STATE, weights_only=False)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path}: format {state.get('format')!r}, expected {FORMAT}")
-    store.restore(path / "store")
-    log.info("restored checkpoint %s (offsets %s)", path.name, state.get("offsets"))
-    return state
+    complete = [path for _, path, done in _checkpoints(directory) if done]
+    failures = []
+    for path in reversed(complete):  # newest first; a damaged one falls back to the one before
+        try:
+            state: dict[str, Any] = torch.load(path / _STATE, weights_only=False)
+            if state.get("format") != FORMAT:
+                raise ValueError(f"checkpoint {path}: format {state.get('format')!r}, expected {FORMAT}")
+            store.restore(path / "store")
+        except Exception as e:
+            log.error(
+                "checkpoint %s cannot be restored (%s: %s); trying the one before", path.name, type(e).__name__, e
+            )
+            failures.append(f"{path.name}: {type(e).__name__}: {e}")
+            continue
+        log.info("restored checkpoint %s (offsets %s)", path.name, state.get("offsets"))
+        return state
+    if failures:
+        raise ValueError(f"no checkpoint in {directory} can be restored: " + "; ".join(failures))
+    return None

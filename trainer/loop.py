@@ -492,10 +492,12 @@ class Trainer:
                     self._trained_users[:0] = trained_users  # their rows are read again next time
                     raise
                 partial.items = self.items.drain_delta()
-                partial.item_names = self.catalog.drain_new_names()
                 for table in self.models.ranking_deltas():
                     partial.tables[table.table] = table
                 partial.popular_keys, partial.popular_scores = self.catalog.popular(self.config.popular_items)
+                # names again with every row that goes out: serving forgets an evicted item's
+                # name, and the item may come back (its key must never be served as its id)
+                partial.item_names = {**self.catalog.names(partial.items.keys), **self.catalog.drain_new_names()}
                 if time.monotonic() >= self._next_dense_sync:
                     partial.dense = self.models.dense_state()
                     self._next_dense_sync = time.monotonic() + self.config.dense_sync_interval_s

@@ -14,14 +14,19 @@ and on disk: there is no retention, which suits a single-process deployment's vo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from trainer.eventlog.base import LogUnavailable
 from trainer.eventlog.memory import MemoryLog
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<Iq")  # value length, acceptance time (ms)
 
@@ -84,13 +89,32 @@ class FileLog(MemoryLog):
         return records
 
     def _persist(self, records: Sequence[tuple[int, bytes]], now_ms: int) -> None:
-        touched = set()
-        for partition, value in records:
-            self._files[partition].write(_HEADER.pack(len(value), now_ms) + value)
-            touched.add(partition)
-        for partition in touched:
-            self._files[partition].flush()
-            os.fsync(self._files[partition].fileno())
+        ends = {partition: self._files[partition].tell() for partition, _ in records}
+        try:
+            for partition, value in records:
+                self._files[partition].write(_HEADER.pack(len(value), now_ms) + value)
+            for partition in ends:
+                self._files[partition].flush()
+                os.fsync(self._files[partition].fileno())
+        except OSError as e:
+            # none of these records is acknowledged: cut what reached the files, so that the
+            # next append does not follow a torn record (which reopening would cut, with
+            # every acknowledged record after it)
+            for partition, end in ends.items():
+                try:
+                    self._cut(partition, end)
+                except OSError:
+                    log.exception("could not cut partition %d back to %d bytes", partition, end)
+            raise LogUnavailable(f"file log {self.directory}: write failed: {e}") from e
+
+    def _cut(self, partition: int, end: int) -> None:
+        """Drop whatever follows byte `end` of a partition's file (its buffer too), durably."""
+        path = self._files[partition].name
+        with contextlib.suppress(OSError):
+            self._files[partition].close()  # a failed flush leaves the buffer full: drop it
+        os.truncate(path, end)
+        self._files[partition] = open(path, "ab")  # noqa: SIM115 - open for the log's lifetime
+        os.fsync(self._files[partition].fileno())
 
     def _persist_offsets(self) -> None:
         path, tmp = self.directory / "offsets.json", self.directory / "offsets.json.tmp"
