@@ -160,6 +160,9 @@ class Node:
             return
         if version > 0:
             self.trainer.close()
+            if self.log is not None:
+                self.log.close()
+            self.store.close()
             raise ValueError(
                 f"serving_store_url: {config.serving_store_url} already holds version {version} of an earlier "
                 f"trainer's model, but this trainer starts with empty tables (no checkpoint in "

@@ -3,6 +3,8 @@ the trainer's dead-lettering of records it cannot use, on both)."""
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from services.local_servers import wait_until
 from trainer.config import TrainerConfig
-from trainer.eventlog import EventLog, LogConsumer, LogRecord, MemoryLog, open_log
+from trainer.eventlog import EventLog, LogConsumer, LogRecord, LogUnavailable, MemoryLog, open_log
 from trainer.eventlog.file import FileLog
 from trainer.eventlog.kafka import KafkaConsumer, KafkaLog, KafkaProducer  # imported there without warnings
 from trainer.events import Event
@@ -134,6 +136,14 @@ BAD_RECORDS = {  # raw value -> the field (or problem) its dead-letter reason mu
     b'{"event_id": "b3", "user_id": "u", "item_id": "i", "type": "click", "timestamp_ms": -5}': "timestamp_ms",
     b'{"event_id": "b4", "user_id": "", "item_id": "i", "type": "click", "timestamp_ms": 5}': "user_id",
     b'{"event_id": "b5", "user_id": "u", "item_id": "i", "type": "click", "timestamp_ms": 5, "x": 1}': "x",
+    # stamped 2^53 - 1 ms (the year 285,000): past the allowed clock skew
+    b'{"event_id": "b6", "user_id": "u", "item_id": "i", "type": "click", "timestamp_ms": 9007199254740991}': (
+        "timestamp_ms: is"
+    ),
+    b'{"event_id": "b7", "user_id": "u", "item_id": "i", "type": ["click"], "timestamp_ms": 5}': "type: must be a str",
+    b'{"event_id": "b8", "user_id": "u", "item_id": "i", "type": "rating", "timestamp_ms": 5, "value": 1e999999}': (
+        "value"
+    ),
 }
 
 
@@ -198,3 +208,27 @@ def test_file_log_keeps_records_and_offsets_across_a_restart(tmp_path: Path) -> 
     assert len(resumed) == 35 and {r.offset for r in resumed if r.partition == 0} >= {10}
     reopened.append(events(1, start=50))  # appends go after the cut
     assert sum(len(p) for p in FileLog(tmp_path)._partitions) == 51
+
+
+def test_file_log_failed_write_leaves_no_torn_record_before_later_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = FileLog(tmp_path, partitions=1)
+    log.append(events(5))
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(LogUnavailable, match="write failed"):
+        log.append(events(3, start=5))  # written, not fsync'd: not acknowledged
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    log.append(events(4, start=8))  # acknowledged after the failed one
+    log.close()
+    reopened = FileLog(tmp_path)
+    ids = [json.loads(value)["event_id"] for value, _ in reopened._partitions[0]]
+    assert ids == [f"e{i}" for i in (*range(5), *range(8, 12))]  # every acknowledged record, nothing else

@@ -81,6 +81,13 @@ class _Supervised:
     weights: list[int] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
 
+    def poisoned(self, culprit: tuple[Event, LogRecord | None], error: Exception) -> None:
+        """`culprit` raised on its own: it goes to the dead letters with the error as reason."""
+        event, record = culprit
+        log.error("dead-lettering event %s: training on it raised %r", event.event_id, error)
+        record = record or LogRecord(-1, -1, event.to_json(), 0)
+        self.dead.append(DeadLetter(record, f"training failed: {type(error).__name__}: {error}"[:500]))
+
     def add(self, trained: tuple[int, int, float]) -> None:
         events, examples, loss = trained
         self.events += events
@@ -343,7 +350,9 @@ class Trainer:
         A step that raises is retried once; if it raises again the events are split in
         halves, and halves in halves, until the events that make it raise are found: those
         are dead-lettered with the exception as their reason, the others trained. No
-        exception of a step ends training.
+        exception of a step ends training. A step is not a transaction: what an attempt did
+        before it raised (say, the catalogue's counts) stays, as with any at-least-once
+        replay; `events_trained` counts each event once, when a step trains it.
 
         Args:
             accepted_ms: when the log accepted each event; the next sync message carries a
@@ -379,10 +388,14 @@ class Trainer:
             log.warning("training step of %d events failed (%r); retrying once", len(events), e)
             try:
                 outcome.add(self._step(events))
-            except Exception:
+            except Exception as again:
                 outcome.failures += 1
                 log.exception("training step of %d events failed twice; looking for the events at fault", len(events))
-                self._bisect(list(zip(events, sources, strict=True)), outcome)
+                batch = list(zip(events, sources, strict=True))
+                if len(batch) == 1:
+                    outcome.poisoned(batch[0], again)
+                else:
+                    self._bisect(batch, outcome)
         self.step_failures += outcome.failures
         if outcome.dead:
             self._send_dead_letters(outcome.dead)
@@ -403,11 +416,8 @@ class Trainer:
                 outcome.failures += 1
                 if len(half) > 1:
                     self._bisect(half, outcome)
-                    continue
-                event, record = half[0]
-                log.error("dead-lettering event %s: training on it raised %r", event.event_id, e)
-                record = record or LogRecord(-1, -1, event.to_json(), 0)
-                outcome.dead.append(DeadLetter(record, f"training failed: {type(e).__name__}: {e}"[:500]))
+                else:
+                    outcome.poisoned(half[0], e)
 
     def _step(self, events: list[Event]) -> tuple[int, int, float]:
         """Train on deduplicated events: (events, examples, loss)."""
