@@ -33,6 +33,11 @@ _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_s
 T = TypeVar("T")
 
 
+class ShardRestarted(ConnectionError):
+    """The shard answered, but without the tables (or dense parameters) it was given: it was
+    restarted. `RemoteStore` and `RemoteDense` set it up again."""
+
+
 class StoreUnavailable(ConnectionError):
     """A remote shard cannot be reached."""
 
@@ -283,6 +288,8 @@ class ShardClient:
                 raise StoreUnavailable(message) from e
             if code == grpc.StatusCode.DATA_LOSS:
                 raise CorruptSnapshot(message) from e
+            if code == grpc.StatusCode.NOT_FOUND and ("no tables" in details or "not registered" in details):
+                raise ShardRestarted(message) from e
             if code == grpc.StatusCode.NOT_FOUND:
                 raise (FileNotFoundError if method == "Restore" else KeyError)(message) from e
             raise ValueError(message) from e
@@ -307,8 +314,21 @@ class RemoteStore(ShardClient):
     def __init__(self, address: str, configs: list[TableConfig], timeout_s: float = 30.0) -> None:
         super().__init__(address, timeout_s)
         self._configs = list(configs)
-        self.call("Open", pb.OpenRequest(configs_json=json.dumps([c.to_dict() for c in configs])), wait=True)
+        self._open()
         self._tables = {c.name: RemoteTable(self, c) for c in configs}
+
+    def _open(self) -> None:
+        super().call("Open", pb.OpenRequest(configs_json=json.dumps([c.to_dict() for c in self._configs])), wait=True)
+
+    def call(self, method: str, request: Any, wait: bool = False) -> Any:
+        """`ShardClient.call`; a shard that restarted (it holds no tables) is opened again and
+        the call repeated: its rows are gone (they relearn), training goes on."""
+        try:
+            return super().call(method, request, wait)
+        except ShardRestarted:
+            log.warning("store shard %s holds no tables (restarted?): opening them again", self.address)
+            self._open()
+            return super().call(method, request, wait)
 
     def table(self, name: str) -> RemoteTable:
         return pick_table(self._tables, name)
@@ -332,15 +352,33 @@ class RemoteDense(ShardClient):
         timeout_s: deadline of each call.
     """
 
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        super().__init__(address, timeout_s)
+        self._latest: dict[str, tuple[np.ndarray, float]] = {}  # name -> (values, learning rate)
+
     def register(self, name: str, initial: np.ndarray, learning_rate: float) -> np.ndarray:
         values = np.ascontiguousarray(initial, dtype="<f4").tobytes()
         request = pb.DenseRequest(name=name, values=values, learning_rate=learning_rate)
-        return _floats(self.call("DenseRegister", request, wait=True).values, "values")
+        registered = _floats(self.call("DenseRegister", request, wait=True).values, "values")
+        self._latest[name] = (registered, learning_rate)
+        return registered
 
     def step(self, name: str, grad: np.ndarray) -> tuple[np.ndarray, int]:
-        values = np.ascontiguousarray(grad, dtype="<f4").tobytes()
-        response = self.call("DenseStep", pb.DenseRequest(name=name, values=values))
-        return _floats(response.values, "values"), int(response.version)
+        """One step of `name`; a shard that restarted (and so forgot `name`) gets it registered
+        again with the last values this client saw (a fresh Adam state), and the step repeated."""
+        request = pb.DenseRequest(name=name, values=np.ascontiguousarray(grad, dtype="<f4").tobytes())
+        try:
+            response = self.call("DenseStep", request)
+        except ShardRestarted:
+            if name not in self._latest:
+                raise
+            log.warning("dense service %s forgot %r (restarted?): registering it again", self.address, name)
+            self.register(name, *self._latest[name])
+            response = self.call("DenseStep", request)
+        values = _floats(response.values, "values")
+        if name in self._latest:
+            self._latest[name] = (values, self._latest[name][1])
+        return values, int(response.version)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # saved and restored with the shard's tables (`Save` / `Restore`)

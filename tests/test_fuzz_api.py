@@ -20,7 +20,7 @@ from services.node import Node
 from tests.nodes import rest, running_node, wait_trained_and_served
 from trainer.events import EVENT_TYPES, Event
 
-EXAMPLES = 40  # per operation and mode
+EXAMPLES = 100  # per operation and mode
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from embedding_store import feature_keys
+from embedding_store.remote import serve_shard
 from proto import freshrec_pb2 as pb
 from proto import freshrec_pb2_grpc as pb_grpc
 from services.cli import _default_checkpoint_dir
@@ -375,3 +376,43 @@ def test_slots_that_share_a_long_prefix_get_distinct_keys() -> None:
     assert a[0] != b[0]
     short = hashlib.blake2b(b"x", digest_size=8, person=b"item").digest()
     assert feature_keys("item", ["x"])[0] == np.frombuffer(short, "<u8")[0]  # short slots keep their keys
+
+
+def test_a_restarted_store_shard_is_opened_again_and_no_event_is_lost() -> None:
+    server, port, _ = serve_shard("127.0.0.1:0")
+    address = f"127.0.0.1:{port}"
+    log = MemoryLog()
+    trainer = Trainer(
+        TrainerConfig(store_url=f"grpc://{address}", batch_size=200), log.consumer("g"), dead_letter=log.dead_letter
+    )
+    t0 = now_ms()
+    log.append([Event(f"a{n}", f"u{n % 10}", f"i{n % 20}", "click", t0 + n) for n in range(100)])
+    assert trainer.poll_and_train().events == 100
+    server.stop(0).wait()  # the shard goes away with its tables and the dense parameters
+    log.append([Event(f"b{n}", f"u{n % 10}", f"i{n % 20}", "click", t0 + 200 + n) for n in range(100)])
+    with pytest.raises(ConnectionError, match="100 records held"):
+        trainer.poll_and_train()
+    with pytest.raises(ConnectionError):  # still away: still held, nothing new polled
+        trainer.poll_and_train()
+    assert trainer.events_trained == 100 and trainer.step_failures == 2
+    restarted, _, _ = serve_shard(address)  # back, empty
+    try:
+        trained: list[int] = []
+
+        def retried() -> bool:  # as `Trainer.run` does, once a second (the channel reconnects with a backoff)
+            try:
+                trained.append(trainer.poll_and_train().events)
+            except ConnectionError:
+                return False
+            return True
+
+        wait_until(retried, 30, "the held batch to train on the restarted shard", interval_s=0.5)
+        assert trained == [100]  # the held batch: tables opened again, dense parameters registered again
+        assert trainer.events_trained == 200 and not log.dead_letters
+        log.append([Event(f"c{n}", f"u{n % 10}", f"i{n % 20}", "click", t0 + 400 + n) for n in range(50)])
+        assert trainer.poll_and_train().events == 50
+        assert trainer.users.get(feature_keys("user", ["u1"]))[1].all()  # rows again on the new shard
+        assert trainer.collect_sync() is not None
+    finally:
+        trainer.close()
+        restarted.stop(0)

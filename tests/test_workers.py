@@ -6,10 +6,10 @@ leaving or joining mid-stream loses no event and replays at most an uncommitted 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -41,10 +41,10 @@ def clicks(n: int, seed: int) -> list[Event]:
     ]
 
 
-def pairs(events: list[Event]) -> Counter[tuple[int, int]]:
+def pairs(events: list[Event]) -> set[tuple[int, int]]:
     users = feature_keys("user", [e.user_id for e in events]).tolist()
     items = feature_keys("item", [e.item_id for e in events]).tolist()
-    return Counter(zip(users, items, strict=True))
+    return set(zip(users, items, strict=True))
 
 
 class Cluster:
@@ -60,6 +60,7 @@ class Cluster:
         self.group = f"workers-{uuid.uuid4().hex[:8]}"
         self.tmp_path = tmp_path
         self.workers: dict[str, tuple[Popen[bytes], int]] = {}
+        self.stopped_trained = 0.0  # events the stopped workers had trained
         stack.callback(self.stop_all)
 
     def start(self, name: str) -> None:
@@ -83,6 +84,8 @@ class Cluster:
         return self.value(name, "freshrec_trainer_partitions")
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        with contextlib.suppress(Exception):  # its count just before it stops (it may train one more batch)
+            self.stopped_trained += self.value(name, "freshrec_trainer_events_total")
         proc = self.workers.pop(name)[0]
         proc.send_signal(sig)
         proc.wait(60)
@@ -91,14 +94,18 @@ class Cluster:
         for name in list(self.workers):
             self.stop(name)
 
-    def seen(self) -> Counter[tuple[int, int]]:
-        """(user key, item key) pairs of every published seen list, with their multiplicity."""
+    def seen(self) -> set[tuple[int, int]]:
+        """(user key, item key) pairs of every published seen list (each user's a set)."""
         store = open_serving_store(self.redis_url)
         try:
             snapshot = store.snapshot()
         finally:
             store.close()
-        return Counter(zip(snapshot.seen_users.tolist(), snapshot.seen_items.tolist(), strict=True))
+        return set(zip(snapshot.seen_users.tolist(), snapshot.seen_items.tolist(), strict=True))
+
+    def trained(self) -> float:
+        """Events trained by every worker so far, those stopped included."""
+        return self.stopped_trained + sum(self.value(w, "freshrec_trainer_events_total") for w in self.workers)
 
     def produce(self, events: list[Event], pause_s: float = 0.0, midway: Callable[[], None] | None = None) -> None:
         for start in range(0, len(events), 300):
@@ -115,13 +122,14 @@ def cluster(kafka_broker: str, redis_url: str, tmp_path: Path) -> Iterator[Clust
         yield Cluster(stack, kafka_broker, redis_url, tmp_path)
 
 
-def wait_published(c: Cluster, expected: Counter[tuple[int, int]], what: str) -> Counter[tuple[int, int]]:
-    """Wait until every expected pair was published; return the seen pairs then."""
+def wait_published(c: Cluster, expected: set[tuple[int, int]], produced: int, what: str) -> float:
+    """Wait until every expected pair was published and `produced` events trained; return the
+    events trained (replays included)."""
     try:
-        wait_until(lambda: not (expected - c.seen()), 120, what, interval_s=0.5)
+        wait_until(lambda: not (expected - c.seen()) and c.trained() >= produced, 120, what, interval_s=0.5)
     except AssertionError as e:
-        raise AssertionError(f"{e}: {sum((expected - c.seen()).values())} of {sum(expected.values())} missing") from e
-    return c.seen()
+        raise AssertionError(f"{e}: {len(expected - c.seen())} of {len(expected)} pairs missing") from e
+    return c.trained()
 
 
 @pytest.mark.timeout(420)
@@ -142,8 +150,8 @@ def test_two_workers_share_the_partitions_and_the_shards_and_survive_leave_and_j
         first = clicks(3000, seed=1)
         c.produce(first)
         expected = pairs(first)
-        seen = wait_published(c, expected, "the first events to be trained and published")
-        assert seen == expected, "no rebalance happened: each event is trained exactly once"
+        wait_published(c, expected, len(first), "the first events to be trained and published")
+        assert c.seen() == expected, "published pairs are the events' pairs"
         trained = {w: c.value(w, "freshrec_trainer_events_total") for w in ("a", "b")}
         assert sum(trained.values()) == len(first) and min(trained.values()) > 0, trained
 
@@ -166,10 +174,10 @@ def test_two_workers_share_the_partitions_and_the_shards_and_survive_leave_and_j
         second = clicks(3000, seed=2)
         c.produce(second, pause_s=0.2, midway=lambda: c.stop("b"))
         wait_until(lambda: c.partitions("a") == 4, 60, "worker a to take every partition")
-        expected += pairs(second)
-        seen = wait_published(c, expected, "the events around the leave to be trained and published")
-        replayed = seen - expected
-        assert sum(replayed.values()) <= 2 * BATCH, f"{sum(replayed.values())} events trained twice"
+        expected |= pairs(second)
+        replayed = wait_published(c, expected, 6000, "the events around the leave to be trained and published") - 6000
+        # b's count was read just before it stopped: it may have trained one batch more (slack)
+        assert replayed <= 3 * BATCH, f"{replayed} events trained twice"
 
         # 3. A worker joins mid-stream: the partitions are split again.
         third = clicks(3000, seed=3)
@@ -181,7 +189,7 @@ def test_two_workers_share_the_partitions_and_the_shards_and_survive_leave_and_j
         c.produce(third, pause_s=0.2, midway=join)
         # a reports its share after its next poll, the one that completes its side of the rebalance
         wait_until(lambda: c.partitions("a") + c.partitions("c") == 4, 30, "a and c to split the partitions")
-        expected += pairs(third)
-        seen = wait_published(c, expected, "the events around the join to be trained and published")
-        assert sum((seen - expected).values()) - sum(replayed.values()) <= 2 * BATCH
+        expected |= pairs(third)
+        again = wait_published(c, expected, 9000, "the events around the join to be trained and published") - 9000
+        assert again - max(replayed, 0) <= 2 * BATCH, f"{again} events trained twice in all"
         assert c.value("c", "freshrec_trainer_events_total") > 0

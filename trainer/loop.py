@@ -70,6 +70,14 @@ class TrainerHealth:
     problem: str
 
 
+class _StoreDown(ConnectionError):
+    """A step could not reach the store; the events (deduplicated) wait for it."""
+
+    def __init__(self, events: list[Event], sources: list[LogRecord | None], cause: ConnectionError) -> None:
+        super().__init__(str(cause))
+        self.events, self.sources, self.cause = events, sources, cause
+
+
 @dataclass
 class _Supervised:
     """What the attempts of one supervised step added up to (`Trainer.train_events`)."""
@@ -190,6 +198,8 @@ class Trainer:
         self.checkpoint_extras: Callable[[], dict[str, bytes]] | None = None  # more files for each checkpoint
         self._next_checkpoint = time.monotonic() + config.checkpoint_interval_s
         self.step_failures = 0  # step attempts that raised (each retried or bisected)
+        # a batch whose step found the store unavailable: (records, deduplicated events, their records)
+        self._held: tuple[list[LogRecord], list[Event], list[LogRecord | None]] | None = None
         self._unsent: SyncMessage | None = None  # drained by a `collect_sync` that failed
         self._undrained_users: TableDelta | None = None  # user rows drained by a failed sync
         self._progress_at = time.monotonic()  # last poll that consumed records or found none waiting
@@ -200,7 +210,25 @@ class Trainer:
                 self.load_state_dict(state)
 
     def poll_and_train(self) -> StepResult:
-        """Poll one batch from the log, train on it, commit its offsets."""
+        """Poll one batch from the log, train on it, commit its offsets.
+
+        A step that cannot reach its store (`ConnectionError`: a store shard or the dense
+        service is down) raises, and the batch is held: the next call trains it again before
+        it polls anything new, so an outage delays events instead of losing them.
+        """
+        if self._held is not None:
+            records, events, sources = self._held
+            self._step_started = time.monotonic()
+            try:
+                with self._lock:
+                    result = self._supervise(events, sources, 0, 0)
+                self._held = None
+            finally:
+                self._step_started = None
+            if self._on_step:
+                self._on_step(result)
+            log.info("trained the %d events held while the store was unavailable", result.events)
+            return self._advance(records, result)
         records = self._consumer.poll(self.config.batch_size, self.config.poll_timeout_s)
         # records the state already reflects (resumed from a checkpoint whose offsets were not
         # committed before a crash) are skipped: each event counts once in the state
@@ -221,8 +249,15 @@ class Trainer:
         self._step_started = time.monotonic()
         try:
             result = self.train_records(records)
+        except _StoreDown as down:  # held: trained again on the next call
+            self._held = (records, down.events, down.sources)
+            raise ConnectionError(f"store unavailable; {len(records)} records held: {down.cause}") from down.cause
         finally:
             self._step_started = None
+        return self._advance(records, result)
+
+    def _advance(self, records: list[LogRecord], result: StepResult) -> StepResult:
+        """After `records` are trained: move the offsets on; commit or checkpoint."""
         if records:
             self._progress_at = time.monotonic()
         for r in records:
@@ -304,6 +339,8 @@ class Trainer:
         problem = ""
         if running > self.config.stall_after_s:
             problem = f"a training step has run for {running:.0f} s"
+        elif self._held is not None and age > self.config.stall_after_s:
+            problem = f"the store has been unavailable for {age:.0f} s ({len(self._held[0])} records held)"
         elif self.lag > 0 and age > self.config.stall_after_s:
             problem = f"no records consumed for {age:.0f} s while {self.lag} wait"
         return TrainerHealth(age, running, self.lag, problem)
@@ -379,15 +416,40 @@ class Trainer:
                 records = [r for r, keep in zip(records, first.tolist(), strict=True) if keep]
         if not events:
             return StepResult(0, invalid, 0, float("nan"), duplicates)
-        sources = records if records is not None else [None] * len(events)
+        sources: list[LogRecord | None] = list(records) if records is not None else [None] * len(events)
+        return self._supervise(events, sources, invalid, duplicates)
+
+    def _supervise(
+        self, events: list[Event], sources: list[LogRecord | None], invalid: int, duplicates: int
+    ) -> StepResult:
+        """`_step` on `events` with a retry, then a bisection; see `train_events`."""
         outcome = _Supervised()
         try:
+            self._attempt(events, sources, outcome)
+        except ConnectionError as e:  # the store, not the data: the whole batch waits for it
+            self.step_failures += outcome.failures + 1
+            raise _StoreDown(events, sources, e) from e
+        self.step_failures += outcome.failures
+        if outcome.dead:
+            self._send_dead_letters(outcome.dead)
+        loss = float(np.average(outcome.losses, weights=outcome.weights)) if sum(outcome.weights) else float("nan")
+        return StepResult(
+            outcome.events, invalid, outcome.examples, loss, duplicates, outcome.failures, len(outcome.dead)
+        )
+
+    def _attempt(self, events: list[Event], sources: list[LogRecord | None], outcome: _Supervised) -> None:
+        """One step, a retry if it raises, then a bisection; a `ConnectionError` passes through."""
+        try:
             outcome.add(self._step(events))
+        except ConnectionError:
+            raise
         except Exception as e:
             outcome.failures += 1
             log.warning("training step of %d events failed (%r); retrying once", len(events), e)
             try:
                 outcome.add(self._step(events))
+            except ConnectionError:
+                raise
             except Exception as again:
                 outcome.failures += 1
                 log.exception("training step of %d events failed twice; looking for the events at fault", len(events))
@@ -396,13 +458,6 @@ class Trainer:
                     outcome.poisoned(batch[0], again)
                 else:
                     self._bisect(batch, outcome)
-        self.step_failures += outcome.failures
-        if outcome.dead:
-            self._send_dead_letters(outcome.dead)
-        loss = float(np.average(outcome.losses, weights=outcome.weights)) if sum(outcome.weights) else float("nan")
-        return StepResult(
-            outcome.events, invalid, outcome.examples, loss, duplicates, outcome.failures, len(outcome.dead)
-        )
 
     def _bisect(self, batch: list[tuple[Event, LogRecord | None]], outcome: _Supervised) -> None:
         """Train each half of `batch` that trains; dead-letter the single events that raise."""
@@ -412,6 +467,8 @@ class Trainer:
             events = [e for e, _ in half]
             try:
                 outcome.add(self._step(events))
+            except ConnectionError:
+                raise
             except Exception as e:
                 outcome.failures += 1
                 if len(half) > 1:
@@ -554,6 +611,9 @@ class Trainer:
                 self.poll_and_train()
             except LogUnavailable as e:
                 log.warning("event log unavailable: %s; retrying", e)
+                stop.wait(1.0)
+            except ConnectionError as e:  # a store shard is away: the batch is held (`poll_and_train`)
+                log.warning("%s; retrying in 1 s", e)
                 stop.wait(1.0)
             except Exception:  # whatever went wrong, training goes on (readiness tells if it stalls)
                 self.step_failures += 1
