@@ -5,8 +5,12 @@ dead or stuck, and what users are served leaves out what they saw and never show
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import requests
 from prometheus_client import REGISTRY
 
 from embedding_store import feature_keys
@@ -416,3 +421,41 @@ def test_a_restarted_store_shard_is_opened_again_and_no_event_is_lost() -> None:
     finally:
         trainer.close()
         restarted.stop(0)
+
+
+def test_a_body_over_the_limit_reaches_plain_clients_as_413() -> None:
+    events = [{"event_id": f"e{n}", "user_id": "u", "item_id": "i", "type": "click"} for n in range(100_000)]
+    body = json.dumps({"events": events}).encode() + b" " * (20 * 1024 * 1024)  # 100,000 events, ~26 MB
+    with running_node() as node:
+        url = f"http://127.0.0.1:{node.http_port}/v1/events"
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413 and b"PayloadTooLarge" in refused.value.read()
+        reply = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "PayloadTooLarge"
+        for expect in ("Expect:", "Expect: 100-continue"):  # curl without Expect, and with it
+            curl = subprocess.run(
+                [
+                    "curl",
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-H",
+                    expect,
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    "@-",
+                    url,
+                ],
+                input=body,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert curl.stdout == b"413", (expect, curl.stdout, curl.stderr)
+        # and the gateway goes on taking events of a normal size
+        assert requests.post(url, json={"events": events[:10]}, timeout=10).json()["accepted"] == 10
