@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +37,25 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self._start
 
 
+def commit() -> dict[str, Any]:
+    """The commit the working tree is at, and whether tracked files differ from it (what a
+    result measured)."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], cwd=RESULTS_DIR.parent, capture_output=True, text=True, check=False)
+        return run.stdout.strip()
+
+    return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def write(name: str, figures: dict[str, Any]) -> Path:
-    """Write `figures` with the machine's description to bench/results/<name>.json."""
+    """Write `figures` with the machine's description and the commit measured to
+    bench/results/<name>.json."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     record = {
         "benchmark": name,
+        "commit": commit(),
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "system": platform.system()},
         **figures,
     }

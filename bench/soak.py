@@ -1,7 +1,7 @@
 """Soak: steady ingest and recommend load on one freshrec process over Kafka + Redis; does it
 lose events, answer 5xx or grow?
 
-    python -m bench.soak [--minutes 2] [--events-per-s 400] [--recommend-per-s 50]
+    python -m bench.soak [--minutes 10] [--events-per-s 400] [--recommend-per-s 50]
 
 A `freshrec up --kafka … --redis …` process (gateway + trainer, checkpoints every 10 s) runs on
 a real Kafka-protocol broker and a real redis-server. From this process, sender threads post
@@ -12,8 +12,11 @@ Afterwards it waits for the trainer to take every acknowledged event.
 - `lost_events`: events the gateway acknowledged that the trainer never took (trained or, as
   copies, dropped) — must be 0.
 - `errors_5xx`: answers with a 5xx status (or no answer at all) — must be 0.
-- `rss_growth_mb`: the process' resident memory at the end minus after the first fifth of the
-  run (its baseline, once caches and the model have filled in): growth under steady load.
+- `rss_growth_mb`: the process' resident memory at the end minus when the load started.
+- `rss_growth_after_warmup_mb`: at the end minus after the warm-up (the first two minutes, or
+  the first fifth of a shorter run), once caches, seen sets and the model have filled in:
+  growth under steady load. `rss_mb_every_10s` has the whole curve.
+- `trainer_alive`, `step_failures`, `ready`: the trainer's state at the end (from /readyz).
 
 The last line printed is JSON; the figures go to bench/results/soak.json.
 """
@@ -97,7 +100,7 @@ class Load:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=2.0)
+    parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--events-per-s", type=float, default=400.0)
     parser.add_argument("--recommend-per-s", type=float, default=50.0)
     args = parser.parse_args(argv)
@@ -158,13 +161,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Load("recommend", base, args.recommend_per_s, 8, recommend),
         ]
         stop = threading.Event()
+        rss_start = rss_mb(server.pid)
+        curve = [rss_start]
         started = time.perf_counter()
         for load in loads:
             load.start(stop)
-        time.sleep(seconds / 5)
-        rss_start = rss_mb(server.pid)
-        print(f"after {seconds / 5:.0f} s: RSS {rss_start:.0f} MB", flush=True)
-        time.sleep(max(seconds - (time.perf_counter() - started), 0.0))
+        warmup_s = min(120.0, seconds / 5)
+        rss_warm = float("nan")
+        while (elapsed := time.perf_counter() - started) < seconds:
+            time.sleep(min(10.0 - elapsed % 10.0, seconds - elapsed))
+            elapsed = time.perf_counter() - started
+            curve.append(rss_mb(server.pid))
+            if rss_warm != rss_warm and elapsed >= warmup_s - 1e-3:  # NaN until the warm-up ends
+                rss_warm = curve[-1]
+                print(f"after {elapsed:.0f} s (warm-up): RSS {rss_warm:.0f} MB", flush=True)
         rss_end = rss_mb(server.pid)
         stop.set()
         for load in loads:
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         while consumed(client) < acknowledged and time.monotonic() < deadline:
             time.sleep(0.5)
         taken = consumed(client)
+        readiness = client.get("/readyz").json()
 
     errors_5xx = sum(n for load in loads for code, n in load.codes.items() if not code.isdigit() or int(code) >= 500)
     figures: dict[str, Any] = {
@@ -184,7 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "consumed_events": taken,
         "codes": {load.name: dict(load.codes) for load in loads},
         "rss_start_mb": rss_start,
+        "rss_warm_mb": rss_warm,
         "rss_end_mb": rss_end,
+        "rss_mb_every_10s": [round(v, 1) for v in curve],
+        "readiness": readiness,
     }
     for load in loads:
         lat = sorted(load.latencies)
@@ -195,6 +209,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lost_events": int(max(acknowledged - taken, 0)),
         "errors_5xx": errors_5xx,
         "rss_growth_mb": round(rss_end - rss_start, 1),
+        "rss_growth_after_warmup_mb": round(rss_end - rss_warm, 1),
+        "trainer_alive": bool(readiness.get("trainer", {}).get("alive")),
+        "step_failures": readiness.get("trainer", {}).get("step_failures"),
+        "ready": bool(readiness.get("ready")),
     }
     figures.update(summary)
     print(f"acknowledged {acknowledged:,} events, the trainer took {taken:,.0f}")
