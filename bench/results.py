@@ -45,7 +45,8 @@ def commit() -> dict[str, Any]:
         run = subprocess.run(["git", *args], cwd=RESULTS_DIR.parent, capture_output=True, text=True, check=False)
         return run.stdout.strip()
 
-    return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"sha": git("rev-parse", "HEAD") or None, "dirty": dirty}
 
 
 def write(name: str, figures: dict[str, Any]) -> Path:
