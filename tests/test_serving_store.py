@@ -243,3 +243,55 @@ def test_a_redis_cluster_spreads_the_tables_over_its_nodes(redis_cluster_url: st
     assert len(keys_per_node) == 3 and min(keys_per_node) > 0, keys_per_node
     cluster.close()
     store.close()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_merged_message_applies_as_both_one_after_the_other(seed: int) -> None:
+    """What a publisher that fell behind sends instead of two messages (`SyncMessage.then`)."""
+    rng = np.random.default_rng(seed)
+    a, b = message(rng), message(rng)
+    if seed % 3 == 0:  # the newer one evicts what the older one wrote, names and ranking rows too
+        evicted = np.union1d(b.items.evicted, a.items.keys[:2]).astype(np.uint64)
+        b.items = dataclasses.replace(b.items, evicted=evicted[~np.isin(evicted, b.items.keys)])
+    if seed % 4 == 1:
+        b.popular_keys, b.popular_scores, b.dense = b.popular_keys[:0], b.popular_scores[:0], {}
+    a.version, b.version = 1, 2
+    one_by_one = ServingState()
+    one_by_one.apply(a)
+    one_by_one.apply(b)
+    merged = a.then(b)
+    merged.version = 2
+    same_state(one_by_one.to_message(), merged)
+
+
+def test_seen_items_are_kept_once_each(store: ServingStore) -> None:
+    rows = TableDelta("user", np.array([7], np.uint64), np.ones((1, 4), np.float32))
+    for items in ([1, 2, 3, 2, 1], [3, 4, 1]):
+        store.publish(
+            SyncMessage(
+                users=rows,
+                items=TableDelta.empty("item", 4),
+                seen_users=np.full(len(items), 7, np.uint64),
+                seen_items=np.array(items, np.uint64),
+            )
+        )
+    snapshot = store.snapshot()
+    assert sorted(snapshot.seen_items.tolist()) == [1, 2, 3, 4]  # each once, however often seen
+    replayed = ServingState()
+    for m in store.read_since(0, timeout_s=0.1):
+        replayed.apply(m)
+    assert list(replayed.seen[7]) == [2, 3, 4, 1]  # oldest first: an item seen again is the newest
+
+
+def test_a_full_seen_set_drops_the_oldest() -> None:
+    state = ServingState(max_seen=3)
+    for items in ([1, 2, 3], [1, 4]):  # 1 seen again: 2 is now the oldest
+        state.apply(
+            SyncMessage(
+                users=TableDelta.empty("user"),
+                items=TableDelta.empty("item"),
+                seen_users=np.full(len(items), 9, np.uint64),
+                seen_items=np.array(items, np.uint64),
+            )
+        )
+    assert list(state.seen[9]) == [3, 1, 4]

@@ -11,17 +11,20 @@ from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
+import pytest
 
 from embedding_store import feature_key
+from embedding_store.base import TableDelta
 from services.local_servers import wait_until
 from services.serving import ServingReplica
 from services.serving_store import open_serving_store
+from services.serving_store.state import ServingState
 from tests.test_serving_store import same_state
 from trainer.config import TrainerConfig
 from trainer.eventlog import open_log
 from trainer.events import Event
 from trainer.loop import Trainer
-from trainer.sync import SyncPublisher
+from trainer.sync import SyncMessage, SyncPublisher
 
 SYNC_INTERVAL_S = 1.0
 
@@ -118,3 +121,70 @@ def test_a_replica_started_after_1000_versions_equals_one_that_ran_from_the_star
     np.testing.assert_array_equal(np.sort(early_state.popular_keys), np.sort(late_state.popular_keys))
     log.close()
     store.close()
+
+
+class FlakySink:
+    """A serving store that is down until `up` is set (then a memory store)."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.store = open_serving_store("memory://")
+
+    def publish(self, message: SyncMessage) -> int:
+        if not self.up:
+            raise ConnectionError("serving store down")
+        return self.store.publish(message)
+
+
+def test_an_outage_holds_a_bounded_queue_and_loses_no_change() -> None:
+    log = open_log("memory://")
+    trainer = Trainer(TrainerConfig(poll_timeout_s=0.0), log.consumer("g"))
+    sink = FlakySink()
+    publisher = SyncPublisher(trainer.collect_sync, sink, 1.0, max_pending=3)
+    reference = ServingState()  # what the serving side would hold had every message gone out
+    for n in range(12):  # twelve intervals of training while the store is down
+        log.append(clicks(40, start=40 * n))
+        trainer.poll_and_train()
+        with pytest.raises(ConnectionError):
+            publisher.publish_now()
+        assert publisher.pending <= 3
+    sink.up = True
+    assert publisher.publish_now() == 3  # the backlog, merged, in order
+    for m in sink.store.read_since(0, timeout_s=0.1):
+        reference.apply(m)
+    fresh = Trainer(TrainerConfig(poll_timeout_s=0.0), log.consumer("g2"))  # the same events, published at once
+    while fresh.poll_and_train().events:
+        pass
+    at_once = fresh.collect_sync()
+    assert at_once is not None
+    expected = ServingState()
+    expected.apply(at_once)
+    assert {u: set(h) for u, h in reference.seen.items()} == {u: set(h) for u, h in expected.seen.items()}
+    assert reference.names == expected.names
+    assert reference.items is not None and expected.items is not None
+    assert sorted(reference.items.items()[0].tolist()) == sorted(expected.items.items()[0].tolist())
+
+
+def test_a_sync_that_fails_midway_loses_nothing_it_drained() -> None:
+    log = open_log("memory://")
+    trainer = Trainer(TrainerConfig(poll_timeout_s=0.0), log.consumer("g"))
+    log.append(clicks(200))
+    trainer.poll_and_train()
+    calls = {"n": 0}
+    drain = trainer.models.rank_attrs.drain_delta
+
+    def failing_once() -> TableDelta:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("store shard went away")
+        return drain()
+
+    vars(trainer.models.rank_attrs)["drain_delta"] = failing_once
+    with pytest.raises(ConnectionError):
+        trainer.collect_sync()  # users, items and the ranker's id rows were drained already
+    message = trainer.collect_sync()
+    assert message is not None
+    users = {e.user_id for e in clicks(200)}
+    assert len(message.users.keys) == len(users) and len(message.items.keys) > 0
+    assert len(message.tables["rank_id"].keys) > 0 and len(message.seen_users) > 0
+    assert trainer.collect_sync() is None  # and nothing twice

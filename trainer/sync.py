@@ -84,7 +84,11 @@ class SyncMessage:
         return SyncMessage(
             users=self.users.then(newer.users),
             items=self.items.then(newer.items),
-            item_names={**self.item_names, **newer.item_names},
+            # a name the newer message evicts goes, as applying both one by one would drop it
+            item_names={
+                **{k: v for k, v in self.item_names.items() if k not in set(newer.items.evicted.tolist())},
+                **newer.item_names,
+            },
             seen_users=np.concatenate([self.seen_users, newer.seen_users]),
             seen_items=np.concatenate([self.seen_items, newer.seen_items]),
             popular_keys=newer.popular_keys if has_popular else self.popular_keys,
