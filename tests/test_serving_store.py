@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
 import redis
 
 from embedding_store.base import TableDelta
+from services.local_servers import wait_until
 from services.serving_store import MemoryServingStore, ServingStore, VersionGap, codec, open_serving_store
 from services.serving_store.redis import RedisServingStore
 from services.serving_store.state import ServingState
@@ -295,3 +297,39 @@ def test_a_full_seen_set_drops_the_oldest() -> None:
             )
         )
     assert list(state.seen[9]) == [3, 1, 4]
+
+
+def test_a_publish_longer_than_the_lock_timeout_keeps_the_lock(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.serving_store import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "LOCK_TIMEOUT_S", 0.6)
+    slow = open_serving_store(redis_url)
+    other = open_serving_store(redis_url)
+    write_rows = slow._write_rows  # type: ignore[attr-defined]
+    started = threading.Event()
+
+    def slow_rows(pipe: object, m: SyncMessage) -> None:
+        started.set()
+        time.sleep(2.0)  # three lock timeouts
+        write_rows(pipe, m)
+
+    vars(slow)["_write_rows"] = slow_rows
+    rng = np.random.default_rng(3)
+    versions: list[int] = []
+    first = threading.Thread(target=lambda: versions.append(slow.publish(message(rng))))
+    first.start()
+    started.wait(5)
+
+    def second() -> bool:  # as SyncPublisher does: a publish that cannot get the lock is tried again
+        try:
+            versions.append(other.publish(message(rng)))
+        except redis.exceptions.LockError:
+            return False
+        return True
+
+    wait_until(second, 10, "the second publisher to get the lock")
+    first.join()
+    assert versions == [1, 2]  # the slow publish kept its lock and its version; the other waited
+    assert [m.version for m in other.read_since(0, timeout_s=0.1)] == [1, 2]
+    slow.close()
+    other.close()

@@ -140,7 +140,9 @@ class RedisServingStore:
         return f"{self._p}:{table}:{{{bucket}}}"
 
     def publish(self, message: SyncMessage) -> int:
-        lock = self._redis.lock(self._meta("publish-lock"), timeout=LOCK_TIMEOUT_S, blocking_timeout=LOCK_TIMEOUT_S)
+        lock = self._redis.lock(
+            self._meta("publish-lock"), timeout=LOCK_TIMEOUT_S, blocking_timeout=LOCK_TIMEOUT_S, thread_local=False
+        )  # not thread-local: `_kept` renews it from a thread of its own
         with lock, _kept(lock):
             message.version = int(self._redis.get(self._meta("version")) or 0) + 1
             with self._redis.pipeline(transaction=False) as pipe:
