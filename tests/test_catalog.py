@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from trainer.catalog import ItemCatalog
+from trainer.clock import ModelClock
 
 HALF_LIFE_S = 3600.0
 
@@ -66,3 +67,28 @@ def test_workers_catalogues_extrapolate_to_the_whole_stream() -> None:
 def test_traffic_share_is_validated() -> None:
     with pytest.raises(ValueError, match="traffic_share"):
         ItemCatalog(traffic_share=0.0)
+
+
+def test_trending_survives_any_time_gap_without_overflow() -> None:
+    catalog = ItemCatalog(half_life_s=HALF_LIFE_S)
+    keys = np.array([1, 2], dtype=np.uint64)
+    catalog.observe(keys, ["a", "b"], np.array([5.0, 1.0]), 880_000_000.0)  # 1997
+    for now_s in (880_000_000.0 + 86400, 1.8e9, ((1 << 53) - 1) / 1000):  # a day, to 2027, to 2^53 ms
+        catalog.observe(keys[:1], ["a"], np.array([1.0]), now_s)
+        trending, counts = catalog.counts(keys)
+        assert np.isfinite(trending).all() and trending[0] >= 1.0 and counts.tolist()[1] == 1.0
+        _, drained = catalog.drain_counts()
+        assert np.isfinite(drained).all()
+        assert catalog.popular(1)[0].tolist() == [1]
+
+
+def test_the_model_clock_follows_traffic_and_cuts_silences_short() -> None:
+    clock = ModelClock(max_jump_s=3600.0)
+    assert clock.advance(100.0) == 100.0
+    assert clock.advance(160.0) == 160.0  # traffic: event time
+    assert clock.advance(50.0) == 160.0  # a late event never moves it back
+    assert clock.advance(160.0 + 10 * 365 * 86400) == 160.0 + 3600  # ten years of silence: an hour
+    assert clock.advance(160.0 + 10 * 365 * 86400 + 30) == 160.0 + 3630  # then traffic again
+    assert clock.advance(float("inf")) == 160.0 + 3630 and clock.advance(float("nan")) == 160.0 + 3630
+    with pytest.raises(ValueError, match="max_jump_s"):
+        ModelClock(max_jump_s=0)

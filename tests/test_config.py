@@ -30,6 +30,10 @@ def test_file_then_env_then_overrides(tmp_path: Path) -> None:
         ("[trainer]\ndim = 0\n", "trainer.dim"),
         ("log_url = 'kafak://x'\n", "log_url"),
         ("[server]\nhttp_port = 70000\n", "server.http_port"),
+        ("[server]\nmax_clock_skew_s = -1.0\n", "server.max_clock_skew_s"),
+        ("[trainer]\nmax_clock_skew_s = -1.0\n", "trainer.max_clock_skew_s"),
+        ("[trainer]\nmax_clock_jump_s = 0.0\n", "trainer.max_clock_jump_s"),
+        ("[trainer]\nstall_after_s = 0.0\n", "trainer.stall_after_s"),
         ("[trainer]\nworkers = 2\n", "trainer.workers: 2 workers share their tables through grpc://"),
         (
             "[trainer]\nworkers = 2\nstore_url = 'grpc://a:1'\ncheckpoint_dir = '/c'\n",

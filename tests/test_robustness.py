@@ -4,6 +4,7 @@ dead or stuck, and what users are served leaves out what they saw and never show
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import subprocess
@@ -12,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import requests
 from prometheus_client import REGISTRY
 
 from embedding_store import feature_keys
+from embedding_store.base import TableDelta
 from embedding_store.remote import serve_shard
 from proto import freshrec_pb2 as pb
 from proto import freshrec_pb2_grpc as pb_grpc
@@ -37,6 +40,7 @@ from trainer.eventlog import MemoryLog
 from trainer.events import Event
 from trainer.loop import Trainer
 from trainer.models import TABLES
+from trainer.sync import SyncMessage
 
 NEAR_2_53 = (1 << 53) - 1  # the largest timestamp_ms that was accepted before the skew check
 
@@ -459,3 +463,27 @@ def test_a_body_over_the_limit_reaches_plain_clients_as_413() -> None:
             assert curl.stdout == b"413", (expect, curl.stdout, curl.stderr)
         # and the gateway goes on taking events of a normal size
         assert requests.post(url, json={"events": events[:10]}, timeout=10).json()["accepted"] == 10
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_applied_versions_do_not_make_garbage_permanent(monkeypatch: pytest.MonkeyPatch) -> None:
+    version = SyncMessage(users=TableDelta.empty("user"), items=TableDelta.empty("item"), version=1)
+    with running_node() as node:
+        try:
+            garbage = _Cycle()
+            alive = weakref.ref(garbage)
+            node._on_apply(version)  # frozen with the served state
+            del garbage
+            gc.collect()
+            node._on_apply(version)
+            assert alive() is not None  # frozen: the collector skips it until the next refreeze
+            monkeypatch.setattr(node, "_refreeze_at", 0.0)  # REFREEZE_S have passed
+            node._on_apply(version)
+            assert alive() is None  # thawed, collected, the rest frozen again
+            assert gc.get_freeze_count() > 0
+        finally:
+            gc.unfreeze()
