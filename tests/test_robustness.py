@@ -183,7 +183,25 @@ def test_a_step_that_raises_dead_letters_the_events_at_fault_and_trains_the_rest
     found = trainer.items.get(feature_keys("item", [f"i{n}" for n in range(13)] + ["poison-a", "poison-b"]))[1]
     assert found[:13].all() and not found[13:].any()
     # a step that raises only once is retried and trains everything
-    vars(trainer.features).pop("observe")  # the poison is gone
+    # a fault later in the step (the joiner): the culprit's pair is not published as seen
+    vars(trainer.features).pop("observe")
+    trainer.collect_sync()
+    push = trainer.joiner.push
+
+    def joiner_fault(events: list[Event]) -> Any:
+        if any(e.item_id == "poison-c" for e in events):
+            raise RuntimeError("cannot join poison-c")
+        return push(events)
+
+    vars(trainer.joiner)["push"] = joiner_fault
+    log.append([Event("p1", "u2", "poison-c", "click", t0 + 150), Event("p2", "u2", "i5", "click", t0 + 151)])
+    assert trainer.poll_and_train().poisoned == 1
+    message = trainer.collect_sync()
+    assert message is not None
+    seen = set(zip(message.seen_users.tolist(), message.seen_items.tolist(), strict=True))
+    u2, (poison_c, i5) = feature_keys("user", ["u2"])[0], feature_keys("item", ["poison-c", "i5"])
+    assert (u2, i5) in seen and (u2, poison_c) not in seen
+    vars(trainer.joiner).pop("push")
     flaky = {"calls": 0}
 
     def once(events: list[Event]) -> None:

@@ -477,7 +477,17 @@ class Trainer:
                     outcome.poisoned(half[0], e)
 
     def _step(self, events: list[Event]) -> tuple[int, int, float]:
-        """Train on deduplicated events: (events, examples, loss)."""
+        """Train on deduplicated events: (events, examples, loss). A step that raises takes
+        back the seen pairs and users it queued for the next sync (its events may be
+        dead-lettered: serving must not list them as seen)."""
+        queued = len(self._seen), len(self._trained_users)
+        try:
+            return self._train_step(events)
+        except Exception:
+            del self._seen[queued[0] :], self._trained_users[queued[1] :]
+            raise
+
+    def _train_step(self, events: list[Event]) -> tuple[int, int, float]:
         now = self.clock.advance(max(e.timestamp_ms for e in events) / 1000.0)
         user_keys = feature_keys("user", (e.user_id for e in events))
         item_keys = feature_keys("item", (e.item_id for e in events))
