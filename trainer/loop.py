@@ -439,42 +439,40 @@ class Trainer:
 
     def _attempt(self, events: list[Event], sources: list[LogRecord | None], outcome: _Supervised) -> None:
         """One step, a retry if it raises, then a bisection; a `ConnectionError` passes through."""
+        if (error := self._try(events, outcome)) is None:
+            return
+        log.warning("training step of %d events failed (%r); retrying once", len(events), error)
+        if (error := self._try(events, outcome)) is None:
+            return
+        log.error("training step of %d events failed twice; looking for the events at fault", len(events), exc_info=error)
+        batch = list(zip(events, sources, strict=True))
+        if len(batch) == 1:
+            outcome.poisoned(batch[0], error)
+        else:
+            self._bisect(batch, outcome)
+
+    def _bisect(self, batch: list[tuple[Event, LogRecord | None]], outcome: _Supervised) -> None:
+        """Train each half of `batch` that trains; dead-letter the single events that raise."""
+        for half in (batch[: len(batch) // 2], batch[len(batch) // 2 :]):
+            if not half or (error := self._try([e for e, _ in half], outcome)) is None:
+                continue
+            if len(half) > 1:
+                self._bisect(half, outcome)
+            else:
+                outcome.poisoned(half[0], error)
+
+    def _try(self, events: list[Event], outcome: _Supervised) -> Exception | None:
+        """One `_step` into `outcome`; the exception it raised (counted), None if it trained.
+        A `ConnectionError` (the store is away) is raised on."""
         try:
             outcome.add(self._step(events))
         except ConnectionError:
             raise
         except Exception as e:
             outcome.failures += 1
-            log.warning("training step of %d events failed (%r); retrying once", len(events), e)
-            try:
-                outcome.add(self._step(events))
-            except ConnectionError:
-                raise
-            except Exception as again:
-                outcome.failures += 1
-                log.exception("training step of %d events failed twice; looking for the events at fault", len(events))
-                batch = list(zip(events, sources, strict=True))
-                if len(batch) == 1:
-                    outcome.poisoned(batch[0], again)
-                else:
-                    self._bisect(batch, outcome)
-
-    def _bisect(self, batch: list[tuple[Event, LogRecord | None]], outcome: _Supervised) -> None:
-        """Train each half of `batch` that trains; dead-letter the single events that raise."""
-        for half in (batch[: len(batch) // 2], batch[len(batch) // 2 :]):
-            if not half:
-                continue
-            events = [e for e, _ in half]
-            try:
-                outcome.add(self._step(events))
-            except ConnectionError:
-                raise
-            except Exception as e:
-                outcome.failures += 1
-                if len(half) > 1:
-                    self._bisect(half, outcome)
-                else:
-                    outcome.poisoned(half[0], e)
+            log.debug("step of %d events raised", len(events), exc_info=True)
+            return e
+        return None
 
     def _step(self, events: list[Event]) -> tuple[int, int, float]:
         """Train on deduplicated events: (events, examples, loss). A step that raises takes
