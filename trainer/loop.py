@@ -444,7 +444,9 @@ class Trainer:
         log.warning("training step of %d events failed (%r); retrying once", len(events), error)
         if (error := self._try(events, outcome)) is None:
             return
-        log.error("training step of %d events failed twice; looking for the events at fault", len(events), exc_info=error)
+        log.error(
+            "training step of %d events failed twice; looking for the events at fault", len(events), exc_info=error
+        )
         batch = list(zip(events, sources, strict=True))
         if len(batch) == 1:
             outcome.poisoned(batch[0], error)
