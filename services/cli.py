@@ -86,9 +86,7 @@ def _default_checkpoint_dir(config: Config) -> str | None:
     when a folder is set, the log dies with the process, or the tables live on store shards."""
     t = config.trainer
     if t.checkpoint_dir or config.log_url.startswith("memory://") or not t.store_url.startswith("local://"):
-        return None
-    if t.workers > 1:
-        return None
+        return None  # (workers > 1 need grpc:// shards, so they never get here)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{config.log_url}-{t.group_id}").strip("_")
     return str(platformdirs.user_data_path("freshrec") / "checkpoints" / slug)
 
