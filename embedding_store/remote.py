@@ -34,8 +34,9 @@ T = TypeVar("T")
 
 
 class ShardRestarted(ConnectionError):
-    """The shard answered, but without the tables (or dense parameters) it was given: it was
-    restarted. `RemoteStore` and `RemoteDense` set it up again."""
+    """The shard answered, but without the tables it was opened with: it was restarted.
+    `RemoteStore` opens them again (`RemoteDense` registers its parameters again on the
+    KeyError of a step)."""
 
 
 class StoreUnavailable(ConnectionError):
@@ -288,7 +289,7 @@ class ShardClient:
                 raise StoreUnavailable(message) from e
             if code == grpc.StatusCode.DATA_LOSS:
                 raise CorruptSnapshot(message) from e
-            if code == grpc.StatusCode.NOT_FOUND and ("no tables" in details or "not registered" in details):
+            if code == grpc.StatusCode.NOT_FOUND and "no tables" in details:
                 raise ShardRestarted(message) from e
             if code == grpc.StatusCode.NOT_FOUND:
                 raise (FileNotFoundError if method == "Restore" else KeyError)(message) from e
@@ -369,7 +370,7 @@ class RemoteDense(ShardClient):
         request = pb.DenseRequest(name=name, values=np.ascontiguousarray(grad, dtype="<f4").tobytes())
         try:
             response = self.call("DenseStep", request)
-        except ShardRestarted:
+        except KeyError:  # not registered: never (raise), or before the shard restarted
             if name not in self._latest:
                 raise
             log.warning("dense service %s forgot %r (restarted?): registering it again", self.address, name)
