@@ -81,12 +81,13 @@ class SyncMessage:
             return {**a, **b, **both}
 
         has_popular = len(newer.popular_keys) > 0
+        evicted = set(newer.items.evicted.tolist())
         return SyncMessage(
             users=self.users.then(newer.users),
             items=self.items.then(newer.items),
             # a name the newer message evicts goes, as applying both one by one would drop it
             item_names={
-                **{k: v for k, v in self.item_names.items() if k not in set(newer.items.evicted.tolist())},
+                **{k: v for k, v in self.item_names.items() if k not in evicted},
                 **newer.item_names,
             },
             seen_users=np.concatenate([self.seen_users, newer.seen_users]),
