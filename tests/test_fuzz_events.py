@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from proto import freshrec_pb2 as pb
 from proto import freshrec_pb2_grpc as pb_grpc
 from services.node import Node
-from tests.nodes import running_node
+from tests.nodes import rest, running_node
 
 FIELDS = ("event_id", "user_id", "item_id", "type", "timestamp_ms", "request_id", "value", "context")
 EXAMPLES = 300
@@ -53,7 +53,7 @@ def node() -> Iterator[Node]:
 
 @pytest.fixture(scope="module")
 def client(node: Node) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=10) as c:
+    with rest(node) as c:
         yield c
 
 

@@ -88,7 +88,6 @@ def test_movielens_history_then_live_events_keep_training_and_the_model() -> Non
         ]
         assert post(client, live)["accepted"] == 10 and post(client, stampless)["accepted"] == 10
         wait_trained_and_served(node, len(data.events) + 20)
-        time.sleep(1.0)  # two expiry intervals pass on the model clock's side too
         assert node._trainer_thread is not None and node._trainer_thread.is_alive()
         assert node.trainer.events_trained == len(data.events) + 20  # every event, each once
         assert node.trainer.step_failures == 0

@@ -558,16 +558,7 @@ class Trainer:
                 created_ms=now_ms(),
             )
             try:
-                try:
-                    delta = self._user_delta(trained_users)
-                    try:
-                        partial.users = self.models.serving_users(delta)
-                    except Exception:
-                        self._undrained_users = delta
-                        raise
-                except Exception:
-                    self._trained_users[:0] = trained_users  # their rows are read again next time
-                    raise
+                partial.users = self._serving_users(trained_users)
                 partial.items = self.items.drain_delta()
                 for table in self.models.ranking_deltas():
                     partial.tables[table.table] = table
@@ -585,26 +576,28 @@ class Trainer:
             self._unsent = None
         return None if message.is_empty() else message
 
-    def _user_delta(self, trained: list[np.ndarray]) -> TableDelta:
-        """The current rows of the users trained on since the last sync (those admitted), and
+    def _serving_users(self, trained: list[np.ndarray]) -> TableDelta:
+        """The serving vectors of the users trained on since the last sync (those admitted), and
         every eviction drained from the store. Other changed user rows are another worker's
         to publish: their vectors need histories only that worker has. Rows another worker
-        drained first are read from the store."""
+        drained first are read from the store. If this fails, the drained rows and the users
+        are kept for the next call."""
         drained = self.users.drain_delta()
         if self._undrained_users is not None:  # drained by a call that failed after it
             drained, self._undrained_users = self._undrained_users.then(drained), None
-        users = np.unique(np.concatenate(trained)) if trained else np.zeros(0, np.uint64)
-        mine = np.isin(drained.keys, users)
-        elsewhere = users[~np.isin(users, drained.keys)]
         try:
+            users = np.unique(np.concatenate(trained)) if trained else np.zeros(0, np.uint64)
+            mine = np.isin(drained.keys, users)
+            elsewhere = users[~np.isin(users, drained.keys)]
             rows, found = self.users.get(elsewhere)  # not admitted, or drained by another worker
+            keys = np.concatenate([drained.keys[mine], elsewhere[found]])
+            rows = np.concatenate([drained.rows[mine], rows[found]])
+            evicted = drained.evicted[~np.isin(drained.evicted, keys)]  # re-admitted since the drain
+            return self.models.serving_users(TableDelta(drained.table, keys, rows, evicted, drained.version))
         except Exception:
             self._undrained_users = drained
+            self._trained_users[:0] = trained  # their rows are read again next time
             raise
-        keys = np.concatenate([drained.keys[mine], elsewhere[found]])
-        rows = np.concatenate([drained.rows[mine], rows[found]])
-        evicted = drained.evicted[~np.isin(drained.evicted, keys)]  # re-admitted since the drain
-        return TableDelta(drained.table, keys, rows, evicted, drained.version)
 
     def _sample(self, accepted_ms: np.ndarray) -> np.ndarray:
         """At most `freshness_samples` of the acceptance times, uniformly (percentiles stay unbiased)."""
