@@ -1,15 +1,17 @@
-"""The last step of ranking: blend the ranker's logit with how popular each candidate is now.
+"""The last step of ranking: blend the ranker's logit with how popular each candidate is now
+and with how close it is to what the user just picked.
 
 The ranker is trained with BCE against sampled negatives, so its logit says how much more
 likely this user picks the item than the sampling distribution would; it says little about
 what is popular this week. The blend scores a candidate as
 
-    a * ranker logit + b * log(trending count + eps)
+    a * ranker logit + b * log(trending count + eps) + c * co-visitation score
 
-and learns `a` and `b` the way serving uses them: for a positive (user, item) whose item is
-among the trending candidates serving would offer, a softmax over those candidates,
-cross-entropy on the chosen one. Two parameters, trained online beside the ranker (no value
-is tuned on evaluation data).
+(the co-visitation score of the user's recent items for the candidate, in [0, 1]:
+`retrieval.covisit.HistoryScores`) and learns `a`, `b` and `c` the way serving uses them: for a
+positive (user, item) whose item is among the candidates serving would offer (trending and
+co-visited items), a softmax over those candidates, cross-entropy on the chosen one. Three
+parameters, trained online beside the ranker (no value is tuned on evaluation data).
 """
 
 from __future__ import annotations
@@ -21,29 +23,37 @@ TRENDING_EPS = 1e-3  # added to trending counts before the log: items nobody cho
 
 
 class ScoreBlend(nn.Module):
-    """Final candidate score from the ranker logit and the item's trending count.
+    """Final candidate score from the ranker logit, the item's trending count and its
+    co-visitation score.
 
     Example:
         >>> blend = ScoreBlend()
         >>> blend(torch.tensor([0.0, 1.0]), torch.tensor([10.0, 0.0])).argmax().item()
         0
+        >>> blend(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])).argmax().item()
+        1
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.weights = nn.Parameter(torch.tensor([1.0, 1.0]))
+        self.weights = nn.Parameter(torch.tensor([1.0, 1.0, 1.0]))
 
-    def forward(self, logits: torch.Tensor, trending: torch.Tensor) -> torch.Tensor:
-        """Scores of the same shape as `logits` (ranker logits) and `trending` (decayed counts)."""
-        return self.weights[0] * logits + self.weights[1] * torch.log(trending + TRENDING_EPS)
+    def forward(
+        self, logits: torch.Tensor, trending: torch.Tensor, covisit: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores of the same shape as `logits` (ranker logits), `trending` (decayed counts) and
+        `covisit` (co-visitation scores; none: zeros)."""
+        score = self.weights[0] * logits + self.weights[1] * torch.log(trending + TRENDING_EPS)
+        return score if covisit is None else score + self.weights[2] * covisit
 
     def loss(
         self,
         logits: torch.Tensor,
         trending: torch.Tensor,
+        covisit: torch.Tensor | None,
         valid: torch.Tensor,
         target: torch.Tensor,
     ) -> torch.Tensor:
         """Sum over rows of -log softmax of the `target` column among the `valid` ones: [n, c] inputs, [n] target."""
-        scores = self(logits, trending).masked_fill(~valid, float("-inf"))
+        scores = self(logits, trending, covisit).masked_fill(~valid, float("-inf"))
         return torch.nn.functional.cross_entropy(scores, target, reduction="sum")

@@ -58,6 +58,8 @@ class Candidates:
         trending: float [u, c] trending (decayed) counts of the candidates.
         total: float [u, c] all-time counts.
         retrieval: float [u, c] two-tower scores (user vector . item vector).
+        covisit: float [u, c] co-visitation scores of the users' histories for the candidates
+            (`retrieval.covisit.HistoryScores.matrix`); none: zeros.
     """
 
     users: np.ndarray
@@ -68,10 +70,11 @@ class Candidates:
     trending: np.ndarray
     total: np.ndarray
     retrieval: np.ndarray
+    covisit: np.ndarray | None = None
 
 
 class CandidateScorer:
-    """Ranker logits blended with trending counts; see the module docstring.
+    """Ranker logits blended with trending counts and co-visitation; see the module docstring.
 
     Args:
         ranker: the DIN + DCN-v2 model.
@@ -127,7 +130,8 @@ class CandidateScorer:
     def score(self, ids: RowSource, attrs: RowSource, c: Candidates) -> np.ndarray:
         """Final scores [u, c] (higher is better); rows missing from the sources count as zeros."""
         trending = torch.from_numpy(np.asarray(c.trending, dtype=np.float32))
-        return self.blend(self.logits(ids, attrs, c), trending).numpy()
+        covisit = None if c.covisit is None else torch.from_numpy(np.asarray(c.covisit, dtype=np.float32))
+        return self.blend(self.logits(ids, attrs, c), trending, covisit).numpy()
 
     def logits(self, ids: RowSource, attrs: RowSource, c: Candidates) -> torch.Tensor:
         """The ranker's logits [u, c] alone (what the blend is trained on), without autograd.

@@ -26,6 +26,7 @@ from ranking.scorer import (
     Candidates,
     CandidateScorer,
 )
+from retrieval.covisit import COVISIT_ITEMS, COVISIT_SCORES, HistoryScores, covisit_lookup
 from retrieval.index import IndexConfig, ItemIndex, top_k
 from retrieval.two_tower import TwoTower
 from services.errors import NotFound
@@ -87,8 +88,10 @@ class ServingReplica:
     so no request ever sees half a version.
 
     One request: user vector -> top `candidates` from the item index, merged with the top
-    `candidates` trending items (seen items removed when asked) -> the DIN + DCN-v2 ranker
-    and its blend with trending counts (`ranking.scorer`, the same code the trainer evaluates
+    `candidates` co-visited items of the user's recent items (`retrieval.covisit`: a user's
+    first events drive it before the user has a row) and the top `candidates` trending items
+    (seen items removed when asked) -> the DIN + DCN-v2 ranker and its blend with trending
+    counts and co-visitation scores (`ranking.scorer`, the same code the trainer evaluates
     with) order them -> top k. Until the first dense parameters arrive, candidates from the
     index are ordered by `ranker` (inner product by default). Users the model knows nothing of
     (no vector, no history), and any shortfall, get the trending items the trainer published.
@@ -96,7 +99,7 @@ class ServingReplica:
     Args:
         store: where versions come from.
         ranker: orders candidates while no dense parameters have arrived.
-        candidates: how many items each source (index, trending) hands to ranking.
+        candidates: how many items each source (index, co-visitation, trending) hands to ranking.
         on_apply: called with each applied message (metrics).
         index: the kind of item index (`retrieval.index`).
     """
@@ -210,9 +213,10 @@ class ServingReplica:
 
     def candidates_batch(self, requests: Sequence[Request]) -> tuple[int, list[np.ndarray]]:
         """The retrieval stage: (model version, each request's candidate item keys). A user's
-        candidates are the top `candidates` of the item index for the user's vector and the top
-        `candidates` trending items, seen items removed when asked; none for a user the model
-        knows nothing of."""
+        candidates are the top `candidates` of the item index for the user's vector, the top
+        `candidates` co-visited items of the user's recent items and the top `candidates`
+        trending items, seen items removed when asked; none for a user the model knows nothing
+        of."""
         with self._lock:
             return self._state.version, self._candidates(self._users_of(requests))
 
@@ -235,7 +239,11 @@ class ServingReplica:
             vectors, found = np.zeros((len(users), 0), np.float32), np.zeros(len(users), bool)
         else:
             vectors, found = state.users.get(users)
-        return _Users(users, seen, found, TwoTower.user_queries(vectors), self._table_rows(USER_HISTORY, users))
+        history = self._table_rows(USER_HISTORY, users)
+        covisit = None
+        if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
+            covisit = HistoryScores(covisit_lookup(state.tables[COVISIT_ITEMS], state.tables[COVISIT_SCORES]), history)
+        return _Users(users, seen, found, TwoTower.user_queries(vectors), history, covisit)
 
     def _candidates(self, batch: _Users) -> list[np.ndarray]:
         state, none = self._state, np.zeros(0, np.uint64)
@@ -256,9 +264,10 @@ class ServingReplica:
         n = self._candidates_per_source
         for i in known.tolist():
             ann_items = _unseen(ann.get(i, none), seen[i])[:n]
+            covisited = _unseen(batch.covisit.top(i, n + len(seen[i]))[0], seen[i])[:n] if batch.covisit else none
             popular = _unseen(state.popular_keys[: n + len(seen[i])], seen[i])
-            cand = np.concatenate([ann_items, popular])
-            out[i] = cand[np.sort(np.unique(cand, return_index=True)[1])][: 2 * n]
+            cand = np.concatenate([ann_items, covisited, popular])
+            out[i] = cand[np.sort(np.unique(cand, return_index=True)[1])][: 3 * n]
         return out
 
     def _answers(
@@ -297,14 +306,18 @@ class ServingReplica:
         cand = np.zeros((len(rows), width), np.uint64)  # padded with key 0, masked below
         valid = np.arange(width) < np.array([len(candidates[i]) for i in rows])[:, None]
         cand[valid] = np.concatenate([candidates[i] for i in rows])
-        scores = self._score(batch.keys[rows], batch.history[rows], cand, batch.queries[rows])
+        covisit = np.stack([batch.covisit.of(i, cand[row]) for row, i in enumerate(rows)]) if batch.covisit else None
+        scores = self._score(batch.keys[rows], batch.history[rows], cand, batch.queries[rows], covisit)
         scores = np.where(valid, scores, -np.inf)
         for row, i in enumerate(rows):
             out[i] = top_k(cand[row][valid[row]], scores[row][valid[row]], ks[i])
         return out
 
-    def _score(self, users: np.ndarray, history: np.ndarray, cand: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """The scorer's scores [u, c] of users' [u] candidates [u, c], from the synced features."""
+    def _score(
+        self, users: np.ndarray, history: np.ndarray, cand: np.ndarray, queries: np.ndarray, covisit: np.ndarray | None
+    ) -> np.ndarray:
+        """The scorer's scores [u, c] of users' [u] candidates [u, c], from the synced features
+        (`covisit`: the co-visitation scores [u, c] of the users' histories for them)."""
         state = self._state
         assert self._scorer is not None and state.items is not None
         flat = cand.ravel()
@@ -323,6 +336,7 @@ class ServingReplica:
             trending.reshape(cand.shape),
             counts[:, 1].reshape(cand.shape),
             np.einsum("ucd,ud->uc", item_rows, queries),
+            covisit,
         )
         empty = RowMap(self._scorer.ranker.dim)  # a table with no rows synced yet
         ids, attrs = state.tables.get(RANK_ID_TABLE, empty), state.tables.get(RANK_ATTR_TABLE, empty)
@@ -349,25 +363,37 @@ class ServingReplica:
         )
 
     def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]:
-        """Items whose vectors are nearest to `item_id`'s; (model version, items).
+        """Items users pick together with `item_id` (its co-visitation neighbours, best first),
+        then, for the rest of `k`, the items whose vectors are nearest to its own; (model
+        version, items). Co-visitation scores are cosines of counts, index scores inner products.
 
         Raises:
-            NotFound: the item has no vector yet.
+            NotFound: the item has neither neighbours nor a vector yet.
         """
         item = np.array([feature_key("item", item_id)], dtype=np.uint64)
         with self._lock:
             state = self._state
+            keys, scores = np.zeros(0, np.uint64), np.zeros(0, np.float32)
+            if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
+                neighbours, found = state.tables[COVISIT_ITEMS].get(item)
+                if found[0]:
+                    co_scores = state.tables[COVISIT_SCORES].get(item)[0][0]
+                    present = (neighbours[0] != 0) & (co_scores > 0)
+                    keys, scores = _named(state.names, neighbours[0][present], co_scores[present].astype(np.float32))
             if state.items is None or self._index is None:
+                found = np.zeros(1, bool)
+            else:
+                vectors, found = state.items.get(item)
+            if found[0] and len(keys) < k and self._index is not None:
+                cand, near = self._index.search(vectors[0], k + 1 + len(keys))
+                keep = (cand != item[0]) & ~np.isin(cand, keys)
+                cand, near = _named(state.names, cand[keep], near[keep])
+                keys, scores = np.concatenate([keys, cand]), np.concatenate([scores, near.astype(np.float32)])
+            elif not found[0] and not len(keys):
                 raise NotFound(f"item {item_id!r} is unknown to the model")
-            vectors, found = state.items.get(item)
-            if not found[0]:
-                raise NotFound(f"item {item_id!r} is unknown to the model")
-            cand, scores = self._index.search(vectors[0], k + 1)
-            keep = cand != item[0]
-            cand, scores = _named(state.names, cand[keep], scores[keep])
             items = [
                 ScoredItem(state.names[key], float(s))
-                for key, s in zip(cand[:k].tolist(), scores[:k].tolist(), strict=True)
+                for key, s in zip(keys[:k].tolist(), scores[:k].tolist(), strict=True)
             ]
             return state.version, items
 
@@ -381,6 +407,7 @@ class _Users:
     found: np.ndarray  # bool [u]: the user has a vector
     queries: np.ndarray  # [u, dim + 1] two-tower queries (zeros without a vector)
     history: np.ndarray  # [u, h] recent item keys
+    covisit: HistoryScores | None  # the histories' co-visitation scores (None before any are synced)
 
 
 @dataclass(frozen=True)

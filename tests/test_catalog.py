@@ -90,5 +90,28 @@ def test_the_model_clock_follows_traffic_and_cuts_silences_short() -> None:
     assert clock.advance(160.0 + 10 * 365 * 86400) == 160.0 + 3600  # ten years of silence: an hour
     assert clock.advance(160.0 + 10 * 365 * 86400 + 30) == 160.0 + 3630  # then traffic again
     assert clock.advance(float("inf")) == 160.0 + 3630 and clock.advance(float("nan")) == 160.0 + 3630
+
+
+def test_a_batch_spread_over_a_gap_is_no_silence_and_late_events_keep_their_own_time() -> None:
+    """A batch from a lagging partition lands hours after the clock, but its events fill the
+    time between: the clock follows them all; only a real silence is cut, and an event that
+    arrives late maps to when it happened."""
+    hour = 3600.0
+    clock = ModelClock(max_jump_s=hour)
+    clock.advance(0.0)
+    batch = np.arange(1, 11) * 0.5 * hour  # ten events every half hour, up to 5 hours
+    assert clock.advance(batch) == 5 * hour  # not cut to 1 hour: there was traffic all along
+    assert clock.advance(np.array([100 * hour, 100 * hour + 60])) == 6 * hour + 60  # 95 silent hours: one
+    late = clock.at(np.array([2 * hour, 100 * hour, 100 * hour + 60]))
+    np.testing.assert_allclose(late, [2 * hour, 6 * hour, 6 * hour + 60])
+    # trending counts decay from each event's own model time, whatever order they came in
+    catalog, shuffled = ItemCatalog(half_life_s=hour), ItemCatalog(half_life_s=hour)
+    keys = np.array([1, 2, 2, 3], dtype=np.uint64)
+    times = np.array([0.0, 3 * hour, 3 * hour, 5 * hour])
+    catalog.observe(keys, ["a", "b", "b", "c"], np.ones(4), times)
+    shuffled.observe(keys[2:], ["b", "c"], np.ones(2), times[2:])
+    shuffled.observe(keys[:2], ["a", "b"], np.ones(2), times[:2])
+    np.testing.assert_allclose(catalog.counts(keys)[0], shuffled.counts(keys)[0])
+    np.testing.assert_allclose(catalog.counts(keys[:1])[0], [2.0**-5])
     with pytest.raises(ValueError, match="max_jump_s"):
         ModelClock(max_jump_s=0)

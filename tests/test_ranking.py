@@ -11,6 +11,7 @@ from embedding_store.row_map import RowMap
 from ranking.blend import ScoreBlend
 from ranking.din_dcn import DinDcnRanker
 from ranking.scorer import Candidates, CandidateScorer
+from retrieval.covisit import HistoryScores
 from retrieval.index import IndexConfig
 from services.serving import Request, ServingReplica
 from services.serving_store import MemoryServingStore
@@ -33,6 +34,7 @@ def random_candidates(rng: np.random.Generator, users: int = 3, cands: int = 5) 
         rng.uniform(0, 5, (users, cands)),
         rng.uniform(0, 50, (users, cands)),
         rng.normal(size=(users, cands)),
+        rng.uniform(0, 1, (users, cands)),
     )
 
 
@@ -48,7 +50,7 @@ def test_dense_parameters_round_trip_exactly() -> None:
     torch.manual_seed(0)
     ranker, blend = DinDcnRanker(4, cross_layers=3, hidden=(8, 6, 5), dense_features=3), ScoreBlend()
     with torch.no_grad():
-        blend.weights.copy_(torch.tensor([0.3, 2.0]))
+        blend.weights.copy_(torch.tensor([0.3, 2.0, 1.5]))
     original = CandidateScorer(ranker, blend)
     rebuilt = CandidateScorer.from_dense(CandidateScorer.dense_state(ranker, blend))
     ids, attrs, c = random_rows(rng, 4), random_rows(rng, 4), random_candidates(rng)
@@ -57,7 +59,7 @@ def test_dense_parameters_round_trip_exactly() -> None:
     np.testing.assert_array_equal(rebuilt.score(ids, attrs, c), expected)
     # the blend takes part: other weights, other scores
     with torch.no_grad():
-        blend.weights.copy_(torch.tensor([0.3, -2.0]))
+        blend.weights.copy_(torch.tensor([0.3, -2.0, 1.5]))
     assert not np.allclose(CandidateScorer(ranker, blend).score(ids, attrs, c), expected)
 
 
@@ -165,7 +167,9 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
         trending[None, :],
         total[None, :],
         (m.user_vectors(u, history) @ torch.from_numpy(m.items.get(cand.ravel())[0]).T).numpy(),
+        HistoryScores(m.covisit.neighbour_rows, history).matrix(cand),
     )
+    assert c.covisit is not None and (c.covisit > 0).any(), "co-visitation takes part"
     expected = CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, c)[0]
     np.testing.assert_allclose(scores, expected, rtol=0.02, atol=0.05)
     # several requests answered together get what each gets alone
@@ -184,6 +188,7 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
         c.trending,
         c.total,
         c.retrieval,
+        c.covisit,
     )
     assert not np.allclose(
         CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, bare)[0], scores, atol=0.05
@@ -191,18 +196,20 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
 
 
 def test_blend_recovers_the_weights_that_generated_the_choices() -> None:
-    """Choices drawn from softmax(0.5 * logit + 2 * log trending): the blend's softmax loss finds both weights."""
+    """Choices drawn from softmax(0.5 * logit + 2 * log trending + 3 * co-visitation): the
+    blend's softmax loss finds the three weights."""
     rng = np.random.default_rng(0)
     blend = ScoreBlend()
     optimizer = torch.optim.Adam(blend.parameters(), lr=0.05)
     for _ in range(300):
         logits = torch.from_numpy(rng.normal(size=(64, 20)).astype(np.float32))
         trending = torch.from_numpy(rng.uniform(0, 50, (64, 20)).astype(np.float32))
-        truth = 0.5 * logits + 2.0 * torch.log(trending + 1e-3)
+        covisit = torch.from_numpy(rng.uniform(0, 1, (64, 20)).astype(np.float32))
+        truth = 0.5 * logits + 2.0 * torch.log(trending + 1e-3) + 3.0 * covisit
         target = torch.multinomial(torch.softmax(truth, dim=1), 1).squeeze(1)
         valid = torch.ones(64, 20, dtype=torch.bool)
         optimizer.zero_grad()
-        (blend.loss(logits, trending, valid, target) / 64).backward()
+        (blend.loss(logits, trending, covisit, valid, target) / 64).backward()
         optimizer.step()
-    a, b = blend.weights.detach().numpy()
-    assert abs(a - 0.5) < 0.2 and abs(b - 2.0) < 0.3, (a, b)
+    a, b, c = blend.weights.detach().numpy()
+    assert abs(a - 0.5) < 0.2 and abs(b - 2.0) < 0.3 and abs(c - 3.0) < 0.5, (a, b, c)

@@ -55,8 +55,12 @@ class ItemCatalog:
     def __len__(self) -> int:
         return len(self._index)
 
-    def observe(self, keys: np.ndarray, names: list[str], positive_weights: np.ndarray, now_s: float = 0.0) -> None:
-        """Register items (keys [n], raw ids `names`); add `positive_weights` [n] to counts at event time `now_s`."""
+    def observe(
+        self, keys: np.ndarray, names: list[str], positive_weights: np.ndarray, now_s: float | np.ndarray = 0.0
+    ) -> None:
+        """Register items (keys [n], raw ids `names`); add `positive_weights` [n] to counts at
+        event time `now_s` (one time for all, or each event's own [n]: a batch that mixes
+        partitions holds events of several times, and each decays from its own)."""
         rows, created = self._index.insert(keys)
         self._counts = grow_rows(self._counts, self._index.row_capacity)
         self._trending = grow_rows(self._trending, self._index.row_capacity)
@@ -65,16 +69,22 @@ class ItemCatalog:
         for i in np.flatnonzero(created):  # only items never seen before
             self._new_names[int(keys[i])] = self._names[int(keys[i])] = names[i]
         self._counts += np.bincount(rows, weights=positive_weights, minlength=len(self._counts))
+        times = np.broadcast_to(np.asarray(now_s, dtype=np.float64), np.shape(keys))
+        if not len(times):
+            return
+        newest = float(times.max())
         if self._t0 is None:
-            self._t0 = now_s
-        self.clock_s = max(self.clock_s, now_s)
-        exponent = (max(now_s, self._t0) - self._t0) / self._half_life_s  # log2 of the scale
+            self._t0 = newest
+        self.clock_s = max(self.clock_s, newest)
+        exponent = (max(self.clock_s, self._t0) - self._t0) / self._half_life_s  # log2 of the scale
         if exponent > _MAX_EXPONENT:  # move t0 to now before the stored values overflow
             with np.errstate(under="ignore"):
                 self._trending *= np.exp2(-exponent)  # tiny counts go to 0: never an overflow
-            self._t0, exponent = max(now_s, self._t0), 0.0
-        scale = self._scale = float(np.exp2(exponent))
-        self._trending += np.bincount(rows, weights=positive_weights * scale, minlength=len(self._trending))
+            self._t0, exponent = max(self.clock_s, self._t0), 0.0
+        self._scale = float(np.exp2(exponent))
+        with np.errstate(under="ignore"):  # an event far older than t0 adds ~0
+            scales = np.exp2(np.minimum(times - self._t0, self.clock_s - self._t0) / self._half_life_s)
+        self._trending += np.bincount(rows, weights=positive_weights * scales, minlength=len(self._trending))
 
     def _negative_weights(self, uniform_share: float) -> np.ndarray:
         weights = self._counts**0.75

@@ -10,13 +10,20 @@ far and a newer one advances it by `max_jump_s` only. Rows then expire after `tt
 *traffic* without them (a row trained last during the replay lives on while live traffic
 runs for the TTL without it), and trending counts decay through the time events spanned.
 
-Events older than the newest one never move the clock back (it is a running maximum).
+Events older than the newest one never move the clock back (it is a running maximum). Each
+such late event still has its own model time (`at`): its event time less the silences cut
+short before it, so an event that a lagging partition delivers late decays from when it
+happened, not from when it arrived.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_CUTS = 1000
+"""Cut gaps remembered for `ModelClock.at` (an event older than all of them is mapped by the oldest)."""
 
 
 @dataclass
@@ -43,18 +50,50 @@ class ModelClock:
     max_jump_s: float = 86400.0
     event_s: float = 0.0
     now_s: float = 0.0
+    # (event time from which it holds, event time - model time), one per gap cut short, oldest first
+    cuts: list[tuple[float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.max_jump_s > 0:
             raise ValueError(f"max_jump_s: must be > 0, got {self.max_jump_s}")
 
-    def advance(self, event_s: float) -> float:
-        """Move to the newest of `event_s` and what came before; return the model clock."""
-        if not math.isfinite(event_s) or event_s <= self.event_s:
+    def advance(self, event_s: float | np.ndarray) -> float:
+        """Move to the newest of `event_s` (one time, or a batch's times) and what came before;
+        return the model clock. A batch's times are walked in order, so only a real silence
+        (no event at all for longer than `max_jump_s`) is cut short: a batch that lands well
+        after the previous one, its events spread over the time between, is no silence."""
+        times = np.asarray(event_s, dtype=np.float64).ravel()
+        times = np.unique(times[np.isfinite(times) & (times > self.event_s)])  # sorted
+        if not len(times):
             return self.now_s
         if self.event_s == 0.0:  # the first event: the clock starts at event time
-            self.now_s = event_s
-        else:
-            self.now_s += min(event_s - self.event_s, self.max_jump_s)
-        self.event_s = event_s
+            self.now_s = self.event_s = float(times[0])
+        gaps = np.diff(times, prepend=self.event_s)
+        excess = np.maximum(gaps - self.max_jump_s, 0.0)
+        if excess.any():
+            offset = (self.event_s - self.now_s) + np.cumsum(excess)
+            cut = np.flatnonzero(excess)
+            self.cuts.extend(zip(times[cut].tolist(), offset[cut].tolist(), strict=True))
+            del self.cuts[:-MAX_CUTS]
+        self.now_s += float(np.minimum(gaps, self.max_jump_s).sum())
+        self.event_s = float(times[-1])
         return self.now_s
+
+    def at(self, event_s: np.ndarray) -> np.ndarray:
+        """Model times of events already seen (after `advance` with their newest): each event
+        time less the silences cut short before it; an event inside a cut silence gets the
+        model time of its end.
+
+        Example:
+            >>> clock = ModelClock(max_jump_s=3600)
+            >>> _ = clock.advance(1000.0), clock.advance(5000.0), clock.advance(5000.0 + 365 * 86400)
+            >>> clock.now_s, clock.at(np.array([5000.0 + 365 * 86400, 5000.0 + 60, 5000.0, 1000.0])).tolist()
+            (8200.0, [8200.0, 4660.0, 4600.0, 1000.0])
+        """
+        times = np.asarray(event_s, dtype=np.float64)
+        cuts = getattr(self, "cuts", [])  # clocks checkpointed before cuts were kept have none
+        if not cuts:
+            return np.minimum(times, self.now_s)  # the clock started at event time: no offset yet
+        starts = np.array([c[0] for c in cuts])
+        offsets = np.array([0.0, *(c[1] for c in cuts)])
+        return np.minimum(times - offsets[np.searchsorted(starts, times, side="right")], self.now_s)

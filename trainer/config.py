@@ -50,7 +50,12 @@ class TrainerConfig:
         popular_items: length of the popular-items list published for cold users.
         blend_users: positive pairs per step that train the final blend of ranker logit and
             trending count (`ranking.blend`); 0 freezes the blend.
-        blend_candidates: trending items each of those pairs competes with.
+        blend_candidates: trending items each of those pairs competes with (and as many
+            co-visited ones).
+        covisit_window: earlier positives of the same user each positive is paired with in
+            the co-visitation counts (`retrieval.covisit`).
+        covisit_neighbours: neighbours kept and served per item.
+        covisit_half_life_s: model time after which a co-visited pair counts half.
         seed: seed of row initialisation and negative sampling.
         dedup_window: distinct event ids remembered to drop redelivered copies
             (`trainer.dedup`); a copy arriving after that many other events is trained again.
@@ -106,6 +111,9 @@ class TrainerConfig:
     popular_items: int = 200
     blend_users: int = 32
     blend_candidates: int = 100
+    covisit_window: int = 20
+    covisit_neighbours: int = 50
+    covisit_half_life_s: float = 7 * 86400.0
     seed: int = 0
     dedup_window: int = 200_000
     checkpoint_dir: str = ""
@@ -146,6 +154,9 @@ class TrainerConfig:
             "popular_items": self.popular_items >= 1,
             "blend_users": 0 <= self.blend_users <= 100_000,
             "blend_candidates": 1 <= self.blend_candidates <= 100_000,
+            "covisit_window": 1 <= self.covisit_window <= 1000,
+            "covisit_neighbours": 1 <= self.covisit_neighbours <= 10_000,
+            "covisit_half_life_s": self.covisit_half_life_s > 0,
             "checkpoint_interval_s": self.checkpoint_interval_s > 0,
             "dedup_window": self.dedup_window >= 1,
             "checkpoints_kept": self.checkpoints_kept >= 1,

@@ -488,13 +488,15 @@ class Trainer:
             raise
 
     def _train_step(self, events: list[Event]) -> tuple[int, int, float]:
-        now = self.clock.advance(max(e.timestamp_ms for e in events) / 1000.0)
+        stamps = np.fromiter((e.timestamp_ms for e in events), dtype=np.float64, count=len(events)) / 1000.0
+        now = self.clock.advance(stamps)
         user_keys = feature_keys("user", (e.user_id for e in events))
         item_keys = feature_keys("item", (e.item_id for e in events))
         positive = np.fromiter((e.is_positive for e in events), dtype=bool, count=len(events))
         labelled = positive | np.fromiter((e.type == "skip" for e in events), dtype=bool, count=len(events))
         self.blend_loss = self.models.blend_step(user_keys[positive], item_keys[positive], learn=self.learning)
-        self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64), now)
+        # each event decays from its own time: a batch from a lagging partition is older than the clock
+        self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64), self.clock.at(stamps))
         self.features.observe(events, user_keys, item_keys)
         self._seen.append((user_keys[labelled], item_keys[labelled]))  # what exclude_seen leaves out
         self._trained_users.append(user_keys)
@@ -517,6 +519,8 @@ class Trainer:
         self.retrieval_loss = self.models.retrieval_step(u[pos], i[pos], now, learn=self.learning)
         self.auc.update(ranked.probs, y_all)  # scored before the step: progressive evaluation
         self.features.add_history(u[pos], i[pos])
+        if self.learning:
+            self.models.covisit.observe(u[pos], i[pos], now)
         if self.learning and time.monotonic() >= self._next_expiry:
             self.expire()
         self.events_trained += len(events)  # last: a step that raised counts none of them

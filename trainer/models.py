@@ -5,6 +5,8 @@
 - Ranking: `DinDcnRanker` on tables "rank_id" (user and item ids; history items share the item
   rows) and "rank_attr" (attribute values), trained with BCE on labelled examples; its dense
   parameters use Adam.
+- Co-visitation: `CoVisitation` counts which items users pick close together (per event,
+  decayed); its neighbour lists are a candidate source and a feature of the final blend.
 
 Sparse gradients go back to the store per distinct key (autograd sums repeated keys); every
 loss is a sum over examples, so a row gets the same step whatever the batch size.
@@ -36,6 +38,7 @@ from ranking.scorer import (
     dense_features,
     ranker_logits,
 )
+from retrieval.covisit import COVISIT_ITEMS, COVISIT_SCORES, CoVisitation, HistoryScores
 from retrieval.two_tower import TwoTower, in_batch_softmax_loss
 from trainer.catalog import ItemCatalog
 from trainer.config import TrainerConfig
@@ -57,6 +60,11 @@ class RankingBatch:
 
     probs: np.ndarray
     loss: float
+
+
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """`keys` without repeats, in order of first appearance."""
+    return keys[np.sort(np.unique(keys, return_index=True)[1])]
 
 
 def _columns(items: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +166,13 @@ class OnlineModels:
         self._rng = np.random.default_rng(config.seed)
         self.users, self.items = store.table("user"), store.table("item")
         self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
+        self.covisit = CoVisitation(
+            window=config.covisit_window,
+            neighbours=config.covisit_neighbours,
+            half_life_s=config.covisit_half_life_s,
+            max_users=config.max_feature_entities,
+            max_items=config.max_feature_entities,
+        )
 
     def sight(self, user_keys: np.ndarray, item_keys: np.ndarray, now: float) -> None:
         """Count one sighting of each event's user, item and attributes (frequency filter; creates admitted rows)."""
@@ -262,46 +277,71 @@ class OnlineModels:
         return RankingBatch(probs, float(loss.item()) / len(labels))
 
     def blend_step(self, user_keys: np.ndarray, item_keys: np.ndarray, learn: bool = True) -> float:
-        """Score positive pairs against the trending candidates and train the blend on them.
+        """Score positive pairs against the candidates serving would offer and train the blend.
 
-        Up to `blend_users` of the pairs whose item is among the `blend_candidates` trending
-        items (what serving retrieves), each a softmax over those items (the user's recent items
-        left out) with the pair's item as the target. Call it before the pairs are counted in
-        the catalogue, so an item's own event does not lift its trending count. Returns the
-        mean cross-entropy (NaN when there is nothing to score).
+        Up to `blend_users` of the pairs, each a softmax over its user's candidates: the
+        `blend_candidates` trending items and as many co-visited ones (`HistoryScores` of the
+        user's recent items), the user's recent items left out, the pair's item as the target;
+        pairs whose item is not among them are skipped (serving could not rank it). Call it
+        before the pairs are counted in the catalogue and the co-visitation, so an item's own
+        event lifts neither its trending count nor its co-visitation score. Returns the mean
+        cross-entropy (NaN when there is nothing to score).
         """
-        popular = self.catalog.popular(self.config.blend_candidates)[0]
-        at, among = _columns(popular, item_keys)  # serving can only rank what it retrieved
-        n = min(int(among.sum()), self.config.blend_users)
-        if n == 0:
+        width = self.config.blend_candidates
+        popular = self.catalog.popular(width)[0]
+        n = min(len(user_keys), self.config.blend_users)
+        if n == 0 or not len(popular):
             return float("nan")
-        pick = self._rng.choice(np.flatnonzero(among), n, replace=False)
-        users, positive = user_keys[pick], at[pick]
-        cand = np.broadcast_to(popular, (n, len(popular)))  # [n, c]
+        pick = np.sort(self._rng.choice(len(user_keys), n, replace=False))
+        users, targets = user_keys[pick], item_keys[pick]
         history = self.features.histories(users)
-        valid = ~(cand[:, :, None] == history[:, None, :]).any(axis=2)  # what serving would exclude
-        valid[np.arange(n), positive] = True
-        counts, totals = self.catalog.counts(popular)
+        covisit = HistoryScores(self.covisit.neighbour_rows, history)
+        rows, positives, kept = [], [], []
+        for r in range(n):
+            cand = _distinct(np.concatenate([popular, covisit.top(r, width)[0]]))
+            at = np.flatnonzero(cand == targets[r])
+            if len(at):
+                rows.append(cand)
+                positives.append(int(at[0]))
+                kept.append(r)
+        if not kept:
+            return float("nan")
+        users, history = users[kept], history[kept]
+        cand = np.zeros((len(kept), max(len(c) for c in rows)), np.uint64)  # padded with key 0, masked below
+        valid = np.arange(cand.shape[1]) < np.array([len(c) for c in rows])[:, None]
+        cand[valid] = np.concatenate(rows)
+        valid &= ~(cand[:, :, None] == history[:, None, :]).any(axis=2)  # what serving would exclude
+        positive = np.array(positives)
+        valid[np.arange(len(kept)), positive] = True
+        counts, totals = (c.reshape(cand.shape) for c in self.catalog.counts(cand.ravel()))
         with torch.no_grad():
-            retrieval = self.user_vectors(users, history) @ torch.from_numpy(self.items.get(popular)[0]).T
+            item_rows = torch.from_numpy(self.items.get(cand.ravel())[0]).view(*cand.shape, -1)
+            retrieval = torch.einsum("ucd,ud->uc", item_rows, self.user_vectors(users, history))
+        co = np.stack([covisit.of(r, cand[j]) for j, r in enumerate(kept)])
         batch = Candidates(
             users,
             self.features.user_attributes(users),
             history,
             cand,
-            np.tile(self.features.item_attributes(popular), (n, 1)),  # the same items for every user
-            np.broadcast_to(counts, cand.shape),
-            np.broadcast_to(totals, cand.shape),
+            self.features.item_attributes(cand.ravel()),
+            counts,
+            totals,
             retrieval.numpy(),
+            co,
         )
         logits = CandidateScorer(self.ranker, self.blend).logits(self.rank_ids, self.rank_attrs, batch)
-        trending = torch.from_numpy(counts.astype(np.float32)).expand(n, -1)
-        loss = self.blend.loss(logits, trending, torch.from_numpy(valid), torch.from_numpy(positive))
+        loss = self.blend.loss(
+            logits,
+            torch.from_numpy(counts.astype(np.float32)),
+            torch.from_numpy(co.astype(np.float32)),
+            torch.from_numpy(valid),
+            torch.from_numpy(positive),
+        )
         if learn:
             self.dense_blend.zero_grad()
-            (loss / n).backward()
+            (loss / len(kept)).backward()
             self.dense_blend.step()
-        return float(loss.item()) / n
+        return float(loss.item()) / len(kept)
 
     def user_vectors(self, user_keys: np.ndarray, history: np.ndarray) -> torch.Tensor:
         """The two-tower's query vectors [u, dim + 1] of users with their histories [u, h]."""
@@ -322,8 +362,9 @@ class OnlineModels:
         """Top-k item keys per user, leaving out `exclude`, as serving would order them (for evaluation).
 
         "ranked": the two-tower's best `candidates` over every known item plus the `candidates`
-        trending ones, ordered by `CandidateScorer` (ranker, then blend); users the model knows nothing of (no row, no
-        history) get the trending list. "two_tower": the two-tower's own top k.
+        trending ones and the `candidates` best co-visited ones, ordered by `CandidateScorer`
+        (ranker, then blend); users the model knows nothing of (no row, no history) get the
+        trending list. "two_tower": the two-tower's own top k.
         "trending": the trending list for everyone.
         """
         trending = self.catalog.popular(candidates + max((len(s) for s in exclude), default=0))[0]
@@ -344,7 +385,11 @@ class OnlineModels:
         trending_cols, known = _columns(items, trending[:candidates])
         trending_cols = trending_cols[known]
         scores[:, trending_cols] = np.where(np.isfinite(scores[:, trending_cols]), np.inf, -np.inf)
-        top = np.argsort(-scores, axis=1)[:, : candidates + len(trending_cols)]  # [u, c]
+        covisit = HistoryScores(self.covisit.neighbour_rows, history)
+        for r in range(len(user_keys)):
+            cols, known = _columns(items, covisit.top(r, candidates)[0])
+            scores[r, cols[known]] = np.where(scores[r, cols[known]] > -np.inf, np.inf, -np.inf)  # seen stay out
+        top = np.argsort(-scores, axis=1)[:, : 2 * candidates + len(trending_cols)]  # [u, c]
         cand = items[top]
         counts, totals = self.catalog.counts(cand.ravel())
         batch = Candidates(
@@ -356,6 +401,7 @@ class OnlineModels:
             counts.reshape(cand.shape),
             totals.reshape(cand.shape),
             np.take_along_axis(retrieval, top, 1),
+            covisit.matrix(cand),
         )
         logits = CandidateScorer(self.ranker, self.blend).score(self.rank_ids, self.rank_attrs, batch)
         logits[np.take_along_axis(scores, top, 1) == -np.inf] = -np.inf  # excluded items stay out
@@ -367,7 +413,11 @@ class OnlineModels:
         """Dense parameters with their optimizer state (in-process ones; a remote dense
         service is saved with its store shard) and the sampling generator (checkpoints; the
         sparse rows are the store's)."""
-        return {"dense": self.dense.state_dict(), "rng": self._rng.bit_generator.state}
+        return {
+            "dense": self.dense.state_dict(),
+            "rng": self._rng.bit_generator.state,
+            "covisit": self.covisit.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()`, after the store (and a remote dense service) was restored."""
@@ -375,6 +425,8 @@ class OnlineModels:
         self.dense_ranker.pull()
         self.dense_blend.pull()
         self._rng.bit_generator.state = state["rng"]
+        if "covisit" in state:  # checkpoints written before co-visitation have none
+            self.covisit.load_state_dict(state["covisit"])
 
     def dense_state(self) -> dict[str, np.ndarray]:
         """Copies of the ranker's and the blend's dense parameters, for serving."""
@@ -383,7 +435,8 @@ class OnlineModels:
     def ranking_deltas(self) -> Iterator[TableDelta]:
         """What changed for the ranking service since the previous call, one table at a time
         (a drain that fails leaves those before it with the caller): the ranker's rows, the
-        attributes and histories of changed users and items, and changed item counts."""
+        attributes and histories of changed users and items, changed item counts and changed
+        co-visitation neighbour lists."""
         yield self.rank_ids.drain_delta()
         yield self.rank_attrs.drain_delta()
         users, items = self.features.drain_changed()
@@ -393,3 +446,6 @@ class OnlineModels:
         yield TableDelta(USER_HISTORY, users, self.features.histories(users, self.config.history_length))
         yield TableDelta(ITEM_ATTRS, items, self.features.item_attributes(items, width))
         yield TableDelta(ITEM_COUNTS, count_keys, counts)
+        items, neighbours, scores, forgotten = self.covisit.drain()
+        yield TableDelta(COVISIT_ITEMS, items, neighbours, forgotten)
+        yield TableDelta(COVISIT_SCORES, items, scores, forgotten)

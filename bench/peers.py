@@ -1,0 +1,405 @@
+"""freshrec against the models its users would otherwise train, on one time split, in one run.
+
+    python -m bench.peers [--quick] [--no-live] [--no-online]
+
+MovieLens-100K in time order. History = the first 80% of ratings; truth = for each user who
+rated something in the history, the items they rate afterwards (items absent from the history
+left out: no row can recommend an item it never saw; an item the user rated in the history is
+never truth, and every row excludes those). Each row recommends 20 items per user; recall@20 =
+hits / min(20, truth) and NDCG@20 (binary gains), averaged over users, overall and by segment
+of the user's history length: new (< 5 ratings), returning (5-199), heavy (>= 200).
+
+Rows, all on the same split:
+
+- freshrec live: a `freshrec up` process (embedded mode, shipped configuration) gets the
+  history through `POST /v1/events` with its own timestamps, in order; once it has trained on
+  all of it and a dense sync (every `trainer.dense_sync_interval_s`, 60 s) has carried the
+  ranker and blend trained on it, each user's list comes from `POST /v1/recommendations`
+  (seen items excluded), the way a client sees it;
+- recent popularity: the most rated items among the last N ratings of the history;
+- EASE (closed form, Steck 2019), item-kNN (cosine, top-k neighbours), ALS and BPR from
+  `implicit`; SASRec from RecBole when an environment with it is named by `--recbole-python`
+  (skipped with the reason printed otherwise).
+
+Every peer's hyperparameters are chosen on an inner split of the history alone (its first 80%
+against the rest, the same protocol), by recall@20; the chosen setting is then fitted on the
+whole history. freshrec runs with its shipped configuration: nothing of it is tuned here.
+
+The online progressive protocol of `bench.quality` (the trainer learns as the stream goes;
+recall@10 at each tenth on the next tenth) runs too and gives `online_recall10_vs_popularity`.
+
+The last line printed is JSON; the figures go to bench/results/peers[_quick].json and a plot of
+every row to bench/results/peers[_quick].png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.results import RESULTS_DIR, write
+from services import local_servers
+from services.config import load_config
+from services.datasets import Dataset, load_dataset
+from services.replay import replay
+
+K = 20
+SEGMENTS = {"new": (1, 5), "returning": (5, 200), "heavy": (200, 1 << 62)}
+
+
+@dataclass
+class Split:
+    """Interactions of a history and the truth after it, as index arrays.
+
+    users, items: int [n] of the history's interactions (indices into `user_ids`, `item_ids`).
+    truth: user index -> item indices rated after the history (history items only, unseen).
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    truth: dict[int, set[int]]
+    n_users: int
+    n_items: int
+
+    def matrix(self) -> np.ndarray:
+        """Binary float32 [users, items] of the history."""
+        x = np.zeros((self.n_users, self.n_items), dtype=np.float32)
+        x[self.users, self.items] = 1.0
+        return x
+
+    def history_counts(self) -> np.ndarray:
+        return np.bincount(self.users, minlength=self.n_users)
+
+
+def make_split(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, share: float) -> Split:
+    """The first `share` of the (time-ordered) interactions as history, the rest as truth."""
+    cut = int(len(users) * share)
+    hist_u, hist_i = users[:cut], items[:cut]
+    known = np.zeros(n_items, dtype=bool)
+    known[hist_i] = True
+    seen = set(zip(hist_u.tolist(), hist_i.tolist(), strict=True))
+    in_history = np.zeros(n_users, dtype=bool)
+    in_history[hist_u] = True
+    truth: dict[int, set[int]] = {}
+    for u, i in zip(users[cut:].tolist(), items[cut:].tolist(), strict=True):
+        if in_history[u] and known[i] and (u, i) not in seen:
+            truth.setdefault(u, set()).add(i)
+    return Split(hist_u, hist_i, truth, n_users, n_items)
+
+
+def evaluate(lists: Mapping[int, Sequence[int]], split: Split) -> dict[str, Any]:
+    """recall@K and NDCG@K overall and by segment; a user without a list counts as 0."""
+    discounts = 1.0 / np.log2(np.arange(2, K + 2))
+    counts = split.history_counts()
+    per_user: dict[int, tuple[float, float]] = {}
+    for u, truth in split.truth.items():
+        got = list(lists.get(u, ()))[:K]
+        hits = np.array([i in truth for i in got], dtype=float)
+        ideal = discounts[: min(K, len(truth))].sum()
+        per_user[u] = (hits.sum() / min(K, len(truth)), float(hits @ discounts[: len(hits)]) / ideal)
+
+    def summary(users: list[int]) -> dict[str, Any]:
+        if not users:
+            return {"users": 0, "recall20": float("nan"), "ndcg20": float("nan")}
+        values = np.array([per_user[u] for u in users])
+        return {"users": len(users), "recall20": float(values[:, 0].mean()), "ndcg20": float(values[:, 1].mean())}
+
+    out = summary(list(per_user))
+    out["segments"] = {
+        name: summary([u for u in per_user if lo <= counts[u] < hi]) for name, (lo, hi) in SEGMENTS.items()
+    }
+    return out
+
+
+def top_unseen(scores: np.ndarray, split: Split, users: Sequence[int]) -> dict[int, list[int]]:
+    """Each user's top K items by `scores` [len(users), items], history items excluded."""
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    rows = {u: r for r, u in enumerate(users)}
+    mask = np.isin(split.users, users)
+    scores[[rows[u] for u in split.users[mask].tolist()], split.items[mask]] = -np.inf
+    top = np.argpartition(-scores, K, axis=1)[:, :K]
+    order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
+    ranked = np.take_along_axis(top, order, axis=1)
+    return {u: [i for i in ranked[r].tolist() if np.isfinite(scores[r, i])] for r, u in enumerate(users)}
+
+
+# --- peers: fit(split, **params) -> scores for the truth's users [len(users), items] ---------
+
+
+def popularity(split: Split, users: list[int], window: int) -> np.ndarray:
+    recent = split.items[-window:] if window else split.items
+    counts = np.bincount(recent, minlength=split.n_items).astype(np.float32)
+    return np.broadcast_to(counts, (len(users), split.n_items))
+
+
+def ease(split: Split, users: list[int], lam: float) -> np.ndarray:
+    x = split.matrix()
+    gram = (x.T @ x).astype(np.float64)
+    gram[np.diag_indices_from(gram)] += lam
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)
+    b[np.diag_indices_from(b)] = 0.0
+    return x[users] @ b.astype(np.float32)
+
+
+def item_knn(split: Split, users: list[int], neighbours: int, shrink: float) -> np.ndarray:
+    x = split.matrix()
+    co = x.T @ x
+    norms = np.sqrt(np.diag(co))
+    sim = co / (np.outer(norms, norms) + shrink + 1e-9)
+    np.fill_diagonal(sim, 0.0)
+    if neighbours < sim.shape[0]:
+        weakest = np.argpartition(-sim, neighbours, axis=0)[neighbours:]
+        np.put_along_axis(sim, weakest, 0.0, axis=0)
+    return x[users] @ sim
+
+
+def _implicit_scores(make: Callable[[], Any], split: Split, users: list[int]) -> np.ndarray:
+    """Fit an `implicit` model (`make()` builds it) on the binary history; its scores of `users`."""
+    import scipy.sparse as sp
+    from threadpoolctl import threadpool_limits
+
+    x = sp.csr_matrix(
+        (np.ones(len(split.users), np.float32), (split.users, split.items)), (split.n_users, split.n_items)
+    )
+    x.data[:] = 1.0  # a pair rated twice counts once
+    with threadpool_limits(1, "blas"):  # implicit runs its own threads; a BLAS pool beside them slows it
+        model = make()
+        model.fit(x, show_progress=False)
+    return np.asarray(model.user_factors)[users] @ np.asarray(model.item_factors).T
+
+
+def als(split: Split, users: list[int], factors: int, regularization: float, alpha: float) -> np.ndarray:
+    from implicit.als import AlternatingLeastSquares
+
+    def make() -> Any:
+        return AlternatingLeastSquares(
+            factors=factors, regularization=regularization, alpha=alpha, iterations=15, random_state=0
+        )
+
+    return _implicit_scores(make, split, users)
+
+
+def bpr(split: Split, users: list[int], factors: int, learning_rate: float, regularization: float) -> np.ndarray:
+    from implicit.bpr import BayesianPersonalizedRanking
+
+    def make() -> Any:
+        return BayesianPersonalizedRanking(
+            factors=factors, learning_rate=learning_rate, regularization=regularization, iterations=100, random_state=0
+        )
+
+    return _implicit_scores(make, split, users)
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    fit: Callable[..., np.ndarray]
+    grid: dict[str, list[Any]]
+    quick_grid: dict[str, list[Any]]
+
+
+PEERS = [
+    Peer(
+        "recent popularity", popularity, {"window": [1000, 2500, 5000, 10000, 20000, 0]}, {"window": [2500, 10000, 0]}
+    ),
+    Peer("EASE", ease, {"lam": [50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]}, {"lam": [100.0, 500.0, 2000.0]}),
+    Peer(
+        "item-kNN",
+        item_knn,
+        {"neighbours": [20, 50, 100, 200, 400], "shrink": [0.0, 10.0, 50.0]},
+        {"neighbours": [50, 200], "shrink": [0.0, 10.0]},
+    ),
+    Peer(
+        "ALS (implicit)",
+        als,
+        {"factors": [32, 64, 128], "regularization": [0.01, 0.1, 1.0], "alpha": [1.0, 5.0, 20.0]},
+        {"factors": [32, 128], "regularization": [0.1], "alpha": [1.0, 20.0]},
+    ),
+    Peer(
+        "BPR (implicit)",
+        bpr,
+        {"factors": [32, 64, 128], "learning_rate": [0.01, 0.05], "regularization": [0.001, 0.01]},
+        {"factors": [64], "learning_rate": [0.01, 0.05], "regularization": [0.01]},
+    ),
+]
+
+
+def tune_and_fit(peer: Peer, inner: Split, outer: Split, quick: bool) -> dict[str, Any]:
+    """Choose the peer's setting by recall@K on `inner`, then fit it on `outer`'s history."""
+    grid = peer.quick_grid if quick else peer.grid
+    started = time.perf_counter()
+    inner_users = sorted(inner.truth)
+    tried = []
+    for values in itertools.product(*grid.values()):
+        params = dict(zip(grid, values, strict=True))
+        lists = top_unseen(peer.fit(inner, inner_users, **params), inner, inner_users)
+        tried.append((evaluate(lists, inner)["recall20"], params))
+    inner_recall, best = max(tried, key=lambda t: t[0])
+    users = sorted(outer.truth)
+    result = evaluate(top_unseen(peer.fit(outer, users, **best), outer, users), outer)
+    result.update(params=best, inner_recall20=inner_recall, settings_tried=len(tried))
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+# --- freshrec, live, through its public API ---------------------------------------------------
+
+
+def live(dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, int], split: Split) -> dict[str, Any]:
+    """Replay the history into a fresh `freshrec up` process over REST; fetch every truth user's
+    list over REST; evaluate it."""
+    started = time.perf_counter()
+    port, grpc_port = local_servers.free_port(), local_servers.free_port()
+    base = f"http://127.0.0.1:{port}"
+    argv = ["up", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)]
+    server = subprocess.Popen([sys.executable, "-m", "services.cli", *argv], stdout=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+
+            def up() -> bool:
+                try:
+                    return client.get("/healthz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            local_servers.wait_until(up, 120, "freshrec up")
+            history = Dataset(dataset.name, dataset.events[:cut], dataset.item_names)
+            report = replay(history, base, out=lambda _: None)
+            if not report.trained:
+                raise RuntimeError("freshrec did not train on the whole history in time")
+            # the rows go out every second, the ranker's and blend's dense parameters every
+            # `dense_sync_interval_s`: wait for a dense sync after the last step, then one more version
+            time.sleep(load_config().trainer.dense_sync_interval_s + 1.0)
+            first = client.get("/readyz").json()["model_version"]
+            local_servers.wait_until(lambda: client.get("/readyz").json()["model_version"] > first, 30, "sync")
+            lists: dict[int, list[int]] = {}
+            for u in sorted(split.truth):
+                response = client.post("/v1/recommendations", json={"user_id": user_ids[u], "k": K})
+                response.raise_for_status()
+                lists[u] = [item_index[i["item_id"]] for i in response.json()["items"] if i["item_id"] in item_index]
+    finally:
+        server.terminate()
+        server.wait(30)
+    result = evaluate(lists, split)
+    result.update(params={"configuration": "shipped defaults"}, seconds=time.perf_counter() - started)
+    result["replay_events_per_s"] = report.events_per_s
+    return result
+
+
+def _plot(rows: dict[str, dict[str, Any]], quick: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    groups = ["all", *SEGMENTS]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / len(names)
+    for ax, metric in zip(axes, ("recall20", "ndcg20"), strict=True):
+        for n, name in enumerate(names):
+            r = rows[name]
+            values = [r[metric], *(r["segments"][s][metric] for s in SEGMENTS)]
+            ax.bar(np.arange(len(groups)) + n * width, values, width, label=name, color=f"C{n}")
+        ax.set_xticks(np.arange(len(groups)) + width * (len(names) - 1) / 2)
+        users = [rows[names[0]]["users"], *(rows[names[0]]["segments"][s]["users"] for s in SEGMENTS)]
+        ax.set_xticklabels([f"{g}\n({u} users)" for g, u in zip(groups, users, strict=True)])
+        ax.set_ylabel(metric.replace("20", "@20"))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("MovieLens-100K, time split (history = first 80%): freshrec live vs peers tuned on an inner split")
+    fig.tight_layout()
+    path = RESULTS_DIR / f"peers{'_quick' if quick else ''}.png"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _online(quick: bool) -> dict[str, Any]:
+    from bench import quality
+
+    argv = ["--dataset", "movielens-100k", *(["--quick"] if quick else [])]
+    figures = quality.main(argv)
+    return {
+        "online_recall10": figures["online_recall10"],
+        "popularity_recall10": figures["popularity_recall10"],
+        "events": figures["events"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller hyperparameter grids, quick online protocol")
+    parser.add_argument("--share", type=float, default=0.8, help="history share of the ratings")
+    parser.add_argument("--no-live", action="store_true", help="leave out the freshrec live row")
+    parser.add_argument("--no-online", action="store_true", help="leave out the online progressive protocol")
+    parser.add_argument("--recbole-python", default="", help="a Python with RecBole installed (for SASRec)")
+    args = parser.parse_args(argv)
+
+    dataset = load_dataset("movielens-100k")
+    user_ids = sorted({e["user_id"] for e in dataset.events})
+    item_ids = sorted({e["item_id"] for e in dataset.events})
+    user_index = {u: n for n, u in enumerate(user_ids)}
+    item_index = {i: n for n, i in enumerate(item_ids)}
+    users = np.array([user_index[e["user_id"]] for e in dataset.events])
+    items = np.array([item_index[e["item_id"]] for e in dataset.events])
+    cut = int(len(users) * args.share)
+    outer = make_split(users, items, len(user_ids), len(item_ids), args.share)
+    inner = make_split(users[:cut], items[:cut], len(user_ids), len(item_ids), args.share)
+    print(f"history {cut:,} ratings, {len(outer.truth)} users with truth; inner split {len(inner.truth)} users")
+
+    rows: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for peer in PEERS:
+        rows[peer.name] = tune_and_fit(peer, inner, outer, args.quick)
+        r = rows[peer.name]
+        print(f"{peer.name:20} recall@20 {r['recall20']:.4f}  NDCG@20 {r['ndcg20']:.4f}  {r['params']}", flush=True)
+    if args.recbole_python:
+        skipped["SASRec (RecBole)"] = "not run: the RecBole row is not built yet"
+    else:
+        skipped["SASRec (RecBole)"] = "no --recbole-python given (RecBole 1.2.1 needs numpy < 2: its own environment)"
+    for name, reason in skipped.items():
+        print(f"{name:20} skipped: {reason}")
+    best_peer = max(rows, key=lambda name: rows[name]["recall20"])
+    figures: dict[str, Any] = {"dataset": dataset.name, "history_share": args.share, "k": K, "quick": args.quick}
+    if not args.no_live:
+        rows["freshrec live"] = live(dataset, cut, user_ids, item_index, outer)
+        r = rows["freshrec live"]
+        print(f"{'freshrec live':20} recall@20 {r['recall20']:.4f}  NDCG@20 {r['ndcg20']:.4f}", flush=True)
+        figures["live_recall20"] = r["recall20"]
+        figures["live_ndcg20"] = r["ndcg20"]
+        figures["live_vs_best_peer"] = r["recall20"] / rows[best_peer]["recall20"]
+    figures.update(best_peer=best_peer, best_peer_recall20=rows[best_peer]["recall20"], rows=rows, skipped=skipped)
+    if not args.no_online:
+        online = _online(args.quick)
+        figures["online"] = online
+        figures["online_recall10_vs_popularity"] = online["online_recall10"] / online["popularity_recall10"]
+
+    print(f"\n{'':22}{'recall@20':>10}{'NDCG@20':>9}" + "".join(f"{s + ' r@20':>16}" for s in SEGMENTS))
+    for name, r in rows.items():
+        segs = "".join(f"{r['segments'][s]['recall20']:>16.4f}" for s in SEGMENTS)
+        print(f"{name:22}{r['recall20']:>10.4f}{r['ndcg20']:>9.4f}{segs}")
+    figures["plot"] = str(_plot(rows, args.quick).relative_to(RESULTS_DIR.parent.parent))
+    path = write(f"peers{'_quick' if args.quick else ''}", figures)
+    print(f"written to {path} and {figures['plot']}")
+    keys = ("live_recall20", "best_peer", "best_peer_recall20", "live_vs_best_peer", "online_recall10_vs_popularity")
+    last = {k: figures.get(k) for k in keys}
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

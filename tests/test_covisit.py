@@ -1,0 +1,159 @@
+"""Streaming co-visitation: counts within a user's window, decay, bounds, drains, checkpoints,
+history queries, and the path from trainer to serving (candidates, blend, similar items)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedding_store import feature_keys
+from retrieval.covisit import COVISIT_ITEMS, COVISIT_SCORES, CoVisitation, HistoryScores
+from services.serving import Request, ServingReplica
+from services.serving_store.memory import MemoryServingStore
+from trainer.config import TrainerConfig
+from trainer.eventlog import MemoryLog
+from trainer.events import Event
+from trainer.loop import Trainer
+
+
+def keys(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.uint64)
+
+
+def test_pairs_are_counted_within_the_window_closer_ones_weigh_more() -> None:
+    co = CoVisitation(window=2, neighbours=5)
+    co.observe(keys(1, 1, 1, 1), keys(10, 20, 30, 40), now_s=0.0)  # 40 is 3 picks after 10: out of the window
+    neighbours, scores = co.neighbour_rows(keys(10, 40))
+    assert neighbours[0].tolist()[:2] == [20, 30] and 40 not in neighbours[0].tolist()
+    assert scores[0, 0] > scores[0, 1] > 0  # distance 1 before distance 2
+    assert neighbours[1].tolist()[:2] == [30, 20]
+
+
+def test_cosine_keeps_a_popular_partner_from_topping_every_list() -> None:
+    co = CoVisitation(window=1, neighbours=3)
+    # item 99 follows everything (many users), item 2 follows 1 for two users and nothing else
+    users = np.repeat(np.arange(1, 41, dtype=np.uint64), 2)
+    items = np.tile(keys(5, 99), 40)
+    items[:4] = keys(1, 2, 1, 2)
+    co.observe(users, items, now_s=0.0)
+    extra_users = np.arange(100, 160, dtype=np.uint64)
+    co.observe(extra_users, np.full(60, 99, np.uint64), now_s=0.0)  # 99 is popular alone too
+    neighbours, _ = co.neighbour_rows(keys(1))
+    assert neighbours[0, 0] == 2
+
+
+def test_old_pairs_fade_and_a_rebase_changes_no_score() -> None:
+    day = 86400.0
+    co = CoVisitation(window=1, neighbours=2, half_life_s=day)
+    co.observe(keys(1, 1), keys(10, 20), now_s=0.0)  # 10-20, long ago
+    co.observe(keys(2, 2), keys(10, 30), now_s=10 * day)  # 10-30, ten half-lives later
+    neighbours, scores = co.neighbour_rows(keys(10))
+    assert neighbours[0].tolist() == [30, 20] and scores[0, 0] > 5 * scores[0, 1]
+    before = co.neighbour_rows(keys(10, 20, 30))
+    co.observe(keys(3), keys(77), now_s=200 * day)  # past 2^64: every weight is rebased
+    after = co.neighbour_rows(keys(10, 20, 30))
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_allclose(before[1], after[1], rtol=1e-9)
+
+
+def test_rows_stay_bounded_and_the_heaviest_partners_survive() -> None:
+    co = CoVisitation(window=1, neighbours=3)
+    rng = np.random.default_rng(0)
+    for user in range(2000):  # item 1 followed by one of 500 items; item 7 three times as often as any
+        follower = 7 if user % 3 == 0 else int(rng.integers(100, 600))
+        co.observe(keys(user, user), keys(1, follower), now_s=0.0)
+    assert len(co._pairs[1]) <= 4 * 3
+    assert co.neighbour_rows(keys(1))[0][0, 0] == 7
+
+
+def test_drain_carries_what_changed_once_and_checkpoints_round_trip() -> None:
+    co = CoVisitation(window=3, neighbours=4)
+    co.observe(keys(1, 1, 2, 2), keys(10, 20, 20, 30), now_s=5.0)
+    items, neighbours, _, evicted = co.drain()
+    assert set(items.tolist()) == {10, 20, 30} and neighbours.shape == (3, 4) and not len(evicted)
+    assert len(co.drain()[0]) == 0  # nothing changed since
+    co.observe(keys(3), keys(40), now_s=6.0)  # a user's first item pairs with nothing
+    assert co.drain()[0].tolist() == [40]
+    copy = CoVisitation(window=3, neighbours=4)
+    copy.load_state_dict(co.state_dict())
+    every = keys(10, 20, 30, 40)
+    for mine, theirs in zip(co.neighbour_rows(every), copy.neighbour_rows(every), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    co.observe(keys(1), keys(50), now_s=7.0)
+    copy.observe(keys(1), keys(50), now_s=7.0)  # the users' windows came along too
+    np.testing.assert_array_equal(co.neighbour_rows(keys(50))[0], copy.neighbour_rows(keys(50))[0])
+    assert co.neighbour_rows(keys(50))[0][0, 0] == 20
+
+
+def test_the_item_cap_forgets_the_rarest_and_says_so() -> None:
+    co = CoVisitation(window=1, neighbours=2, max_items=10)
+    co.observe(np.zeros(20, np.uint64), np.repeat(keys(1, 2), 10), now_s=0.0)
+    co.observe(np.arange(1, 12, dtype=np.uint64), np.arange(100, 111, dtype=np.uint64), now_s=0.0)
+    assert len(co) <= 10
+    items, _, _, evicted = co.drain()
+    assert {1, 2} <= set(items.tolist()) and len(evicted) > 0 and not set(evicted.tolist()) & {1, 2}
+
+
+def test_history_scores_weigh_recent_items_most_and_leave_out_the_users_own() -> None:
+    co = CoVisitation(window=1, neighbours=3)
+    co.observe(keys(1, 1, 2, 2), keys(10, 11, 20, 21), now_s=0.0)  # 11 goes with 10, 21 with 20
+    history = np.array([[10, 20], [20, 10], [0, 20]], dtype=np.uint64)  # most recent last
+    scores = HistoryScores(co.neighbour_rows, history)
+    assert scores.top(0, 2)[0].tolist() == [21, 11]
+    assert scores.top(1, 2)[0].tolist() == [11, 21]
+    assert scores.top(2, 5)[0].tolist() == [21]
+    top_scores = scores.top(0, 2)[1]
+    assert top_scores[0] == 1.0 and 0 < top_scores[1] < 1
+    np.testing.assert_allclose(scores.of(0, keys(11, 21, 10, 999)), [top_scores[1], 1.0, 0.0, 0.0])
+    assert scores.matrix(np.array([[21, 11], [21, 11], [21, 11]], np.uint64)).shape == (3, 2)
+
+
+def events_of(pairs: list[tuple[str, str]], start_ms: int = 1_700_000_000_000) -> list[Event]:
+    return [Event(f"e{start_ms}-{n}", u, i, "click", start_ms + 1000 * n) for n, (u, i) in enumerate(pairs)]
+
+
+@pytest.fixture
+def served() -> tuple[Trainer, ServingReplica]:
+    """A trainer on two groups of items that users pick in sequence, and a replica that
+    applied its sync."""
+    trainer = Trainer(TrainerConfig(batch_size=64, min_count=3), MemoryLog().consumer("g"))
+    rng = np.random.default_rng(1)
+    pairs = []
+    for user in range(60):
+        group = "a" if user % 2 else "b"
+        for item in rng.choice(12, 6, replace=False).tolist():
+            pairs.append((f"u{user}", f"{group}{item}"))
+    stream = events_of(pairs)
+    for b in range(0, len(stream), 64):
+        trainer.train_events(stream[b : b + 64])
+    store = MemoryServingStore()
+    replica = ServingReplica(store, candidates=10)
+    message = trainer.collect_sync()
+    assert message is not None
+    assert COVISIT_ITEMS in message.tables and COVISIT_SCORES in message.tables
+    store.publish(message)
+    replica.catch_up()
+    return trainer, replica
+
+
+def test_similar_items_are_the_items_picked_with_it(served: tuple[Trainer, ServingReplica]) -> None:
+    _, replica = served
+    _, similar = replica.similar_items("a3", 5)
+    assert len(similar) == 5 and all(s.item_id.startswith("a") for s in similar)
+    assert "a3" not in {s.item_id for s in similar}
+
+
+def test_a_newcomers_first_events_drive_their_list_before_they_have_a_row(
+    served: tuple[Trainer, ServingReplica],
+) -> None:
+    trainer, replica = served
+    trainer.train_events(events_of([("newcomer", "b1"), ("newcomer", "b4")], start_ms=1_700_001_000_000))
+    message = trainer.collect_sync()
+    assert message is not None
+    replica._store.publish(message)  # type: ignore[attr-defined]
+    replica.catch_up()
+    assert replica._state.users is not None
+    assert not replica._state.users.get(feature_keys("user", ["newcomer"]))[1][0]  # min_count=3: no row yet
+    items = [i.item_id for i in replica.recommend_batch([Request("newcomer", 6)])[0].items]
+    assert len(items) == 6 and "b1" not in items and "b4" not in items
+    assert sum(i.startswith("b") for i in items) >= 5, items
