@@ -150,7 +150,7 @@ def test_a_newcomers_first_events_drive_their_list_before_they_have_a_row(
     trainer.train_events(events_of([("newcomer", "b1"), ("newcomer", "b4")], start_ms=1_700_001_000_000))
     message = trainer.collect_sync()
     assert message is not None
-    replica._store.publish(message)  # type: ignore[attr-defined]
+    replica._store.publish(message)
     replica.catch_up()
     assert replica._state.users is not None
     assert not replica._state.users.get(feature_keys("user", ["newcomer"]))[1][0]  # min_count=3: no row yet
