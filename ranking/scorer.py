@@ -60,6 +60,8 @@ class Candidates:
         retrieval: float [u, c] two-tower scores (user vector . item vector).
         covisit: float [u, c] co-visitation scores of the users' histories for the candidates
             (`retrieval.covisit.HistoryScores.matrix`); none: zeros.
+        affinity: float [u, c] how much the candidates' attributes are the users' recent
+            items' attributes (`attribute_affinity`); none: zeros.
     """
 
     users: np.ndarray
@@ -71,6 +73,37 @@ class Candidates:
     total: np.ndarray
     retrieval: np.ndarray
     covisit: np.ndarray | None = None
+    affinity: np.ndarray | None = None
+
+
+def attribute_affinity(history_attrs: np.ndarray, item_attrs: np.ndarray) -> np.ndarray:
+    """How much each candidate's attributes are its user's: the mean, over the candidate's
+    attribute keys, of the share of the user's recent items that carry that key; [u, c] in
+    [0, 1] (0 for a candidate without attributes or a user without history).
+
+    Args:
+        history_attrs: uint64 [u, h, a] attribute keys of each user's recent items (0 = padding;
+            an item with no key at all is padding too).
+        item_attrs: uint64 [u, c, b] attribute keys of each user's candidates.
+
+    Example:
+        >>> history = np.array([[[1, 2], [1, 3]]], np.uint64)  # two items: genres {1, 2}, {1, 3}
+        >>> attribute_affinity(history, np.array([[[1, 0], [2, 3], [4, 0]]], np.uint64)).tolist()
+        [[1.0, 0.5, 0.0]]
+    """
+    u, c = item_attrs.shape[:2]
+    out = np.zeros((u, c))
+    for r in range(u):
+        items = history_attrs[r][(history_attrs[r] != 0).any(axis=1)]
+        if not len(items):
+            continue
+        keys, counts = np.unique(items[items != 0], return_counts=True)  # an item holds a key once
+        cand = item_attrs[r]
+        at = np.minimum(np.searchsorted(keys, cand), len(keys) - 1)
+        share = np.where((keys[at] == cand) & (cand != 0), counts[at] / len(items), 0.0)
+        present = (cand != 0).sum(axis=1)
+        out[r] = np.where(present > 0, share.sum(axis=1) / np.maximum(present, 1), 0.0)
+    return out
 
 
 class CandidateScorer:
@@ -131,7 +164,8 @@ class CandidateScorer:
         """Final scores [u, c] (higher is better); rows missing from the sources count as zeros."""
         trending = torch.from_numpy(np.asarray(c.trending, dtype=np.float32))
         covisit = None if c.covisit is None else torch.from_numpy(np.asarray(c.covisit, dtype=np.float32))
-        return self.blend(self.logits(ids, attrs, c), trending, covisit).numpy()
+        affinity = None if c.affinity is None else torch.from_numpy(np.asarray(c.affinity, dtype=np.float32))
+        return self.blend(self.logits(ids, attrs, c), trending, covisit, affinity).numpy()
 
     def logits(self, ids: RowSource, attrs: RowSource, c: Candidates) -> torch.Tensor:
         """The ranker's logits [u, c] alone (what the blend is trained on), without autograd.

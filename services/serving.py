@@ -25,6 +25,7 @@ from ranking.scorer import (
     USER_HISTORY,
     Candidates,
     CandidateScorer,
+    attribute_affinity,
 )
 from retrieval.covisit import COVISIT_ITEMS, COVISIT_SCORES, HistoryScores, covisit_lookup
 from retrieval.index import IndexConfig, ItemIndex, top_k
@@ -327,16 +328,19 @@ class ServingReplica:
             known, ItemCatalog.trending_at(counts[:, 0], state.clock_s, state.trending_half_life_s), 0.0
         )
         item_rows = state.items.get(flat)[0].reshape(*cand.shape, state.items.dim)
+        item_attrs = self._table_rows(ITEM_ATTRS, flat)
+        history_attrs = self._table_rows(ITEM_ATTRS, history.ravel()).reshape(*history.shape, item_attrs.shape[1])
         candidates = Candidates(
             users,
             self._table_rows(USER_ATTRS, users),
             history,
             cand,
-            self._table_rows(ITEM_ATTRS, flat),
+            item_attrs,
             trending.reshape(cand.shape),
             counts[:, 1].reshape(cand.shape),
             np.einsum("ucd,ud->uc", item_rows, queries),
             covisit,
+            attribute_affinity(history_attrs, item_attrs.reshape(*cand.shape, -1)),
         )
         empty = RowMap(self._scorer.ranker.dim)  # a table with no rows synced yet
         ids, attrs = state.tables.get(RANK_ID_TABLE, empty), state.tables.get(RANK_ATTR_TABLE, empty)

@@ -10,7 +10,7 @@ from embedding_store import feature_keys
 from embedding_store.row_map import RowMap
 from ranking.blend import ScoreBlend
 from ranking.din_dcn import DinDcnRanker
-from ranking.scorer import Candidates, CandidateScorer
+from ranking.scorer import Candidates, CandidateScorer, attribute_affinity
 from retrieval.covisit import HistoryScores
 from retrieval.index import IndexConfig
 from services.serving import Request, ServingReplica
@@ -35,6 +35,7 @@ def random_candidates(rng: np.random.Generator, users: int = 3, cands: int = 5) 
         rng.uniform(0, 50, (users, cands)),
         rng.normal(size=(users, cands)),
         rng.uniform(0, 1, (users, cands)),
+        rng.uniform(0, 1, (users, cands)),
     )
 
 
@@ -50,7 +51,7 @@ def test_dense_parameters_round_trip_exactly() -> None:
     torch.manual_seed(0)
     ranker, blend = DinDcnRanker(4, cross_layers=3, hidden=(8, 6, 5), dense_features=3), ScoreBlend()
     with torch.no_grad():
-        blend.weights.copy_(torch.tensor([0.3, 2.0, 1.5]))
+        blend.weights.copy_(torch.tensor([0.3, 2.0, 1.5, 0.7]))
     original = CandidateScorer(ranker, blend)
     rebuilt = CandidateScorer.from_dense(CandidateScorer.dense_state(ranker, blend))
     ids, attrs, c = random_rows(rng, 4), random_rows(rng, 4), random_candidates(rng)
@@ -59,7 +60,7 @@ def test_dense_parameters_round_trip_exactly() -> None:
     np.testing.assert_array_equal(rebuilt.score(ids, attrs, c), expected)
     # the blend takes part: other weights, other scores
     with torch.no_grad():
-        blend.weights.copy_(torch.tensor([0.3, -2.0, 1.5]))
+        blend.weights.copy_(torch.tensor([0.3, -2.0, 1.5, 0.7]))
     assert not np.allclose(CandidateScorer(ranker, blend).score(ids, attrs, c), expected)
 
 
@@ -168,7 +169,9 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
         total[None, :],
         (m.user_vectors(u, history) @ torch.from_numpy(m.items.get(cand.ravel())[0]).T).numpy(),
         HistoryScores(m.covisit.neighbour_rows, history).matrix(cand),
+        attribute_affinity(m._history_attributes(history), m.features.item_attributes(cand.ravel())[None]),
     )
+    assert c.affinity is not None and (c.affinity > 0).any(), "attribute affinity takes part"
     assert c.covisit is not None and (c.covisit > 0).any(), "co-visitation takes part"
     expected = CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, c)[0]
     np.testing.assert_allclose(scores, expected, rtol=0.02, atol=0.05)
@@ -189,6 +192,7 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
         c.total,
         c.retrieval,
         c.covisit,
+        c.affinity,
     )
     assert not np.allclose(
         CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, bare)[0], scores, atol=0.05
@@ -196,8 +200,8 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
 
 
 def test_blend_recovers_the_weights_that_generated_the_choices() -> None:
-    """Choices drawn from softmax(0.5 * logit + 2 * log trending + 3 * co-visitation): the
-    blend's softmax loss finds the three weights."""
+    """Choices drawn from softmax(0.5 * logit + 2 * log trending + 3 * co-visitation - 1 *
+    affinity): the blend's softmax loss finds the four weights."""
     rng = np.random.default_rng(0)
     blend = ScoreBlend()
     optimizer = torch.optim.Adam(blend.parameters(), lr=0.05)
@@ -205,11 +209,12 @@ def test_blend_recovers_the_weights_that_generated_the_choices() -> None:
         logits = torch.from_numpy(rng.normal(size=(64, 20)).astype(np.float32))
         trending = torch.from_numpy(rng.uniform(0, 50, (64, 20)).astype(np.float32))
         covisit = torch.from_numpy(rng.uniform(0, 1, (64, 20)).astype(np.float32))
-        truth = 0.5 * logits + 2.0 * torch.log(trending + 1e-3) + 3.0 * covisit
+        affinity = torch.from_numpy(rng.uniform(0, 1, (64, 20)).astype(np.float32))
+        truth = 0.5 * logits + 2.0 * torch.log(trending + 1e-3) + 3.0 * covisit - 1.0 * affinity
         target = torch.multinomial(torch.softmax(truth, dim=1), 1).squeeze(1)
         valid = torch.ones(64, 20, dtype=torch.bool)
         optimizer.zero_grad()
-        (blend.loss(logits, trending, covisit, valid, target) / 64).backward()
+        (blend.loss(logits, trending, covisit, affinity, valid, target) / 64).backward()
         optimizer.step()
-    a, b, c = blend.weights.detach().numpy()
-    assert abs(a - 0.5) < 0.2 and abs(b - 2.0) < 0.3 and abs(c - 3.0) < 0.5, (a, b, c)
+    a, b, c, d = blend.weights.detach().numpy()
+    assert abs(a - 0.5) < 0.2 and abs(b - 2.0) < 0.3 and abs(c - 3.0) < 0.5 and abs(d + 1.0) < 0.5, (a, b, c, d)

@@ -35,6 +35,7 @@ from ranking.scorer import (
     USER_HISTORY,
     Candidates,
     CandidateScorer,
+    attribute_affinity,
     dense_features,
     ranker_logits,
 )
@@ -318,22 +319,26 @@ class OnlineModels:
             item_rows = torch.from_numpy(self.items.get(cand.ravel())[0]).view(*cand.shape, -1)
             retrieval = torch.einsum("ucd,ud->uc", item_rows, self.user_vectors(users, history))
         co = np.stack([covisit.of(r, cand[j]) for j, r in enumerate(kept)])
+        cand_attrs = self.features.item_attributes(cand.ravel())
+        affinity = attribute_affinity(self._history_attributes(history), cand_attrs.reshape(*cand.shape, -1))
         batch = Candidates(
             users,
             self.features.user_attributes(users),
             history,
             cand,
-            self.features.item_attributes(cand.ravel()),
+            cand_attrs,
             counts,
             totals,
             retrieval.numpy(),
             co,
+            affinity,
         )
         logits = CandidateScorer(self.ranker, self.blend).logits(self.rank_ids, self.rank_attrs, batch)
         loss = self.blend.loss(
             logits,
             torch.from_numpy(counts.astype(np.float32)),
             torch.from_numpy(co.astype(np.float32)),
+            torch.from_numpy(affinity.astype(np.float32)),
             torch.from_numpy(valid),
             torch.from_numpy(positive),
         )
@@ -342,6 +347,11 @@ class OnlineModels:
             (loss / len(kept)).backward()
             self.dense_blend.step()
         return float(loss.item()) / len(kept)
+
+    def _history_attributes(self, history: np.ndarray) -> np.ndarray:
+        """uint64 [u, h, a] attribute keys of the history items [u, h] (as serving's table, `max_attributes` wide)."""
+        width = self.features.config.max_attributes
+        return self.features.item_attributes(history.ravel(), width).reshape(*history.shape, width)
 
     def user_vectors(self, user_keys: np.ndarray, history: np.ndarray) -> torch.Tensor:
         """The two-tower's query vectors [u, dim + 1] of users with their histories [u, h]."""
@@ -392,16 +402,18 @@ class OnlineModels:
         top = np.argsort(-scores, axis=1)[:, : 2 * candidates + len(trending_cols)]  # [u, c]
         cand = items[top]
         counts, totals = self.catalog.counts(cand.ravel())
+        cand_attrs = self.features.item_attributes(cand.ravel())
         batch = Candidates(
             user_keys,
             self.features.user_attributes(user_keys),
             history,
             cand,
-            self.features.item_attributes(cand.ravel()),
+            cand_attrs,
             counts.reshape(cand.shape),
             totals.reshape(cand.shape),
             np.take_along_axis(retrieval, top, 1),
             covisit.matrix(cand),
+            attribute_affinity(self._history_attributes(history), cand_attrs.reshape(*cand.shape, -1)),
         )
         logits = CandidateScorer(self.ranker, self.blend).score(self.rank_ids, self.rank_attrs, batch)
         logits[np.take_along_axis(scores, top, 1) == -np.inf] = -np.inf  # excluded items stay out
