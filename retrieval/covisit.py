@@ -20,6 +20,7 @@ The neighbour rows travel to serving as two synced feature tables, `COVISIT_ITEM
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,8 @@ class CoVisitation:
         half_life_s: model time after which a pair counts half.
         max_users: users whose recent items are remembered (least recently active go first).
         max_items: items with counts (those with the smallest decayed counts go first).
+        refresh_s: how stale (wall clock) `neighbour_rows` may serve a changed item's list
+            before it is computed again (a drain always computes every changed one).
 
     Example:
         >>> co = CoVisitation(window=5, neighbours=2)
@@ -61,6 +64,7 @@ class CoVisitation:
         half_life_s: float = 7 * 86400.0,
         max_users: int = 1_000_000,
         max_items: int = 1_000_000,
+        refresh_s: float = 1.0,
     ) -> None:
         for name, value in (("window", window), ("neighbours", neighbours), ("max_users", max_users)):
             if value < 1:
@@ -68,14 +72,14 @@ class CoVisitation:
         if not half_life_s > 0 or max_items < 1:
             raise ValueError(f"half_life_s and max_items must be positive, got {half_life_s}, {max_items}")
         self.window, self.neighbours, self.half_life_s = window, neighbours, half_life_s
-        self.max_users, self.max_items = max_users, max_items
+        self.max_users, self.max_items, self.refresh_s = max_users, max_items, refresh_s
         self._recent: OrderedDict[int, deque[int]] = OrderedDict()
         self._pairs: dict[int, dict[int, float]] = {}  # item -> partner -> anchored weight
         self._counts: dict[int, float] = {}  # item -> anchored count
         self._ref_s: float | None = None  # the anchor: weights are relative to 2^(ref / half-life)
         self._changed: set[int] = set()  # items whose neighbour list may differ since the last drain
         self._evicted: set[int] = set()
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # item -> its top neighbours
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # item -> top neighbours, when
 
     def __len__(self) -> int:
         return len(self._counts)
@@ -141,13 +145,16 @@ class CoVisitation:
 
     def neighbour_rows(self, item_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(neighbour keys uint64 [n, neighbours], cosine scores float64 [n, neighbours]) of
-        each item, best first, 0-padded (all zeros for an item without counts)."""
+        each item, best first, 0-padded (all zeros for an item without counts); a list that
+        changed is computed again at most every `refresh_s`."""
         n, m = len(item_keys), self.neighbours
         keys, scores = np.zeros((n, m), np.uint64), np.zeros((n, m), np.float64)
+        now = time.monotonic()
         for row, item in enumerate(item_keys.tolist()):
-            if item in self._changed or item not in self._cache:
-                self._cache[item] = self._top(item)
-            k, s = self._cache[item]
+            cached = self._cache.get(item)
+            if cached is None or (item in self._changed and now - cached[2] > self.refresh_s):
+                cached = self._cache[item] = (*self._top(item), now)
+            k, s = cached[0], cached[1]
             keys[row, : len(k)], scores[row, : len(s)] = k, s
         return keys, scores
 
@@ -166,7 +173,8 @@ class CoVisitation:
         """(changed item keys [n], their neighbour keys [n, m] and scores [n, m], items forgotten
         [e]) since the previous drain: what the next sync carries."""
         items = np.fromiter(self._changed, dtype=np.uint64, count=len(self._changed))
-        self._cache.update((i, self._top(i)) for i in self._changed)
+        now = time.monotonic()
+        self._cache.update((i, (*self._top(i), now)) for i in self._changed)
         self._changed = set()
         keys, scores = self.neighbour_rows(items)
         evicted = np.fromiter(self._evicted, dtype=np.uint64, count=len(self._evicted))
