@@ -31,15 +31,13 @@ def test_pairs_are_counted_within_the_window_closer_ones_weigh_more() -> None:
 
 def test_cosine_keeps_a_popular_partner_from_topping_every_list() -> None:
     co = CoVisitation(window=1, neighbours=3)
-    # item 99 follows everything (many users), item 2 follows 1 for two users and nothing else
-    users = np.repeat(np.arange(1, 41, dtype=np.uint64), 2)
-    items = np.tile(keys(5, 99), 40)
-    items[:4] = keys(1, 2, 1, 2)
+    # three users pick 1 then 99, two pick 1 then 2; 99 is also picked by 200 others, 2 by nobody else
+    pairs = [(u, i) for u in range(3) for i in (1, 99)] + [(u, i) for u in range(3, 5) for i in (1, 2)]
+    pairs += [(u, i) for u in range(10, 210) for i in (u + 1000, 99)]
+    users, items = (np.array(c, dtype=np.uint64) for c in zip(*pairs, strict=True))
     co.observe(users, items, now_s=0.0)
-    extra_users = np.arange(100, 160, dtype=np.uint64)
-    co.observe(extra_users, np.full(60, 99, np.uint64), now_s=0.0)  # 99 is popular alone too
     neighbours, _ = co.neighbour_rows(keys(1))
-    assert neighbours[0, 0] == 2
+    assert neighbours[0, :2].tolist() == [2, 99]  # by raw counts 99 (3) would beat 2 (2)
 
 
 def test_old_pairs_fade_and_a_rebase_changes_no_score() -> None:
@@ -114,8 +112,8 @@ def events_of(pairs: list[tuple[str, str]], start_ms: int = 1_700_000_000_000) -
 
 @pytest.fixture
 def served() -> tuple[Trainer, ServingReplica]:
-    """A trainer on two groups of items that users pick in sequence, and a replica that
-    applied its sync."""
+    """A trainer on two groups of items that users pick in sequence beside a group of
+    blockbusters everyone picks (the whole trending list), and a replica that applied its sync."""
     trainer = Trainer(TrainerConfig(batch_size=64, min_count=3), MemoryLog().consumer("g"))
     rng = np.random.default_rng(1)
     pairs = []
@@ -123,6 +121,8 @@ def served() -> tuple[Trainer, ServingReplica]:
         group = "a" if user % 2 else "b"
         for item in rng.choice(12, 6, replace=False).tolist():
             pairs.append((f"u{user}", f"{group}{item}"))
+        for item in rng.choice(20, 10, replace=False).tolist():
+            pairs.append((f"u{user}", f"hit{item}"))
     stream = events_of(pairs)
     for b in range(0, len(stream), 64):
         trainer.train_events(stream[b : b + 64])
@@ -131,6 +131,9 @@ def served() -> tuple[Trainer, ServingReplica]:
     message = trainer.collect_sync()
     assert message is not None
     assert COVISIT_ITEMS in message.tables and COVISIT_SCORES in message.tables
+    assert all(
+        replica_key.startswith("hit") for replica_key in trainer.catalog.names(message.popular_keys[:10]).values()
+    )
     store.publish(message)
     replica.catch_up()
     return trainer, replica
@@ -139,7 +142,7 @@ def served() -> tuple[Trainer, ServingReplica]:
 def test_similar_items_are_the_items_picked_with_it(served: tuple[Trainer, ServingReplica]) -> None:
     _, replica = served
     _, similar = replica.similar_items("a3", 5)
-    assert len(similar) == 5 and all(s.item_id.startswith("a") for s in similar)
+    assert len(similar) == 5 and sum(s.item_id.startswith("a") for s in similar) >= 4, similar
     assert "a3" not in {s.item_id for s in similar}
 
 
@@ -154,6 +157,9 @@ def test_a_newcomers_first_events_drive_their_list_before_they_have_a_row(
     replica.catch_up()
     assert replica._state.users is not None
     assert not replica._state.users.get(feature_keys("user", ["newcomer"]))[1][0]  # min_count=3: no row yet
+    _, (candidates,) = replica.candidates_batch([Request("newcomer", 6)])
+    names = trainer.catalog.names(candidates)
+    assert sum(n.startswith("b") for n in names.values()) >= 5, names  # no row, no b in trending: co-visited
     items = [i.item_id for i in replica.recommend_batch([Request("newcomer", 6)])[0].items]
     assert len(items) == 6 and "b1" not in items and "b4" not in items
-    assert sum(i.startswith("b") for i in items) >= 5, items
+    assert sum(i.startswith("b") for i in items) >= 2, items  # beside the hits everyone picks
