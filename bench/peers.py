@@ -128,7 +128,8 @@ def top_unseen(scores: np.ndarray, split: Split, users: Sequence[int]) -> dict[i
     rows = {u: r for r, u in enumerate(users)}
     mask = np.isin(split.users, users)
     scores[[rows[u] for u in split.users[mask].tolist()], split.items[mask]] = -np.inf
-    top = np.argpartition(-scores, K, axis=1)[:, :K]
+    k = min(K, scores.shape[1])  # a catalogue smaller than K: every item, ranked
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
     ranked = np.take_along_axis(top, order, axis=1)
     return {u: [i for i in ranked[r].tolist() if np.isfinite(scores[r, i])] for r, u in enumerate(users)}
