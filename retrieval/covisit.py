@@ -165,7 +165,9 @@ class CoVisitation:
         others = np.fromiter(partners.keys(), dtype=np.uint64, count=len(partners))
         weights = np.fromiter(partners.values(), dtype=np.float64, count=len(partners))
         norms = np.fromiter((self._counts.get(j, 0.0) for j in others.tolist()), dtype=np.float64, count=len(others))
-        cosine = weights / np.sqrt(np.maximum(norms * self._counts[item], 1e-300))
+        live = norms > 0  # a partner forgotten by the item cap is no neighbour
+        others, weights, norms = others[live], weights[live], norms[live]
+        cosine = weights / np.sqrt(norms * self._counts[item])
         best = np.argsort(-cosine, kind="stable")[: self.neighbours]
         return others[best], cosine[best]
 

@@ -90,6 +90,15 @@ def test_the_item_cap_forgets_the_rarest_and_says_so() -> None:
     assert len(co) <= 10
     items, _, _, evicted = co.drain()
     assert {1, 2} <= set(items.tolist()) and len(evicted) > 0 and not set(evicted.tolist()) & {1, 2}
+    # an item forgotten while still another's partner is no neighbour (its count is gone)
+    co = CoVisitation(window=1, neighbours=2, max_items=10)
+    co.observe(np.zeros(20, np.uint64), np.tile(keys(1, 2), 10), now_s=0.0)
+    co.observe(keys(5, 5), keys(1, 50), now_s=0.0)  # 50: one pair with 1, the rarest item
+    singles = np.repeat(np.arange(100, 109, dtype=np.uint64), 2)  # each picked twice: all commoner than 50
+    co.observe(np.arange(10, 28, dtype=np.uint64), singles, now_s=0.0)
+    assert 50 not in co._counts and 50 in co._pairs[1]
+    neighbours, scores = co.neighbour_rows(keys(1))
+    assert neighbours[0].tolist() == [2, 0] and 0 < scores[0, 0] < 10  # no 1 / sqrt(0)
 
 
 def test_history_scores_weigh_recent_items_most_and_leave_out_the_users_own() -> None:

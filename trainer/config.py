@@ -56,6 +56,8 @@ class TrainerConfig:
             the co-visitation counts (`retrieval.covisit`).
         covisit_neighbours: neighbours kept and served per item.
         covisit_half_life_s: model time after which a co-visited pair counts half.
+        covisit_max_items: items with co-visitation counts (the least counted go first); each
+            holds at most 4 x `covisit_neighbours` partners (about 90 bytes each in memory).
         seed: seed of row initialisation and negative sampling.
         dedup_window: distinct event ids remembered to drop redelivered copies
             (`trainer.dedup`); a copy arriving after that many other events is trained again.
@@ -114,6 +116,7 @@ class TrainerConfig:
     covisit_window: int = 20
     covisit_neighbours: int = 50
     covisit_half_life_s: float = 7 * 86400.0
+    covisit_max_items: int = 100_000
     seed: int = 0
     dedup_window: int = 200_000
     checkpoint_dir: str = ""
@@ -157,6 +160,7 @@ class TrainerConfig:
             "covisit_window": 1 <= self.covisit_window <= 1000,
             "covisit_neighbours": 1 <= self.covisit_neighbours <= 10_000,
             "covisit_half_life_s": self.covisit_half_life_s > 0,
+            "covisit_max_items": self.covisit_max_items >= 1,
             "checkpoint_interval_s": self.checkpoint_interval_s > 0,
             "dedup_window": self.dedup_window >= 1,
             "checkpoints_kept": self.checkpoints_kept >= 1,

@@ -172,7 +172,7 @@ class OnlineModels:
             neighbours=config.covisit_neighbours,
             half_life_s=config.covisit_half_life_s,
             max_users=config.max_feature_entities,
-            max_items=config.max_feature_entities,
+            max_items=config.covisit_max_items,
         )
 
     def sight(self, user_keys: np.ndarray, item_keys: np.ndarray, now: float) -> None:
