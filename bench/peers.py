@@ -268,14 +268,7 @@ def live(dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, 
     server = subprocess.Popen([sys.executable, "-m", "services.cli", *argv], stdout=subprocess.DEVNULL)
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
-
-            def up() -> bool:
-                try:
-                    return client.get("/healthz").status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            local_servers.wait_until(up, 120, "freshrec up")
+            local_servers.wait_healthy(client)
             history = Dataset(dataset.name, dataset.events[:cut], dataset.item_names)
             report = replay(history, base, out=lambda _: None)
             if not report.trained:

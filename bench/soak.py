@@ -149,13 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stack.callback(server.terminate)
         client = stack.enter_context(httpx.Client(base_url=base, timeout=10))
 
-        def up() -> bool:
-            try:
-                return client.get("/healthz").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        local_servers.wait_until(up, 120, "freshrec up")
+        local_servers.wait_healthy(client)
         loads = [
             Load("ingest", base, args.events_per_s / BATCH, 4, ingest),
             Load("recommend", base, args.recommend_per_s, 8, recommend),

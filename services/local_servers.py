@@ -53,6 +53,18 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, int
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def wait_healthy(client: httpx.Client, timeout_s: float = 120, what: str = "freshrec up") -> None:
+    """Wait until `client`'s server answers `/healthz` with 200 (refused connections retried)."""
+
+    def up() -> bool:
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout_s, what)
+
+
 @contextmanager
 def _server(command: list[str], port: int, name: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server process until the block ends; yields once its port accepts connections."""
