@@ -91,11 +91,12 @@ class ServingReplica:
     One request: user vector -> top `candidates` from the item index, merged with the top
     `candidates` co-visited items of the user's recent items (`retrieval.covisit`: a user's
     first events drive it before the user has a row) and the top `candidates` trending items
-    (seen items removed when asked) -> the DIN + DCN-v2 ranker and its blend with trending
-    counts and co-visitation scores (`ranking.scorer`, the same code the trainer evaluates
-    with) order them -> top k. Until the first dense parameters arrive, candidates from the
-    index are ordered by `ranker` (inner product by default). Users the model knows nothing of
-    (no vector, no history), and any shortfall, get the trending items the trainer published.
+    (seen items removed when asked), taken in turn up to 2 x `candidates` -> the DIN + DCN-v2
+    ranker and its blend with trending counts and co-visitation scores (`ranking.scorer`, the
+    same code the trainer evaluates with) order them -> top k. Until the first dense
+    parameters arrive, candidates from the index are ordered by `ranker` (inner product by
+    default). Users the model knows nothing of (no vector, no history), and any shortfall,
+    get the trending items the trainer published.
 
     Args:
         store: where versions come from.
@@ -267,8 +268,7 @@ class ServingReplica:
             ann_items = _unseen(ann.get(i, none), seen[i])[:n]
             covisited = _unseen(batch.covisit.top(i, n + len(seen[i]))[0], seen[i])[:n] if batch.covisit else none
             popular = _unseen(state.popular_keys[: n + len(seen[i])], seen[i])
-            cand = np.concatenate([ann_items, covisited, popular])
-            out[i] = cand[np.sort(np.unique(cand, return_index=True)[1])][: 3 * n]
+            out[i] = _interleaved([ann_items, covisited, popular], 2 * n)
         return out
 
     def _answers(
@@ -427,6 +427,23 @@ def _named(names: dict[int, str], keys: np.ndarray, scores: np.ndarray) -> tuple
     """The items whose raw ids serving knows: an internal key never leaves as an item id."""
     known = np.fromiter((key in names for key in keys.tolist()), dtype=bool, count=len(keys))
     return (keys, scores) if known.all() else (keys[known], scores[known])
+
+
+def _interleaved(sources: list[np.ndarray], n: int) -> np.ndarray:
+    """The first `n` distinct keys taking the sources in turn (each source's best first): the
+    ranker scores 2 x `candidates`, whatever the number of sources, and each source gets its
+    best ones in.
+
+    Example:
+        >>> a, b = np.array([1, 2, 3], np.uint64), np.array([2, 9], np.uint64)
+        >>> _interleaved([a, b], 4).tolist()
+        [1, 2, 9, 3]
+    """
+    if not any(len(s) for s in sources):
+        return np.zeros(0, np.uint64)
+    turn = np.concatenate([np.arange(len(s)) * len(sources) + k for k, s in enumerate(sources)])
+    keys = np.concatenate(sources)[np.argsort(turn, kind="stable")]
+    return keys[np.sort(np.unique(keys, return_index=True)[1])][:n]
 
 
 def _seen(history: Iterable[int] | None) -> np.ndarray:
