@@ -27,6 +27,7 @@ from ranking.scorer import (
     CandidateScorer,
     attribute_affinity,
 )
+from retrieval.candidates import interleave
 from retrieval.covisit import COVISIT_ITEMS, COVISIT_SCORES, HistoryScores, covisit_lookup
 from retrieval.index import IndexConfig, ItemIndex, top_k
 from retrieval.two_tower import TwoTower
@@ -268,7 +269,7 @@ class ServingReplica:
             ann_items = _unseen(ann.get(i, none), seen[i])[:n]
             covisited = _unseen(batch.covisit.top(i, n + len(seen[i]))[0], seen[i])[:n] if batch.covisit else none
             popular = _unseen(state.popular_keys[: n + len(seen[i])], seen[i])
-            out[i] = _interleaved([ann_items, covisited, popular], 2 * n)
+            out[i] = interleave([ann_items, covisited, popular], 2 * n)  # the ranker scores 2n
         return out
 
     def _answers(
@@ -427,23 +428,6 @@ def _named(names: dict[int, str], keys: np.ndarray, scores: np.ndarray) -> tuple
     """The items whose raw ids serving knows: an internal key never leaves as an item id."""
     known = np.fromiter((key in names for key in keys.tolist()), dtype=bool, count=len(keys))
     return (keys, scores) if known.all() else (keys[known], scores[known])
-
-
-def _interleaved(sources: list[np.ndarray], n: int) -> np.ndarray:
-    """The first `n` distinct keys taking the sources in turn (each source's best first): the
-    ranker scores 2 x `candidates`, whatever the number of sources, and each source gets its
-    best ones in.
-
-    Example:
-        >>> a, b = np.array([1, 2, 3], np.uint64), np.array([2, 9], np.uint64)
-        >>> _interleaved([a, b], 4).tolist()
-        [1, 2, 9, 3]
-    """
-    if not any(len(s) for s in sources):
-        return np.zeros(0, np.uint64)
-    turn = np.concatenate([np.arange(len(s)) * len(sources) + k for k, s in enumerate(sources)])
-    keys = np.concatenate(sources)[np.argsort(turn, kind="stable")]
-    return keys[np.sort(np.unique(keys, return_index=True)[1])][:n]
 
 
 def _seen(history: Iterable[int] | None) -> np.ndarray:

@@ -104,6 +104,13 @@ def test_a_batch_spread_over_a_gap_is_no_silence_and_late_events_keep_their_own_
     assert clock.advance(np.array([100 * hour, 100 * hour + 60])) == 6 * hour + 60  # 95 silent hours: one
     late = clock.at(np.array([2 * hour, 100 * hour, 100 * hour + 60]))
     np.testing.assert_allclose(late, [2 * hour, 6 * hour, 6 * hour + 60])
+    # a clock checkpointed before cuts were kept resumes and cuts silences from then on
+    old = ModelClock(max_jump_s=hour)
+    state = dict(old.__dict__, event_s=5 * hour, now_s=5 * hour)
+    del state["cuts"]
+    resumed = ModelClock.__new__(ModelClock)
+    resumed.__setstate__(state)
+    assert resumed.advance(50 * hour) == 6 * hour and resumed.at(np.array([50 * hour])).tolist() == [6 * hour]
     # trending counts decay from each event's own model time, whatever order they came in
     catalog, shuffled = ItemCatalog(half_life_s=hour), ItemCatalog(half_life_s=hour)
     keys = np.array([1, 2, 2, 3], dtype=np.uint64)

@@ -57,6 +57,10 @@ class ModelClock:
         if not self.max_jump_s > 0:
             raise ValueError(f"max_jump_s: must be > 0, got {self.max_jump_s}")
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("cuts", [])  # clocks checkpointed before cuts were kept have none
+
     def advance(self, event_s: float | np.ndarray) -> float:
         """Move to the newest of `event_s` (one time, or a batch's times) and what came before;
         return the model clock. A batch's times are walked in order, so only a real silence
@@ -91,7 +95,7 @@ class ModelClock:
             (8200.0, [8200.0, 4660.0, 4600.0, 1000.0])
         """
         times = np.asarray(event_s, dtype=np.float64)
-        cuts = getattr(self, "cuts", [])  # clocks checkpointed before cuts were kept have none
+        cuts = self.cuts
         if not cuts:
             return np.minimum(times, self.now_s)  # the clock started at event time: no offset yet
         starts = np.array([c[0] for c in cuts])

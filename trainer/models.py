@@ -39,6 +39,7 @@ from ranking.scorer import (
     dense_features,
     ranker_logits,
 )
+from retrieval.candidates import distinct
 from retrieval.covisit import COVISIT_ITEMS, COVISIT_SCORES, CoVisitation, HistoryScores
 from retrieval.two_tower import TwoTower, in_batch_softmax_loss
 from trainer.catalog import ItemCatalog
@@ -61,11 +62,6 @@ class RankingBatch:
 
     probs: np.ndarray
     loss: float
-
-
-def _distinct(keys: np.ndarray) -> np.ndarray:
-    """`keys` without repeats, in order of first appearance."""
-    return keys[np.sort(np.unique(keys, return_index=True)[1])]
 
 
 def _columns(items: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -299,7 +295,7 @@ class OnlineModels:
         covisit = HistoryScores(self.covisit.neighbour_rows, history)
         rows, positives, kept = [], [], []
         for r in range(n):
-            cand = _distinct(np.concatenate([popular, covisit.top(r, width)[0]]))
+            cand = distinct(np.concatenate([popular, covisit.top(r, width)[0]]))
             at = np.flatnonzero(cand == targets[r])
             if len(at):
                 rows.append(cand)
