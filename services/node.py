@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 import socket
@@ -34,9 +36,21 @@ from trainer.sync import SyncMessage, SyncPublisher
 log = logging.getLogger(__name__)
 SERVING_SNAPSHOT = "serving.bin"  # the embedded serving store's state, in each trainer checkpoint
 
+TRIM_S = 10.0  # how often freed heap memory is handed back to the system (`_trim_heap`)
 REFREEZE_S = 600.0  # how often the served state is collected once and frozen again (`Node._on_apply`)
 
 ROLES = frozenset({"gateway", "trainer", "retrieval", "ranking"})
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 class Node:
@@ -92,6 +106,8 @@ class Node:
         self._sync_thread: threading.Thread | None = None
         self._stopped = False
         self._refreeze_at = 0.0  # the first applied version freezes the state
+        self._trim_at = time.monotonic() + TRIM_S
+        self._trim_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.http_port = 0
         self.grpc_port = 0
@@ -212,6 +228,7 @@ class Node:
             metrics.TRAINER_AUC.set(self.trainer.auc.value())
             metrics.TRAINER_LOGLOSS.set(self.trainer.auc.log_loss())
             metrics.TRAINER_RETRIEVAL_LOSS.set(self.trainer.retrieval_loss)
+        self._trim_heap()
 
     def _store_stats(self) -> list[TableStats]:
         assert self.trainer is not None
@@ -238,11 +255,29 @@ class Node:
             gc.unfreeze()
             gc.collect()
         gc.freeze()
+        self._trim_heap()
         metrics.SERVING_VERSION.set(message.version)
         if len(message.accepted_ms):
             now_ms = time.time() * 1000
             for age_ms in (now_ms - message.accepted_ms).tolist():
                 metrics.FRESHNESS.observe(max(age_ms, 0.0) / 1000)
+
+    def _trim_heap(self) -> None:
+        """Every TRIM_S, hand the heap's free pages back to the system (glibc `malloc_trim`).
+
+        Training steps, syncs and requests allocate and free tensors and arrays of many sizes
+        from several threads; glibc keeps the freed pages, scattered among live ones, so the
+        resident size crept up under steady load (about 45 MB per 100,000 events, measured with
+        bench.soak's workload) though the live data did not grow. Trimming returns them.
+        """
+        now = time.monotonic()
+        if now < self._trim_at or _MALLOC_TRIM is None or not self._trim_lock.acquire(blocking=False):
+            return
+        try:
+            self._trim_at = now + TRIM_S
+            _MALLOC_TRIM(0)
+        finally:
+            self._trim_lock.release()
 
     def _spawn(self, name: str, target: Callable[..., object], *args: object) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -430,8 +430,8 @@ def _named(names: dict[int, str], keys: np.ndarray, scores: np.ndarray) -> tuple
     return (keys, scores) if known.all() else (keys[known], scores[known])
 
 
-def _seen(history: Iterable[int] | None) -> np.ndarray:
-    return np.fromiter(history, dtype=np.uint64) if history else np.zeros(0, np.uint64)
+def _seen(history: np.ndarray | None) -> np.ndarray:
+    return history if history is not None else np.zeros(0, np.uint64)
 
 
 def _unseen(items: np.ndarray, seen: np.ndarray) -> np.ndarray:

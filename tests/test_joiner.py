@@ -107,3 +107,14 @@ def test_every_impression_gets_exactly_one_label_and_bounds_hold(steps: list, wi
         len(out) - len(labelled_impressions) + j.stats.duplicate_actions + sum(e.source == "joined" for e in out)
         == actions
     )
+
+
+def test_a_joiner_from_an_older_checkpoint_still_recognises_late_actions() -> None:
+    import pickle
+
+    old = Joiner(JoinerConfig(window_s=60))
+    old._closed = {("u", "a"): False, ("u", "b"): True}  # type: ignore[assignment]  # pairs as strings
+    j = pickle.loads(pickle.dumps(old))
+    assert labels(j.push([act("click", "u", "a", 10)])) == [("u", "a", 1.0, "late")]
+    assert j.push([act("click", "u", "b", 11)]) == []  # already a positive
+    assert j.closed == 2

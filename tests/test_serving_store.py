@@ -333,3 +333,18 @@ def test_a_publish_longer_than_the_lock_timeout_keeps_the_lock(redis_url: str, m
     assert [m.version for m in other.read_since(0, timeout_s=0.1)] == [1, 2]
     slow.close()
     other.close()
+
+
+def test_an_item_seen_twice_in_one_version_is_kept_once_at_its_newest_place() -> None:
+    state = ServingState(max_seen=10)
+    for items in ([5, 6, 5, 7], [8, 6, 8]):
+        state.apply(
+            SyncMessage(
+                users=TableDelta.empty("user"),
+                items=TableDelta.empty("item"),
+                seen_users=np.full(len(items), 9, np.uint64),
+                seen_items=np.array(items, np.uint64),
+            )
+        )
+    assert state.seen[9].tolist() == [5, 7, 6, 8]
+    assert state.seen[9].dtype == np.uint64
