@@ -17,7 +17,8 @@ Rows, all on the same split:
   ranker and blend trained on it, each user's list comes from `POST /v1/recommendations`
   (seen items excluded), the way a client sees it;
 - recent popularity: the most rated items among the last N ratings of the history;
-- EASE (closed form, Steck 2019), item-kNN (cosine, top-k neighbours), ALS and BPR from
+- EASE (closed form, Steck 2019), popularity + EASE (a tuned sum of the two), item-kNN
+  (cosine, top-k neighbours), ALS and BPR from
   `implicit`; SASRec from RecBole when an environment with it is named by `--recbole-python`
   (skipped with the reason printed otherwise).
 
@@ -154,6 +155,16 @@ def ease(split: Split, users: list[int], lam: float) -> np.ndarray:
     return x[users] @ b.astype(np.float32)
 
 
+def popularity_ease(split: Split, users: list[int], window: int, beta: float, lam: float) -> np.ndarray:
+    """Recent popularity (log counts, scaled to a maximum of 1) plus `beta` times EASE's scores
+    (each user's scaled to a maximum of 1): the hybrid a user would try when popularity is
+    hard to beat."""
+    pop = np.log1p(popularity(split, users, window)[0])
+    personal = ease(split, users, lam)
+    top = personal.max(axis=1, keepdims=True)
+    return pop / max(float(pop.max()), 1e-9) + beta * personal / np.where(top > 0, top, 1.0)
+
+
 def item_knn(split: Split, users: list[int], neighbours: int, shrink: float) -> np.ndarray:
     x = split.matrix()
     co = x.T @ x
@@ -216,6 +227,12 @@ PEERS = [
         "recent popularity", popularity, {"window": [1000, 2500, 5000, 10000, 20000, 0]}, {"window": [2500, 10000, 0]}
     ),
     Peer("EASE", ease, {"lam": [50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]}, {"lam": [100.0, 500.0, 2000.0]}),
+    Peer(
+        "popularity + EASE",
+        popularity_ease,
+        {"beta": [1.0, 0.1, 0.25, 0.5, 2.0], "window": [2500, 5000, 10000], "lam": [100.0, 500.0, 2000.0]},
+        {"beta": [1.0, 0.25, 0.5], "window": [2500, 5000], "lam": [500.0]},
+    ),
     Peer(
         "item-kNN",
         item_knn,

@@ -87,12 +87,14 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
-    __slots__ = ("item_id", "score")
+    __slots__ = ("item_id", "score", "reason")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    reason: str
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("request_id", "model_version", "items")

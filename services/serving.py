@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 class ScoredItem:
     item_id: str
     score: float
+    reason: str = ""  # the source that put it there (`REASONS`)
+
+
+REASONS = ("covisit", "ann", "trending")
+"""Why an item is in a list: co-visited with the user's recent items (or, for similar items,
+with the item), near the user's (or item's) vector in the index, or trending."""
 
 
 @dataclass(frozen=True)
@@ -279,13 +285,15 @@ class ServingReplica:
         state = self._state
         answers = []
         ranked = self._ranked(batch, candidates, [r.k for r in requests])
-        for (keys, scores), r, s in zip(ranked, requests, batch.seen, strict=True):
+        for i, ((keys, scores), r, s) in enumerate(zip(ranked, requests, batch.seen, strict=True)):
             keys, scores = _named(state.names, keys, scores)
+            ranked_n = len(keys)
             if len(keys) < r.k:
                 keys, scores = self._fill_popular(keys, scores, s, r.k)
+            reasons = self._reasons(batch, i, keys, ranked_n)
             items = [
-                ScoredItem(state.names[key], float(score))
-                for key, score in zip(keys.tolist(), scores.tolist(), strict=True)
+                ScoredItem(state.names[key], float(score), reason)
+                for key, score, reason in zip(keys.tolist(), scores.tolist(), reasons, strict=True)
             ]
             answers.append(Recommendation(uuid.uuid4().hex, state.version, items))
         return answers
@@ -354,6 +362,20 @@ class ServingReplica:
             return np.zeros((len(keys), 1), dtype=np.float64 if name == ITEM_COUNTS else np.uint64)
         return table.get(keys)[0]
 
+    def _reasons(self, batch: _Users, i: int, keys: np.ndarray, ranked: int) -> list[str]:
+        """The source of each of user `i`'s items: the first `ranked` are the ranker's (from the
+        candidate sources), the rest filled in from trending. A ranked item the user's recent
+        items co-visit is "covisit" (the explanation a user can check), else "trending" if it is
+        among the trending candidates, else "ann". Derived from the state, so a ranking stage
+        that got its candidates from another process names them the same way."""
+        n = self._candidates_per_source + len(batch.seen[i])
+        covisited = batch.covisit.of(i, keys[:ranked]) > 0 if batch.covisit else np.zeros(ranked, bool)
+        trending = np.isin(keys[:ranked], self._state.popular_keys[:n])
+        return [
+            "covisit" if c else "trending" if t else "ann"
+            for c, t in zip(covisited.tolist(), trending.tolist(), strict=True)
+        ] + ["trending"] * (len(keys) - ranked)
+
     def _fill_popular(
         self, keys: np.ndarray, scores: np.ndarray, seen: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -379,12 +401,14 @@ class ServingReplica:
         with self._lock:
             state = self._state
             keys, scores = np.zeros(0, np.uint64), np.zeros(0, np.float32)
+            covisited = 0
             if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
                 neighbours, found = state.tables[COVISIT_ITEMS].get(item)
                 if found[0]:
                     co_scores = state.tables[COVISIT_SCORES].get(item)[0][0]
                     present = (neighbours[0] != 0) & (co_scores > 0)
                     keys, scores = _named(state.names, neighbours[0][present], co_scores[present].astype(np.float32))
+            covisited = len(keys)
             if state.items is None or self._index is None:
                 found = np.zeros(1, bool)
             else:
@@ -397,8 +421,8 @@ class ServingReplica:
             elif not found[0] and not len(keys):
                 raise NotFound(f"item {item_id!r} is unknown to the model")
             items = [
-                ScoredItem(state.names[key], float(s))
-                for key, s in zip(keys[:k].tolist(), scores[:k].tolist(), strict=True)
+                ScoredItem(state.names[key], float(s), "covisit" if n < covisited else "ann")
+                for n, (key, s) in enumerate(zip(keys[:k].tolist(), scores[:k].tolist(), strict=True))
             ]
             return state.version, items
 

@@ -172,3 +172,22 @@ def test_a_newcomers_first_events_drive_their_list_before_they_have_a_row(
     items = [i.item_id for i in replica.recommend_batch([Request("newcomer", 6)])[0].items]
     assert len(items) == 6 and "b1" not in items and "b4" not in items
     assert sum(i.startswith("b") for i in items) >= 2, items  # beside the hits everyone picks
+
+
+def test_each_item_names_the_source_that_put_it_there(served: tuple[Trainer, ServingReplica]) -> None:
+    trainer, replica = served
+    trainer.train_events(events_of([("fan", "a2"), ("fan", "a5")], start_ms=1_700_002_000_000))
+    message = trainer.collect_sync()
+    assert message is not None
+    replica._store.publish(message)
+    replica.catch_up()
+    fan, stranger = replica.recommend_batch([Request("fan", 8), Request("nobody-knows-me", 8)])
+    reasons = {i.item_id: i.reason for i in fan.items}
+    picked_together = [i for i in reasons if i.startswith("a")]
+    assert picked_together and all(reasons[i] == "covisit" for i in picked_together), reasons  # not trending
+    assert [i.reason for i in stranger.items] == ["trending"] * 8  # a cold user gets the trending list
+    _, similar = replica.similar_items("a3", 5)
+    assert [s.reason for s in similar] == ["covisit"] * 5  # a3 has enough neighbours
+    _, (candidates,) = replica.candidates_batch([Request("fan", 8)])
+    (ranked,) = replica.rank_batch([Request("fan", 8)], [candidates])  # the ranking stage alone
+    assert [(i.item_id, i.reason) for i in ranked.items] == [(i.item_id, i.reason) for i in fan.items]

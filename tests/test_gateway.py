@@ -136,13 +136,15 @@ def test_similar_items_and_unknown_item(node: Node, stub: pb_grpc.GatewayStub) -
     assert len(items) == 5 and "item-1" not in items
     grpc_items = stub.SimilarItems(pb.SimilarItemsRequest(item_id="item-1", k=5)).items
     assert [i.item_id for i in grpc_items] == items
+    reasons = [i["reason"] for i in r.json()["items"]]
+    assert set(reasons) <= {"covisit", "ann"} and [i.reason for i in grpc_items] == reasons
     assert missing.status_code == 404
     with pytest.raises(grpc.RpcError) as info:
         stub.SimilarItems(pb.SimilarItemsRequest(item_id="no-such-item", k=5))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_cold_user_gets_popular_items(node: Node) -> None:
+def test_cold_user_gets_popular_items(node: Node, stub: pb_grpc.GatewayStub) -> None:
     assert node.trainer is not None
     before = node.trainer.events_trained
     events = [event(n, f"pop-{n}", item_id="hit") for n in range(20)] + [event(50, "pop-x", item_id="flop")]
@@ -152,6 +154,9 @@ def test_cold_user_gets_popular_items(node: Node) -> None:
         r = client.post("/v1/recommendations", json={"user_id": "never-seen", "k": 3}).json()
     assert r["items"][0]["item_id"] == "hit"
     assert len({i["item_id"] for i in r["items"]}) == 3
+    assert [i["reason"] for i in r["items"]] == ["trending"] * 3
+    grpc_items = stub.Recommend(pb.RecommendRequest(user_id="never-seen", k=3)).items
+    assert [(i.item_id, i.reason) for i in grpc_items] == [(i["item_id"], i["reason"]) for i in r["items"]]
 
 
 def test_health_metrics_readiness_and_reflection(node: Node) -> None:

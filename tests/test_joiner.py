@@ -113,7 +113,7 @@ def test_a_joiner_from_an_older_checkpoint_still_recognises_late_actions() -> No
     import pickle
 
     old = Joiner(JoinerConfig(window_s=60))
-    old._closed = {("u", "a"): False, ("u", "b"): True}  # type: ignore[assignment]  # pairs as strings
+    old._closed = {("u", "a"): False, ("u", "b"): True}  # type: ignore[dict-item]  # pairs as strings
     j = pickle.loads(pickle.dumps(old))
     assert labels(j.push([act("click", "u", "a", 10)])) == [("u", "a", 1.0, "late")]
     assert j.push([act("click", "u", "b", 11)]) == []  # already a positive

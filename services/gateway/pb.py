@@ -50,11 +50,11 @@ def ingest_to_pb(result: IngestResult) -> pb.IngestResponse:
 
 
 def items_to_pb(items: list[ScoredItem]) -> list[pb.ScoredItem]:
-    return [pb.ScoredItem(item_id=i.item_id, score=i.score) for i in items]
+    return [pb.ScoredItem(item_id=i.item_id, score=i.score, reason=i.reason) for i in items]
 
 
 def items_from_pb(items: Iterable[pb.ScoredItem]) -> list[ScoredItem]:
-    return [ScoredItem(i.item_id, i.score) for i in items]
+    return [ScoredItem(i.item_id, i.score, i.reason) for i in items]
 
 
 def recommendation_from_pb(rec: pb.RecommendResponse) -> Recommendation:

@@ -76,6 +76,7 @@ class RecommendRequest(BaseModel):
 class ScoredItemBody(BaseModel):
     item_id: str
     score: float
+    reason: str = Field(description="the source that put the item there: covisit, ann or trending")
 
 
 class RecommendResponse(BaseModel):
@@ -234,7 +235,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         answer = RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
-            items=[ScoredItemBody(item_id=i.item_id, score=i.score) for i in rec.items],
+            items=[ScoredItemBody(item_id=i.item_id, score=i.score, reason=i.reason) for i in rec.items],
         )
         # serialised here: FastAPI would validate the model a second time (the hot path's CPU)
         return Response(answer.model_dump_json(), media_type="application/json")
@@ -244,7 +245,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         authorize(request, "recommend")
         version, items = gateway.similar_items(item_id, k)
         return SimilarResponse(
-            model_version=version, items=[ScoredItemBody(item_id=i.item_id, score=i.score) for i in items]
+            model_version=version,
+            items=[ScoredItemBody(item_id=i.item_id, score=i.score, reason=i.reason) for i in items],
         )
 
     @app.get("/healthz")
