@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/freshrec.proto\x12\x0b\x66reshrec.v1\"\xf3\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\x05value\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x07\x63ontext\x18\x08 \x03(\x0b\x32\x1f.freshrec.v1.Event.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_value\"3\n\rIngestRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.freshrec.v1.Event\",\n\nEventError\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.freshrec.v1.EventError\"_\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x10\n\x08rejected\x18\x02 \x01(\x05\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.freshrec.v1.EventResult\"\xc7\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12;\n\x07\x63ontext\x18\x04 \x03(\x0b\x32*.freshrec.v1.RecommendRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_exclude_seen\"<\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\"f\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.freshrec.v1.ScoredItem\"1\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"U\n\x14SimilarItemsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.freshrec.v1.ScoredItem2\xed\x01\n\x07Gateway\x12\x41\n\x06Ingest\x12\x1a.freshrec.v1.IngestRequest\x1a\x1b.freshrec.v1.IngestResponse\x12J\n\tRecommend\x12\x1d.freshrec.v1.RecommendRequest\x1a\x1e.freshrec.v1.RecommendResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/freshrec.proto\x12\x0b\x66reshrec.v1\"\xf3\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\x05value\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x07\x63ontext\x18\x08 \x03(\x0b\x32\x1f.freshrec.v1.Event.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_value\"3\n\rIngestRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.freshrec.v1.Event\",\n\nEventError\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.freshrec.v1.EventError\"_\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x10\n\x08rejected\x18\x02 \x01(\x05\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.freshrec.v1.EventResult\"\xec\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12;\n\x07\x63ontext\x18\x04 \x03(\x0b\x32*.freshrec.v1.RecommendRequest.ContextEntry\x12#\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x13.freshrec.v1.Filter\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_exclude_seen\"\x1f\n\x06\x46ilter\x12\x15\n\rexclude_items\x18\x03 \x03(\t\"<\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\"f\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.freshrec.v1.ScoredItem\"1\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"U\n\x14SimilarItemsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.freshrec.v1.ScoredItem2\xed\x01\n\x07Gateway\x12\x41\n\x06Ingest\x12\x1a.freshrec.v1.IngestRequest\x1a\x1b.freshrec.v1.IngestResponse\x12J\n\tRecommend\x12\x1d.freshrec.v1.RecommendRequest\x1a\x1e.freshrec.v1.RecommendResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,17 +48,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTRESPONSE']._serialized_start=470
   _globals['_INGESTRESPONSE']._serialized_end=565
   _globals['_RECOMMENDREQUEST']._serialized_start=568
-  _globals['_RECOMMENDREQUEST']._serialized_end=767
+  _globals['_RECOMMENDREQUEST']._serialized_end=804
   _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_start=225
   _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_end=271
-  _globals['_SCOREDITEM']._serialized_start=769
-  _globals['_SCOREDITEM']._serialized_end=829
-  _globals['_RECOMMENDRESPONSE']._serialized_start=831
-  _globals['_RECOMMENDRESPONSE']._serialized_end=933
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=935
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=984
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=986
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1071
-  _globals['_GATEWAY']._serialized_start=1074
-  _globals['_GATEWAY']._serialized_end=1311
+  _globals['_FILTER']._serialized_start=806
+  _globals['_FILTER']._serialized_end=837
+  _globals['_SCOREDITEM']._serialized_start=839
+  _globals['_SCOREDITEM']._serialized_end=899
+  _globals['_RECOMMENDRESPONSE']._serialized_start=901
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1003
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1005
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1054
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1056
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1141
+  _globals['_GATEWAY']._serialized_start=1144
+  _globals['_GATEWAY']._serialized_end=1381
 # @@protoc_insertion_point(module_scope)

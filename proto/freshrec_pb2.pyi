@@ -68,7 +68,7 @@ class IngestResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen", "context")
+    __slots__ = ("user_id", "k", "exclude_seen", "context", "filter")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,11 +80,19 @@ class RecommendRequest(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
     context: _containers.ScalarMap[str, str]
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    filter: Filter
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("exclude_items",)
+    EXCLUDE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    exclude_items: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, exclude_items: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "reason")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import freshrec_pb2 as proto_dot_freshrec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x13\x66reshrec.serving.v1\x1a\x14proto/freshrec.proto\"8\n\x04\x43\x61ll\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\"8\n\x0cStageRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\":\n\x12\x43\x61ndidatesResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x03(\x0c\"K\n\x0bRankRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"G\n\x0cRankResponse\x12\x37\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1e.freshrec.v1.RecommendResponse\"\x0f\n\rStatusRequest\"K\n\x0eStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0bstore_age_s\x18\x03 \x01(\x01\x32\x8d\x02\n\tRetrieval\x12X\n\nCandidates\x12!.freshrec.serving.v1.StageRequest\x1a\'.freshrec.serving.v1.CandidatesResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponse2\xa9\x01\n\x07Ranking\x12K\n\x04Rank\x12 .freshrec.serving.v1.RankRequest\x1a!.freshrec.serving.v1.RankResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x13\x66reshrec.serving.v1\x1a\x14proto/freshrec.proto\"O\n\x04\x43\x61ll\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12\x15\n\rexclude_items\x18\x04 \x03(\t\"8\n\x0cStageRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\":\n\x12\x43\x61ndidatesResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x03(\x0c\"K\n\x0bRankRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"G\n\x0cRankResponse\x12\x37\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1e.freshrec.v1.RecommendResponse\"\x0f\n\rStatusRequest\"K\n\x0eStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0bstore_age_s\x18\x03 \x01(\x01\x32\x8d\x02\n\tRetrieval\x12X\n\nCandidates\x12!.freshrec.serving.v1.StageRequest\x1a\'.freshrec.serving.v1.CandidatesResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponse2\xa9\x01\n\x07Ranking\x12K\n\x04Rank\x12 .freshrec.serving.v1.RankRequest\x1a!.freshrec.serving.v1.RankResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.serving_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CALL']._serialized_start=66
-  _globals['_CALL']._serialized_end=122
-  _globals['_STAGEREQUEST']._serialized_start=124
-  _globals['_STAGEREQUEST']._serialized_end=180
-  _globals['_CANDIDATESRESPONSE']._serialized_start=182
-  _globals['_CANDIDATESRESPONSE']._serialized_end=240
-  _globals['_RANKREQUEST']._serialized_start=242
-  _globals['_RANKREQUEST']._serialized_end=317
-  _globals['_RANKRESPONSE']._serialized_start=319
-  _globals['_RANKRESPONSE']._serialized_end=390
-  _globals['_STATUSREQUEST']._serialized_start=392
-  _globals['_STATUSREQUEST']._serialized_end=407
-  _globals['_STATUSRESPONSE']._serialized_start=409
-  _globals['_STATUSRESPONSE']._serialized_end=484
-  _globals['_RETRIEVAL']._serialized_start=487
-  _globals['_RETRIEVAL']._serialized_end=756
-  _globals['_RANKING']._serialized_start=759
-  _globals['_RANKING']._serialized_end=928
+  _globals['_CALL']._serialized_end=145
+  _globals['_STAGEREQUEST']._serialized_start=147
+  _globals['_STAGEREQUEST']._serialized_end=203
+  _globals['_CANDIDATESRESPONSE']._serialized_start=205
+  _globals['_CANDIDATESRESPONSE']._serialized_end=263
+  _globals['_RANKREQUEST']._serialized_start=265
+  _globals['_RANKREQUEST']._serialized_end=340
+  _globals['_RANKRESPONSE']._serialized_start=342
+  _globals['_RANKRESPONSE']._serialized_end=413
+  _globals['_STATUSREQUEST']._serialized_start=415
+  _globals['_STATUSREQUEST']._serialized_end=430
+  _globals['_STATUSRESPONSE']._serialized_start=432
+  _globals['_STATUSRESPONSE']._serialized_end=507
+  _globals['_RETRIEVAL']._serialized_start=510
+  _globals['_RETRIEVAL']._serialized_end=779
+  _globals['_RANKING']._serialized_start=782
+  _globals['_RANKING']._serialized_end=951
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Call(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen")
+    __slots__ = ("user_id", "k", "exclude_seen", "exclude_items")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEMS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
+    exclude_items: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_items: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StageRequest(_message.Message):
     __slots__ = ("calls",)

@@ -243,7 +243,10 @@ class ServingReplica:
         """What both stages need of the requests' users, looked up once (call under the lock)."""
         state = self._state
         users = feature_keys("user", [r.user_id for r in requests])
-        seen = [_seen(state.seen.get(int(u)) if r.exclude_seen else None) for u, r in zip(users, requests, strict=True)]
+        seen = [
+            _left_out(state.seen.get(int(u)) if r.exclude_seen else None, r)
+            for u, r in zip(users, requests, strict=True)
+        ]
         if state.users is None:
             vectors, found = np.zeros((len(users), 0), np.float32), np.zeros(len(users), bool)
         else:
@@ -446,6 +449,7 @@ class Request:
     user_id: str
     k: int
     exclude_seen: bool = True
+    exclude_items: tuple[str, ...] = ()  # never in the list (`filter.exclude_items`)
 
 
 def _named(names: dict[int, str], keys: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -454,8 +458,13 @@ def _named(names: dict[int, str], keys: np.ndarray, scores: np.ndarray) -> tuple
     return (keys, scores) if known.all() else (keys[known], scores[known])
 
 
-def _seen(history: np.ndarray | None) -> np.ndarray:
-    return history if history is not None else np.zeros(0, np.uint64)
+def _left_out(history: np.ndarray | None, request: Request) -> np.ndarray:
+    """The items a request's list must not hold: the user's seen items (when it excludes them)
+    and the items its filter excludes."""
+    seen = history if history is not None else np.zeros(0, np.uint64)
+    if not request.exclude_items:
+        return seen
+    return np.concatenate([seen, feature_keys("item", request.exclude_items)])
 
 
 def _unseen(items: np.ndarray, seen: np.ndarray) -> np.ndarray:

@@ -54,7 +54,7 @@ def _requests(calls: Sequence[spb.Call]) -> list[Request]:
             raise InvalidArgument(f"calls[{i}].user_id: is required")
         if call.k < 1:
             raise InvalidArgument(f"calls[{i}].k: must be >= 1, got {call.k}")
-    return [Request(c.user_id, c.k, c.exclude_seen) for c in calls]
+    return [Request(c.user_id, c.k, c.exclude_seen, tuple(c.exclude_items)) for c in calls]
 
 
 def _answer(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
@@ -178,7 +178,10 @@ class RemoteStages:
             raise error(details) from None
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[Recommendation]:
-        calls = [spb.Call(user_id=r.user_id, k=r.k, exclude_seen=r.exclude_seen) for r in requests]
+        calls = [
+            spb.Call(user_id=r.user_id, k=r.k, exclude_seen=r.exclude_seen, exclude_items=r.exclude_items)
+            for r in requests
+        ]
         candidates = self._rpc("retrieval", self._retrieval.Candidates, spb.StageRequest(calls=calls))
         ranked = self._rpc("ranking", self._ranking.Rank, spb.RankRequest(calls=calls, candidates=candidates.items))
         return [adapt.recommendation_from_pb(a) for a in ranked.recommendations]

@@ -123,6 +123,35 @@ def test_recommend_validation(node: Node, stub: pb_grpc.GatewayStub, body: dict,
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in (info.value.details() or "")
 
 
+def test_a_filter_excludes_items_and_still_fills_k(node: Node, stub: pb_grpc.GatewayStub) -> None:
+    assert node.trainer is not None
+    before = node.trainer.events_trained
+    events = [event(n, f"flt-{n % 4}", item_id=f"flt-item-{n % 12}") for n in range(48)]
+    with rest(node) as client:
+        client.post("/v1/events", json={"events": events})
+        wait_trained_and_served(node, before + len(events))
+        first = [
+            i["item_id"] for i in client.post("/v1/recommendations", json={"user_id": "flt-0", "k": 6}).json()["items"]
+        ]
+        body = {"user_id": "flt-0", "k": 6, "filter": {"exclude_items": first[:3]}}
+        filtered = [i["item_id"] for i in client.post("/v1/recommendations", json=body).json()["items"]]
+        unknown = client.post("/v1/recommendations", json={"user_id": "u", "filter": {"categories": ["x"]}})
+        empty_id = client.post("/v1/recommendations", json={"user_id": "u", "filter": {"exclude_items": ["a", ""]}})
+    assert len(first) == 6 and len(filtered) == 6  # k items, none of the excluded
+    assert not set(first[:3]) & set(filtered)
+    grpc_items = stub.Recommend(
+        pb.RecommendRequest(user_id="flt-0", k=6, filter=pb.Filter(exclude_items=first[:3]))
+    ).items
+    assert len(grpc_items) == 6 and not set(first[:3]) & {i.item_id for i in grpc_items}
+    assert unknown.status_code == 422 and "categories" in unknown.json()["error"]["message"]
+    assert empty_id.status_code == 422 and "filter.exclude_items[1]" in empty_id.json()["error"]["message"]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Recommend(pb.RecommendRequest(user_id="u", filter=pb.Filter(exclude_items=["x"] * 1001)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filter.exclude_items" in (
+        info.value.details() or ""
+    )
+
+
 def test_similar_items_and_unknown_item(node: Node, stub: pb_grpc.GatewayStub) -> None:
     assert node.trainer is not None
     before = node.trainer.events_trained

@@ -45,11 +45,14 @@ def test_remote_stages_answer_as_the_local_replica(stages: tuple[ServingReplica,
     local, remote, _ = stages
     requests = [Request(f"u{u}", 10, exclude) for u in range(12) for exclude in (True, False)]
     requests.append(Request("nobody-knows-me", 5))  # cold: trending items
+    top = [i.item_id for i in local.recommend_batch([Request("u3", 10)])[0].items]
+    requests.append(Request("u3", 10, exclude_items=tuple(top[:4])))  # the filter travels to both stages
     remote_answers = remote.recommend_batch(requests)
     local_answers = local.recommend_batch(requests)
     assert len(remote_answers) == len(requests)
     for r, mine, theirs in zip(requests, local_answers, remote_answers, strict=True):
-        assert [i.item_id for i in theirs.items] == [i.item_id for i in mine.items], r
+        assert [(i.item_id, i.reason) for i in theirs.items] == [(i.item_id, i.reason) for i in mine.items], r
+        assert not set(r.exclude_items) & {i.item_id for i in theirs.items}
         np.testing.assert_allclose([i.score for i in theirs.items], [i.score for i in mine.items], rtol=1e-6)
         assert theirs.model_version == mine.model_version == local.version and len(theirs.items) == r.k
     assert len({a.request_id for a in remote_answers}) == len(requests)

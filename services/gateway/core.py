@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,10 @@ from services.gateway.auth import Guard, parse_api_keys
 from services.gateway.batcher import RecommendBatcher
 from services.serving import Recommendation, Recommender, Request, ScoredItem
 from trainer.eventlog.base import EventLog, LogUnavailable
-from trainer.events import Event, InvalidEvent, parse_event
+from trainer.events import MAX_ID_LENGTH, Event, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
+MAX_EXCLUDED = 1000  # items one request's filter may exclude
 STALE_AFTER_S = 10.0  # /readyz says "stale" when the serving store has not answered for longer
 
 
@@ -158,16 +159,24 @@ class Gateway:
         return k
 
     async def recommend(
-        self, user_id: str, k: int | None, exclude_seen: bool, timeout_s: float | None = None
+        self,
+        user_id: str,
+        k: int | None,
+        exclude_seen: bool,
+        timeout_s: float | None = None,
+        exclude_items: Sequence[str] = (),
     ) -> Recommendation:
         """Queue the call for the model thread (`RecommendBatcher`) and await its answer; the
         REST and gRPC edges both call this from their event loops.
 
         Args:
             timeout_s: how long the caller waits (default and cap: `server.request_timeout_s`).
+            exclude_items: items the list must not hold (`filter.exclude_items`); the list
+                still has k items when enough others are eligible.
 
         Raises:
-            InvalidArgument: empty or too long user_id, k out of range.
+            InvalidArgument: empty or too long user_id, k out of range, more than
+                MAX_EXCLUDED excluded items or an empty or too long one (named by index).
             Unavailable: too many calls are waiting already.
             DeadlineExceeded: no answer within the timeout.
         """
@@ -175,8 +184,14 @@ class Gateway:
             raise InvalidArgument("user_id: is required")
         if len(user_id) > 256:
             raise InvalidArgument("user_id: must be at most 256 characters")
+        if len(exclude_items) > MAX_EXCLUDED:
+            raise InvalidArgument(f"filter.exclude_items: at most {MAX_EXCLUDED} items, got {len(exclude_items)}")
+        for n, item in enumerate(exclude_items):
+            if not item or len(item) > MAX_ID_LENGTH:
+                raise InvalidArgument(f"filter.exclude_items[{n}]: must be 1-{MAX_ID_LENGTH} characters")
         timeout = min(timeout_s if timeout_s is not None else math.inf, self.config.request_timeout_s)
-        future = self._batcher.submit(Request(user_id, self._k(k), exclude_seen), timeout)
+        request = Request(user_id, self._k(k), exclude_seen, tuple(exclude_items))
+        future = self._batcher.submit(request, timeout)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except TimeoutError:

@@ -74,7 +74,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
         async def run() -> pb.RecommendResponse:
             deadline = context.time_remaining()  # the caller's (none: a far-off one)
-            rec = await self._gateway.recommend(request.user_id, request.k, adapt.exclude_seen(request), deadline)
+            rec = await self._gateway.recommend(
+                request.user_id,
+                request.k,
+                adapt.exclude_seen(request),
+                deadline,
+                exclude_items=list(request.filter.exclude_items),
+            )
             return adapt.recommendation_to_pb(rec)
 
         return await self._call("Recommend", "recommend", context, run)

@@ -66,11 +66,19 @@ class EventsResponse(BaseModel):
     results: list[EventResultBody]
 
 
+class FilterBody(BaseModel):
+    """Which items the list may hold (applied before the top k is cut)."""
+
+    model_config = ConfigDict(extra="forbid")  # a filter this server does not apply is refused, not ignored
+    exclude_items: list[str] = Field(default_factory=list, description="never these items (at most 1,000)")
+
+
 class RecommendRequest(BaseModel):
     user_id: str = Field(min_length=1, max_length=256)
     k: int | None = Field(default=None, ge=1, description="number of items (server default when absent)")
     exclude_seen: bool = True
     context: dict[str, str] = Field(default_factory=dict)
+    filter: FilterBody = Field(default_factory=FilterBody)
 
 
 class ScoredItemBody(BaseModel):
@@ -231,7 +239,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/recommendations", response_model=RecommendResponse)
     async def recommend(body: RecommendRequest, request: Request) -> Response:
         authorize(request, "recommend")
-        rec = await gateway.recommend(body.user_id, body.k, body.exclude_seen)
+        rec = await gateway.recommend(body.user_id, body.k, body.exclude_seen, exclude_items=body.filter.exclude_items)
         answer = RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
