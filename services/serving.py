@@ -404,14 +404,13 @@ class ServingReplica:
         with self._lock:
             state = self._state
             keys, scores = np.zeros(0, np.uint64), np.zeros(0, np.float32)
-            covisited = 0
             if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
                 neighbours, found = state.tables[COVISIT_ITEMS].get(item)
                 if found[0]:
                     co_scores = state.tables[COVISIT_SCORES].get(item)[0][0]
                     present = (neighbours[0] != 0) & (co_scores > 0)
                     keys, scores = _named(state.names, neighbours[0][present], co_scores[present].astype(np.float32))
-            covisited = len(keys)
+            covisited = len(keys)  # the first `covisited` are co-visitation's, the rest the index's
             if state.items is None or self._index is None:
                 found = np.zeros(1, bool)
             else:
