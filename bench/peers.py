@@ -291,10 +291,11 @@ def live(dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, 
             if not report.trained:
                 raise RuntimeError("freshrec did not train on the whole history in time")
             # the rows go out every second, the ranker's and blend's dense parameters every
-            # `dense_sync_interval_s`: wait for a dense sync after the last step, then one more version
+            # `dense_sync_interval_s`: wait for a dense sync after the last step, then until the
+            # served version has stopped moving for 3 s (the replica applied what was published;
+            # a trainer with nothing new publishes nothing more)
             time.sleep(load_config().trainer.dense_sync_interval_s + 1.0)
-            first = client.get("/readyz").json()["model_version"]
-            local_servers.wait_until(lambda: client.get("/readyz").json()["model_version"] > first, 30, "sync")
+            _wait_quiet(client, quiet_s=3.0, timeout_s=30.0)
             lists: dict[int, list[int]] = {}
             for u in sorted(split.truth):
                 response = client.post("/v1/recommendations", json={"user_id": user_ids[u], "k": K})
@@ -307,6 +308,17 @@ def live(dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, 
     result.update(params={"configuration": "shipped defaults"}, seconds=time.perf_counter() - started)
     result["replay_events_per_s"] = report.events_per_s
     return result
+
+
+def _wait_quiet(client: httpx.Client, quiet_s: float, timeout_s: float) -> None:
+    """Until /readyz's model version has not changed for `quiet_s` (at most `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    version, since = client.get("/readyz").json()["model_version"], time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = client.get("/readyz").json()["model_version"]
+        if now != version:
+            version, since = now, time.monotonic()
 
 
 def _plot(rows: dict[str, dict[str, Any]], quick: bool) -> Path:
