@@ -155,15 +155,20 @@ def test_similar_items_are_the_items_picked_with_it(served: tuple[Trainer, Servi
     assert "a3" not in {s.item_id for s in similar}
 
 
-def test_a_newcomers_first_events_drive_their_list_before_they_have_a_row(
-    served: tuple[Trainer, ServingReplica],
-) -> None:
-    trainer, replica = served
-    trainer.train_events(events_of([("newcomer", "b1"), ("newcomer", "b4")], start_ms=1_700_001_000_000))
+def train_and_serve(trainer: Trainer, replica: ServingReplica, pairs: list[tuple[str, str]], start_ms: int) -> None:
+    """Train on clicks of (user, item) `pairs` and let the replica apply the sync that follows."""
+    trainer.train_events(events_of(pairs, start_ms=start_ms))
     message = trainer.collect_sync()
     assert message is not None
     replica._store.publish(message)
     replica.catch_up()
+
+
+def test_a_newcomers_first_events_drive_their_list_before_they_have_a_row(
+    served: tuple[Trainer, ServingReplica],
+) -> None:
+    trainer, replica = served
+    train_and_serve(trainer, replica, [("newcomer", "b1"), ("newcomer", "b4")], start_ms=1_700_001_000_000)
     assert replica._state.users is not None
     assert not replica._state.users.get(feature_keys("user", ["newcomer"]))[1][0]  # min_count=3: no row yet
     _, (candidates,) = replica.candidates_batch([Request("newcomer", 6)])
@@ -176,11 +181,7 @@ def test_a_newcomers_first_events_drive_their_list_before_they_have_a_row(
 
 def test_each_item_names_the_source_that_put_it_there(served: tuple[Trainer, ServingReplica]) -> None:
     trainer, replica = served
-    trainer.train_events(events_of([("fan", "a2"), ("fan", "a5")], start_ms=1_700_002_000_000))
-    message = trainer.collect_sync()
-    assert message is not None
-    replica._store.publish(message)
-    replica.catch_up()
+    train_and_serve(trainer, replica, [("fan", "a2"), ("fan", "a5")], start_ms=1_700_002_000_000)
     fan, stranger = replica.recommend_batch([Request("fan", 8), Request("nobody-knows-me", 8)])
     reasons = {i.item_id: i.reason for i in fan.items}
     picked_together = [i for i in reasons if i.startswith("a")]

@@ -285,17 +285,20 @@ def test_seen_items_are_kept_once_each(store: ServingStore) -> None:
     assert list(replayed.seen[7]) == [2, 3, 4, 1]  # oldest first: an item seen again is the newest
 
 
+def seen_by(user: int, items: list[int]) -> SyncMessage:
+    """A version that carries only `user`'s new interactions with `items`, in order."""
+    return SyncMessage(
+        users=TableDelta.empty("user"),
+        items=TableDelta.empty("item"),
+        seen_users=np.full(len(items), user, np.uint64),
+        seen_items=np.array(items, np.uint64),
+    )
+
+
 def test_a_full_seen_set_drops_the_oldest() -> None:
     state = ServingState(max_seen=3)
     for items in ([1, 2, 3], [1, 4]):  # 1 seen again: 2 is now the oldest
-        state.apply(
-            SyncMessage(
-                users=TableDelta.empty("user"),
-                items=TableDelta.empty("item"),
-                seen_users=np.full(len(items), 9, np.uint64),
-                seen_items=np.array(items, np.uint64),
-            )
-        )
+        state.apply(seen_by(9, items))
     assert list(state.seen[9]) == [3, 1, 4]
 
 
@@ -338,13 +341,6 @@ def test_a_publish_longer_than_the_lock_timeout_keeps_the_lock(redis_url: str, m
 def test_an_item_seen_twice_in_one_version_is_kept_once_at_its_newest_place() -> None:
     state = ServingState(max_seen=10)
     for items in ([5, 6, 5, 7], [8, 6, 8]):
-        state.apply(
-            SyncMessage(
-                users=TableDelta.empty("user"),
-                items=TableDelta.empty("item"),
-                seen_users=np.full(len(items), 9, np.uint64),
-                seen_items=np.array(items, np.uint64),
-            )
-        )
+        state.apply(seen_by(9, items))
     assert state.seen[9].tolist() == [5, 7, 6, 8]
     assert state.seen[9].dtype == np.uint64
