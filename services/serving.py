@@ -44,12 +44,7 @@ log = logging.getLogger(__name__)
 class ScoredItem:
     item_id: str
     score: float
-    reason: str = ""  # the source that put it there (`REASONS`)
-
-
-REASONS = ("covisit", "ann", "trending")
-"""Why an item is in a list: co-visited with the user's recent items (or, for similar items,
-with the item), near the user's (or item's) vector in the index, or trending."""
+    reason: str = ""  # the source that put it there: "covisit", "ann" or "trending"
 
 
 @dataclass(frozen=True)
@@ -277,7 +272,7 @@ class ServingReplica:
         for i in known.tolist():
             ann_items = _unseen(ann.get(i, none), seen[i])[:n]
             covisited = _unseen(batch.covisit.top(i, n + len(seen[i]))[0], seen[i])[:n] if batch.covisit else none
-            popular = _unseen(state.popular_keys[: n + len(seen[i])], seen[i])
+            popular = _unseen(self._trending_candidates(seen[i]), seen[i])
             out[i] = interleave([ann_items, covisited, popular], 2 * n)  # the ranker scores 2n
         return out
 
@@ -365,15 +360,18 @@ class ServingReplica:
             return np.zeros((len(keys), 1), dtype=np.float64 if name == ITEM_COUNTS else np.uint64)
         return table.get(keys)[0]
 
+    def _trending_candidates(self, left_out: np.ndarray) -> np.ndarray:
+        """The trending list deep enough to give `candidates` items once `left_out` is removed."""
+        return self._state.popular_keys[: self._candidates_per_source + len(left_out)]
+
     def _reasons(self, batch: _Users, i: int, keys: np.ndarray, ranked: int) -> list[str]:
         """The source of each of user `i`'s items: the first `ranked` are the ranker's (from the
         candidate sources), the rest filled in from trending. A ranked item the user's recent
         items co-visit is "covisit" (the explanation a user can check), else "trending" if it is
         among the trending candidates, else "ann". Derived from the state, so a ranking stage
         that got its candidates from another process names them the same way."""
-        n = self._candidates_per_source + len(batch.seen[i])
         covisited = batch.covisit.of(i, keys[:ranked]) > 0 if batch.covisit else np.zeros(ranked, bool)
-        trending = np.isin(keys[:ranked], self._state.popular_keys[:n])
+        trending = np.isin(keys[:ranked], self._trending_candidates(batch.seen[i]))
         return [
             "covisit" if c else "trending" if t else "ann"
             for c, t in zip(covisited.tolist(), trending.tolist(), strict=True)

@@ -6,6 +6,7 @@ import numpy as np
 
 from embedding_store.base import TableDelta
 from embedding_store.row_map import RowMap
+from retrieval.candidates import distinct
 from trainer.sync import SyncMessage
 
 MAX_SEEN = 5000
@@ -114,10 +115,7 @@ class ServingState:
 def _append_distinct(history: np.ndarray | None, items: np.ndarray, limit: int) -> np.ndarray:
     """`history` (distinct keys, oldest first) followed by `items`: an item seen again moves to
     the newest place; only the newest `limit` stay."""
-    items = np.asarray(items, dtype=np.uint64)
-    # the last occurrence of each item in `items`, in order
-    _, last = np.unique(items[::-1], return_index=True)
-    newest = items[np.sort(len(items) - 1 - last)]
+    newest = distinct(np.asarray(items, dtype=np.uint64)[::-1])[::-1]  # each item at its last place
     if history is not None and len(history):
         newest = np.concatenate([history[~np.isin(history, newest)], newest])
     return newest[-limit:].copy() if len(newest) > limit else newest
