@@ -20,7 +20,6 @@ The neighbour rows travel to serving as two synced feature tables, `COVISIT_ITEM
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -45,8 +44,10 @@ class CoVisitation:
         half_life_s: model time after which a pair counts half.
         max_users: users whose recent items are remembered (least recently active go first).
         max_items: items with counts (those with the smallest decayed counts go first).
-        refresh_s: how stale (wall clock) `neighbour_rows` may serve a changed item's list
-            before it is computed again (a drain always computes every changed one).
+        refresh_every: how many `observe` calls (trainer steps) `neighbour_rows` may serve a
+            changed item's list from its cache before computing it again (a drain always
+            computes every changed one). Counted in steps, not wall time, so that a trainer
+            resumed from a checkpoint computes exactly what the one that wrote it does.
 
     Example:
         >>> co = CoVisitation(window=5, neighbours=2)
@@ -64,22 +65,28 @@ class CoVisitation:
         half_life_s: float = 7 * 86400.0,
         max_users: int = 1_000_000,
         max_items: int = 1_000_000,
-        refresh_s: float = 1.0,
+        refresh_every: int = 8,
     ) -> None:
-        for name, value in (("window", window), ("neighbours", neighbours), ("max_users", max_users)):
+        for name, value in (
+            ("window", window),
+            ("neighbours", neighbours),
+            ("max_users", max_users),
+            ("refresh_every", refresh_every),
+        ):
             if value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
         if not half_life_s > 0 or max_items < 1:
             raise ValueError(f"half_life_s and max_items must be positive, got {half_life_s}, {max_items}")
         self.window, self.neighbours, self.half_life_s = window, neighbours, half_life_s
-        self.max_users, self.max_items, self.refresh_s = max_users, max_items, refresh_s
+        self.max_users, self.max_items, self.refresh_every = max_users, max_items, refresh_every
+        self._observed = 0  # observe calls so far: the cache's clock
         self._recent: OrderedDict[int, deque[int]] = OrderedDict()
         self._pairs: dict[int, dict[int, float]] = {}  # item -> partner -> anchored weight
         self._counts: dict[int, float] = {}  # item -> anchored count
         self._ref_s: float | None = None  # the anchor: weights are relative to 2^(ref / half-life)
         self._changed: set[int] = set()  # items whose neighbour list may differ since the last drain
         self._evicted: set[int] = set()
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # item -> top neighbours, when
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # item -> top neighbours, when
 
     def __len__(self) -> int:
         return len(self._counts)
@@ -103,6 +110,7 @@ class CoVisitation:
         """Count positive events (aligned uint64 keys, in order) at model time `now_s`."""
         if not len(item_keys):
             return
+        self._observed += 1
         scale = self._scale(now_s)
         pairs, counts, changed, limit = self._pairs, self._counts, self._changed, 4 * self.neighbours
         for user, item in zip(user_keys.tolist(), item_keys.tolist(), strict=True):
@@ -145,18 +153,20 @@ class CoVisitation:
 
     def neighbour_rows(self, item_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(neighbour keys uint64 [n, neighbours], cosine scores float64 [n, neighbours]) of
-        each item, best first, 0-padded (all zeros for an item without counts); a list that
-        changed is computed again at most every `refresh_s`."""
-        n, m = len(item_keys), self.neighbours
-        keys, scores = np.zeros((n, m), np.uint64), np.zeros((n, m), np.float64)
-        now = time.monotonic()
+        each item, best first, 0-padded (all zeros for an item without counts); a list is
+        served from a cache for at most `refresh_every` observe calls."""
+        keys, scores = self._matrices(len(item_keys))
+        now = self._observed
         for row, item in enumerate(item_keys.tolist()):
             cached = self._cache.get(item)
-            if cached is None or (item in self._changed and now - cached[2] > self.refresh_s):
+            if cached is None or now - cached[2] >= self.refresh_every:
                 cached = self._cache[item] = (*self._top(item), now)
             k, s = cached[0], cached[1]
             keys[row, : len(k)], scores[row, : len(s)] = k, s
         return keys, scores
+
+    def _matrices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((n, self.neighbours), np.uint64), np.zeros((n, self.neighbours), np.float64)
 
     def _top(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         partners = self._pairs.get(item)
@@ -173,18 +183,23 @@ class CoVisitation:
 
     def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(changed item keys [n], their neighbour keys [n, m] and scores [n, m], items forgotten
-        [e]) since the previous drain: what the next sync carries."""
+        [e]) since the previous drain: what the next sync carries. Computed afresh, and apart
+        from the cache, so that when syncs happen does not change what training sees."""
         items = np.fromiter(self._changed, dtype=np.uint64, count=len(self._changed))
-        now = time.monotonic()
-        self._cache.update((i, (*self._top(i), now)) for i in self._changed)
         self._changed = set()
-        keys, scores = self.neighbour_rows(items)
+        keys, scores = self._matrices(len(items))
+        for row, item in enumerate(items.tolist()):
+            k, s = self._top(item)
+            keys[row, : len(k)], scores[row, : len(s)] = k, s
         evicted = np.fromiter(self._evicted, dtype=np.uint64, count=len(self._evicted))
         self._evicted = set()
         return items, keys, scores, evicted
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything `load_state_dict` needs (plain containers, for checkpoints)."""
+        """Everything `load_state_dict` needs (plain containers, for checkpoints). The cache of
+        neighbour lists is not in it: it is emptied here instead, so this object goes on to
+        compute exactly what one loaded from the state does (the lists are computed again)."""
+        self._cache = {}
         return {
             "recent": [(u, list(r)) for u, r in self._recent.items()],
             "pairs": self._pairs,

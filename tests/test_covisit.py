@@ -83,6 +83,31 @@ def test_drain_carries_what_changed_once_and_checkpoints_round_trip() -> None:
     assert co.neighbour_rows(keys(50))[0][0, 0] == 20
 
 
+def test_cached_lists_follow_the_steps_not_the_clock_or_the_syncs() -> None:
+    """A list is served from the cache for `refresh_every` (4) observe calls, then computed again;
+    drains (syncs, which run on wall time) change nothing training sees, and a copy loaded from
+    a checkpoint sees what the one that wrote it does from then on."""
+    a, b = (CoVisitation(window=1, neighbours=2, refresh_every=4) for _ in range(2))
+    for co in (a, b):
+        co.observe(keys(1, 1), keys(10, 20), now_s=0.0)
+        assert co.neighbour_rows(keys(10))[0][0, 0] == 20
+    seen, copy = [], None
+    for step in range(4):  # 10 then 30, four times: 30 overtakes 20 as 10's neighbour
+        for co in (a, b):
+            co.observe(keys(100 + step, 100 + step), keys(10, 30), now_s=1.0)
+        b.drain()  # only b syncs
+        seen.append(int(a.neighbour_rows(keys(10))[0][0, 0]))
+        if copy is None:
+            assert b.neighbour_rows(keys(10))[0][0, 0] == seen[-1]
+        else:
+            copy.observe(keys(100 + step, 100 + step), keys(10, 30), now_s=1.0)
+            np.testing.assert_array_equal(b.neighbour_rows(keys(10))[1], copy.neighbour_rows(keys(10))[1])
+        if step == 1:
+            copy = CoVisitation(window=1, neighbours=2, refresh_every=4)
+            copy.load_state_dict(b.state_dict())
+    assert seen == [20, 20, 20, 30]  # cached for four steps (it was computed before the first)
+
+
 def test_the_item_cap_forgets_the_rarest_and_says_so() -> None:
     co = CoVisitation(window=1, neighbours=2, max_items=10)
     co.observe(np.zeros(20, np.uint64), np.repeat(keys(1, 2), 10), now_s=0.0)
