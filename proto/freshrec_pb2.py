@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/freshrec.proto\x12\x0b\x66reshrec.v1\"\xf3\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\x05value\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x07\x63ontext\x18\x08 \x03(\x0b\x32\x1f.freshrec.v1.Event.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_value\"3\n\rIngestRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.freshrec.v1.Event\",\n\nEventError\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.freshrec.v1.EventError\"_\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x10\n\x08rejected\x18\x02 \x01(\x05\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.freshrec.v1.EventResult\"\xec\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12;\n\x07\x63ontext\x18\x04 \x03(\x0b\x32*.freshrec.v1.RecommendRequest.ContextEntry\x12#\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x13.freshrec.v1.Filter\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_exclude_seen\"\x1f\n\x06\x46ilter\x12\x15\n\rexclude_items\x18\x03 \x03(\t\"<\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\"f\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.freshrec.v1.ScoredItem\"1\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"U\n\x14SimilarItemsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.freshrec.v1.ScoredItem2\xed\x01\n\x07Gateway\x12\x41\n\x06Ingest\x12\x1a.freshrec.v1.IngestRequest\x1a\x1b.freshrec.v1.IngestResponse\x12J\n\tRecommend\x12\x1d.freshrec.v1.RecommendRequest\x1a\x1e.freshrec.v1.RecommendResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/freshrec.proto\x12\x0b\x66reshrec.v1\"\xf3\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\x05value\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x07\x63ontext\x18\x08 \x03(\x0b\x32\x1f.freshrec.v1.Event.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_value\"3\n\rIngestRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.freshrec.v1.Event\",\n\nEventError\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.freshrec.v1.EventError\"_\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x10\n\x08rejected\x18\x02 \x01(\x05\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.freshrec.v1.EventResult\"\xec\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12;\n\x07\x63ontext\x18\x04 \x03(\x0b\x32*.freshrec.v1.RecommendRequest.ContextEntry\x12#\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x13.freshrec.v1.Filter\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_exclude_seen\"\xbb\x01\n\x06\x46ilter\x12\x12\n\ncategories\x18\x01 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x02 \x03(\t\x12\x15\n\rexclude_items\x18\x03 \x03(\t\x12\x37\n\nattributes\x18\x04 \x03(\x0b\x32#.freshrec.v1.Filter.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\"f\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.freshrec.v1.ScoredItem\"1\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"U\n\x14SimilarItemsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.freshrec.v1.ScoredItem\"\xf1\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x35\n\nattributes\x18\x02 \x03(\x0b\x32!.freshrec.v1.Item.AttributesEntry\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x0e\n\x06hidden\x18\x04 \x01(\x08\x12\x1f\n\x12\x61vailable_until_ms\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nupdated_ms\x18\x06 \x01(\x03\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x15\n\x13_available_until_ms\"1\n\x0ePutItemRequest\x12\x1f\n\x04item\x18\x01 \x01(\x0b\x32\x11.freshrec.v1.Item\"\"\n\x0fPutItemResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"3\n\x0fPutItemsRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.freshrec.v1.Item\"a\n\x10PutItemsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x10\n\x08rejected\x18\x02 \x01(\x05\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.freshrec.v1.EventResult\"!\n\x0eGetItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"I\n\x0fGetItemResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x1f\n\x04item\x18\x02 \x01(\x0b\x32\x11.freshrec.v1.Item\"1\n\x10ListItemsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"J\n\x11ListItemsResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.freshrec.v1.Item\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"$\n\x11\x44\x65leteItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteItemResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t2\xdd\x04\n\x07Gateway\x12\x41\n\x06Ingest\x12\x1a.freshrec.v1.IngestRequest\x1a\x1b.freshrec.v1.IngestResponse\x12J\n\tRecommend\x12\x1d.freshrec.v1.RecommendRequest\x1a\x1e.freshrec.v1.RecommendResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12\x44\n\x07PutItem\x12\x1b.freshrec.v1.PutItemRequest\x1a\x1c.freshrec.v1.PutItemResponse\x12G\n\x08PutItems\x12\x1c.freshrec.v1.PutItemsRequest\x1a\x1d.freshrec.v1.PutItemsResponse\x12\x44\n\x07GetItem\x12\x1b.freshrec.v1.GetItemRequest\x1a\x1c.freshrec.v1.GetItemResponse\x12J\n\tListItems\x12\x1d.freshrec.v1.ListItemsRequest\x1a\x1e.freshrec.v1.ListItemsResponse\x12M\n\nDeleteItem\x12\x1e.freshrec.v1.DeleteItemRequest\x1a\x1f.freshrec.v1.DeleteItemResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_FILTER_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_FILTER_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_ITEM_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=38
   _globals['_EVENT']._serialized_end=281
   _globals['_EVENT_CONTEXTENTRY']._serialized_start=225
@@ -51,16 +55,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDREQUEST']._serialized_end=804
   _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_start=225
   _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_end=271
-  _globals['_FILTER']._serialized_start=806
-  _globals['_FILTER']._serialized_end=837
-  _globals['_SCOREDITEM']._serialized_start=839
-  _globals['_SCOREDITEM']._serialized_end=899
-  _globals['_RECOMMENDRESPONSE']._serialized_start=901
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1003
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=1005
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=1054
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1056
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1141
-  _globals['_GATEWAY']._serialized_start=1144
-  _globals['_GATEWAY']._serialized_end=1381
+  _globals['_FILTER']._serialized_start=807
+  _globals['_FILTER']._serialized_end=994
+  _globals['_FILTER_ATTRIBUTESENTRY']._serialized_start=945
+  _globals['_FILTER_ATTRIBUTESENTRY']._serialized_end=994
+  _globals['_SCOREDITEM']._serialized_start=996
+  _globals['_SCOREDITEM']._serialized_end=1056
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1058
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1160
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1162
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1211
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1213
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1298
+  _globals['_ITEM']._serialized_start=1301
+  _globals['_ITEM']._serialized_end=1542
+  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_start=945
+  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_end=994
+  _globals['_PUTITEMREQUEST']._serialized_start=1544
+  _globals['_PUTITEMREQUEST']._serialized_end=1593
+  _globals['_PUTITEMRESPONSE']._serialized_start=1595
+  _globals['_PUTITEMRESPONSE']._serialized_end=1629
+  _globals['_PUTITEMSREQUEST']._serialized_start=1631
+  _globals['_PUTITEMSREQUEST']._serialized_end=1682
+  _globals['_PUTITEMSRESPONSE']._serialized_start=1684
+  _globals['_PUTITEMSRESPONSE']._serialized_end=1781
+  _globals['_GETITEMREQUEST']._serialized_start=1783
+  _globals['_GETITEMREQUEST']._serialized_end=1816
+  _globals['_GETITEMRESPONSE']._serialized_start=1818
+  _globals['_GETITEMRESPONSE']._serialized_end=1891
+  _globals['_LISTITEMSREQUEST']._serialized_start=1893
+  _globals['_LISTITEMSREQUEST']._serialized_end=1942
+  _globals['_LISTITEMSRESPONSE']._serialized_start=1944
+  _globals['_LISTITEMSRESPONSE']._serialized_end=2018
+  _globals['_DELETEITEMREQUEST']._serialized_start=2020
+  _globals['_DELETEITEMREQUEST']._serialized_end=2056
+  _globals['_DELETEITEMRESPONSE']._serialized_start=2058
+  _globals['_DELETEITEMRESPONSE']._serialized_end=2095
+  _globals['_GATEWAY']._serialized_start=2098
+  _globals['_GATEWAY']._serialized_end=2703
 # @@protoc_insertion_point(module_scope)

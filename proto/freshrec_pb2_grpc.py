@@ -49,6 +49,31 @@ class GatewayStub:
                 request_serializer=proto_dot_freshrec__pb2.SimilarItemsRequest.SerializeToString,
                 response_deserializer=proto_dot_freshrec__pb2.SimilarItemsResponse.FromString,
                 _registered_method=True)
+        self.PutItem = channel.unary_unary(
+                '/freshrec.v1.Gateway/PutItem',
+                request_serializer=proto_dot_freshrec__pb2.PutItemRequest.SerializeToString,
+                response_deserializer=proto_dot_freshrec__pb2.PutItemResponse.FromString,
+                _registered_method=True)
+        self.PutItems = channel.unary_unary(
+                '/freshrec.v1.Gateway/PutItems',
+                request_serializer=proto_dot_freshrec__pb2.PutItemsRequest.SerializeToString,
+                response_deserializer=proto_dot_freshrec__pb2.PutItemsResponse.FromString,
+                _registered_method=True)
+        self.GetItem = channel.unary_unary(
+                '/freshrec.v1.Gateway/GetItem',
+                request_serializer=proto_dot_freshrec__pb2.GetItemRequest.SerializeToString,
+                response_deserializer=proto_dot_freshrec__pb2.GetItemResponse.FromString,
+                _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/freshrec.v1.Gateway/ListItems',
+                request_serializer=proto_dot_freshrec__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=proto_dot_freshrec__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
+        self.DeleteItem = channel.unary_unary(
+                '/freshrec.v1.Gateway/DeleteItem',
+                request_serializer=proto_dot_freshrec__pb2.DeleteItemRequest.SerializeToString,
+                response_deserializer=proto_dot_freshrec__pb2.DeleteItemResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -72,6 +97,36 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutItem(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetItem(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItem(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +144,31 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.SimilarItems,
                     request_deserializer=proto_dot_freshrec__pb2.SimilarItemsRequest.FromString,
                     response_serializer=proto_dot_freshrec__pb2.SimilarItemsResponse.SerializeToString,
+            ),
+            'PutItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutItem,
+                    request_deserializer=proto_dot_freshrec__pb2.PutItemRequest.FromString,
+                    response_serializer=proto_dot_freshrec__pb2.PutItemResponse.SerializeToString,
+            ),
+            'PutItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutItems,
+                    request_deserializer=proto_dot_freshrec__pb2.PutItemsRequest.FromString,
+                    response_serializer=proto_dot_freshrec__pb2.PutItemsResponse.SerializeToString,
+            ),
+            'GetItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetItem,
+                    request_deserializer=proto_dot_freshrec__pb2.GetItemRequest.FromString,
+                    response_serializer=proto_dot_freshrec__pb2.GetItemResponse.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=proto_dot_freshrec__pb2.ListItemsRequest.FromString,
+                    response_serializer=proto_dot_freshrec__pb2.ListItemsResponse.SerializeToString,
+            ),
+            'DeleteItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItem,
+                    request_deserializer=proto_dot_freshrec__pb2.DeleteItemRequest.FromString,
+                    response_serializer=proto_dot_freshrec__pb2.DeleteItemResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +252,141 @@ class Gateway:
             '/freshrec.v1.Gateway/SimilarItems',
             proto_dot_freshrec__pb2.SimilarItemsRequest.SerializeToString,
             proto_dot_freshrec__pb2.SimilarItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.v1.Gateway/PutItem',
+            proto_dot_freshrec__pb2.PutItemRequest.SerializeToString,
+            proto_dot_freshrec__pb2.PutItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.v1.Gateway/PutItems',
+            proto_dot_freshrec__pb2.PutItemsRequest.SerializeToString,
+            proto_dot_freshrec__pb2.PutItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.v1.Gateway/GetItem',
+            proto_dot_freshrec__pb2.GetItemRequest.SerializeToString,
+            proto_dot_freshrec__pb2.GetItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.v1.Gateway/ListItems',
+            proto_dot_freshrec__pb2.ListItemsRequest.SerializeToString,
+            proto_dot_freshrec__pb2.ListItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.v1.Gateway/DeleteItem',
+            proto_dot_freshrec__pb2.DeleteItemRequest.SerializeToString,
+            proto_dot_freshrec__pb2.DeleteItemResponse.FromString,
             options,
             channel_credentials,
             insecure,

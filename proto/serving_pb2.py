@@ -25,29 +25,39 @@ _sym_db = _symbol_database.Default()
 from proto import freshrec_pb2 as proto_dot_freshrec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x13\x66reshrec.serving.v1\x1a\x14proto/freshrec.proto\"O\n\x04\x43\x61ll\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12\x15\n\rexclude_items\x18\x04 \x03(\t\"8\n\x0cStageRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\":\n\x12\x43\x61ndidatesResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x03(\x0c\"K\n\x0bRankRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"G\n\x0cRankResponse\x12\x37\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1e.freshrec.v1.RecommendResponse\"\x0f\n\rStatusRequest\"K\n\x0eStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0bstore_age_s\x18\x03 \x01(\x01\x32\x8d\x02\n\tRetrieval\x12X\n\nCandidates\x12!.freshrec.serving.v1.StageRequest\x1a\'.freshrec.serving.v1.CandidatesResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponse2\xa9\x01\n\x07Ranking\x12K\n\x04Rank\x12 .freshrec.serving.v1.RankRequest\x1a!.freshrec.serving.v1.RankResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x13\x66reshrec.serving.v1\x1a\x14proto/freshrec.proto\"\xf1\x01\n\x04\x43\x61ll\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12\x15\n\rexclude_items\x18\x04 \x03(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x06 \x03(\t\x12=\n\nattributes\x18\x07 \x03(\x0b\x32).freshrec.serving.v1.Call.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x14\x43\x61talogueItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"4\n\x14\x43\x61taloguePageRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\";\n\x11\x43\x61talogueResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x0f\n\x07records\x18\x02 \x03(\t\"8\n\x0cStageRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\":\n\x12\x43\x61ndidatesResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x03(\x0c\"K\n\x0bRankRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"G\n\x0cRankResponse\x12\x37\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1e.freshrec.v1.RecommendResponse\"\x0f\n\rStatusRequest\"K\n\x0eStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0bstore_age_s\x18\x03 \x01(\x01\x32\xd5\x03\n\tRetrieval\x12X\n\nCandidates\x12!.freshrec.serving.v1.StageRequest\x1a\'.freshrec.serving.v1.CandidatesResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12\x62\n\rCatalogueItem\x12).freshrec.serving.v1.CatalogueItemRequest\x1a&.freshrec.serving.v1.CatalogueResponse\x12\x62\n\rCataloguePage\x12).freshrec.serving.v1.CataloguePageRequest\x1a&.freshrec.serving.v1.CatalogueResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponse2\xa9\x01\n\x07Ranking\x12K\n\x04Rank\x12 .freshrec.serving.v1.RankRequest\x1a!.freshrec.serving.v1.RankResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALL']._serialized_start=66
-  _globals['_CALL']._serialized_end=145
-  _globals['_STAGEREQUEST']._serialized_start=147
-  _globals['_STAGEREQUEST']._serialized_end=203
-  _globals['_CANDIDATESRESPONSE']._serialized_start=205
-  _globals['_CANDIDATESRESPONSE']._serialized_end=263
-  _globals['_RANKREQUEST']._serialized_start=265
-  _globals['_RANKREQUEST']._serialized_end=340
-  _globals['_RANKRESPONSE']._serialized_start=342
-  _globals['_RANKRESPONSE']._serialized_end=413
-  _globals['_STATUSREQUEST']._serialized_start=415
-  _globals['_STATUSREQUEST']._serialized_end=430
-  _globals['_STATUSRESPONSE']._serialized_start=432
-  _globals['_STATUSRESPONSE']._serialized_end=507
-  _globals['_RETRIEVAL']._serialized_start=510
-  _globals['_RETRIEVAL']._serialized_end=779
-  _globals['_RANKING']._serialized_start=782
-  _globals['_RANKING']._serialized_end=951
+  _globals['_CALL_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_CALL_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_CALL']._serialized_start=67
+  _globals['_CALL']._serialized_end=308
+  _globals['_CALL_ATTRIBUTESENTRY']._serialized_start=259
+  _globals['_CALL_ATTRIBUTESENTRY']._serialized_end=308
+  _globals['_CATALOGUEITEMREQUEST']._serialized_start=310
+  _globals['_CATALOGUEITEMREQUEST']._serialized_end=349
+  _globals['_CATALOGUEPAGEREQUEST']._serialized_start=351
+  _globals['_CATALOGUEPAGEREQUEST']._serialized_end=403
+  _globals['_CATALOGUERESPONSE']._serialized_start=405
+  _globals['_CATALOGUERESPONSE']._serialized_end=464
+  _globals['_STAGEREQUEST']._serialized_start=466
+  _globals['_STAGEREQUEST']._serialized_end=522
+  _globals['_CANDIDATESRESPONSE']._serialized_start=524
+  _globals['_CANDIDATESRESPONSE']._serialized_end=582
+  _globals['_RANKREQUEST']._serialized_start=584
+  _globals['_RANKREQUEST']._serialized_end=659
+  _globals['_RANKRESPONSE']._serialized_start=661
+  _globals['_RANKRESPONSE']._serialized_end=732
+  _globals['_STATUSREQUEST']._serialized_start=734
+  _globals['_STATUSREQUEST']._serialized_end=749
+  _globals['_STATUSRESPONSE']._serialized_start=751
+  _globals['_STATUSRESPONSE']._serialized_end=826
+  _globals['_RETRIEVAL']._serialized_start=829
+  _globals['_RETRIEVAL']._serialized_end=1298
+  _globals['_RANKING']._serialized_start=1301
+  _globals['_RANKING']._serialized_end=1470
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,16 @@ class RetrievalStub:
                 request_serializer=proto_dot_freshrec__pb2.SimilarItemsRequest.SerializeToString,
                 response_deserializer=proto_dot_freshrec__pb2.SimilarItemsResponse.FromString,
                 _registered_method=True)
+        self.CatalogueItem = channel.unary_unary(
+                '/freshrec.serving.v1.Retrieval/CatalogueItem',
+                request_serializer=proto_dot_serving__pb2.CatalogueItemRequest.SerializeToString,
+                response_deserializer=proto_dot_serving__pb2.CatalogueResponse.FromString,
+                _registered_method=True)
+        self.CataloguePage = channel.unary_unary(
+                '/freshrec.serving.v1.Retrieval/CataloguePage',
+                request_serializer=proto_dot_serving__pb2.CataloguePageRequest.SerializeToString,
+                response_deserializer=proto_dot_serving__pb2.CatalogueResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/freshrec.serving.v1.Retrieval/Status',
                 request_serializer=proto_dot_serving__pb2.StatusRequest.SerializeToString,
@@ -68,6 +78,19 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CatalogueItem(self, request, context):
+        """The catalogue as this replica serves it: one item's record, or a page of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CataloguePage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -86,6 +109,16 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.SimilarItems,
                     request_deserializer=proto_dot_freshrec__pb2.SimilarItemsRequest.FromString,
                     response_serializer=proto_dot_freshrec__pb2.SimilarItemsResponse.SerializeToString,
+            ),
+            'CatalogueItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.CatalogueItem,
+                    request_deserializer=proto_dot_serving__pb2.CatalogueItemRequest.FromString,
+                    response_serializer=proto_dot_serving__pb2.CatalogueResponse.SerializeToString,
+            ),
+            'CataloguePage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CataloguePage,
+                    request_deserializer=proto_dot_serving__pb2.CataloguePageRequest.FromString,
+                    response_serializer=proto_dot_serving__pb2.CatalogueResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -147,6 +180,60 @@ class Retrieval:
             '/freshrec.serving.v1.Retrieval/SimilarItems',
             proto_dot_freshrec__pb2.SimilarItemsRequest.SerializeToString,
             proto_dot_freshrec__pb2.SimilarItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CatalogueItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.serving.v1.Retrieval/CatalogueItem',
+            proto_dot_serving__pb2.CatalogueItemRequest.SerializeToString,
+            proto_dot_serving__pb2.CatalogueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CataloguePage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.serving.v1.Retrieval/CataloguePage',
+            proto_dot_serving__pb2.CataloguePageRequest.SerializeToString,
+            proto_dot_serving__pb2.CatalogueResponse.FromString,
             options,
             channel_credentials,
             insecure,

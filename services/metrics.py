@@ -33,6 +33,7 @@ RECOMMEND_BATCH = Histogram(
 RECOMMEND_QUEUE = Gauge("freshrec_recommend_queue", "Recommendation calls waiting for the model thread")
 EVENTS_ACCEPTED = Counter("freshrec_events_accepted_total", "Events acknowledged by the gateway", ["transport"])
 EVENTS_REJECTED = Counter("freshrec_events_rejected_total", "Events rejected by validation", ["field"])
+CATALOGUE_CHANGES = Counter("freshrec_catalogue_changes_total", "Item records and deletions logged by the gateway")
 
 TRAINER_EVENTS = Counter("freshrec_trainer_events_total", "Events the trainer has trained on")
 TRAINER_INVALID = Counter("freshrec_trainer_invalid_records_total", "Log records the trainer could not decode")

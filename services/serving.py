@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -35,9 +36,14 @@ from services.errors import NotFound
 from services.serving_store.base import ServingStore, VersionGap
 from services.serving_store.state import ServingState
 from trainer.catalog import ItemCatalog
+from trainer.items import ItemRecord
 from trainer.sync import SyncMessage
 
 log = logging.getLogger(__name__)
+FILTER_EXACT_ITEMS = 20_000
+"""A filtered request scores up to this many allowed items exactly, not through the index."""
+FILTER_OVERFETCH = 8
+"""A filter that allows more items searches the index this many times deeper than it keeps."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,10 @@ class Recommender(Protocol):
     def recommend_batch(self, requests: Sequence[Request]) -> list[Recommendation]: ...
 
     def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]: ...
+
+    def catalogue_item(self, item_id: str) -> tuple[int, ItemRecord | None]: ...
+
+    def catalogue_page(self, after: str, limit: int) -> list[ItemRecord]: ...
 
     def status(self) -> ServingStatus: ...
 
@@ -127,6 +137,7 @@ class ServingReplica:
         self._lock = threading.RLock()
         self.bootstrapped = threading.Event()
         self._store_seen_s = 0.0  # unix time the store last answered a read
+        self._blocked_indexed = np.zeros(0, np.uint64)  # the blocked items the index leaves out
 
     @property
     def version(self) -> int:
@@ -152,11 +163,14 @@ class ServingReplica:
                 if self._index is None:
                     self._index = ItemIndex(items.dim, self._index_config)
                     keys, rows = items.items()
+                    self._blocked_indexed = np.zeros(0, np.uint64)  # a new index holds every row
                 else:
                     keys = message.items.keys
                     rows, _ = items.get(keys)
                     self._index.remove(message.items.evicted)
                 self._index.upsert(keys, rows.astype(np.float32))
+                self._index.remove(keys[np.isin(keys, self._blocked_indexed)])  # a blocked item's new row
+                self._sync_blocked()
                 self._index.publish()
             if message.dense:
                 try:
@@ -231,17 +245,19 @@ class ServingReplica:
         (another replica's version may know fewer of them)."""
         with self._lock:
             batch = self._users_of(requests)
-            cands = [_unseen(np.asarray(c, np.uint64), s) for c, s in zip(candidates, batch.seen, strict=True)]
+            cands = [batch.keep(i, np.asarray(c, np.uint64)) for i, c in enumerate(candidates)]
             return self._answers(batch, requests, cands)
 
     def _users_of(self, requests: Sequence[Request]) -> _Users:
         """What both stages need of the requests' users, looked up once (call under the lock)."""
         state = self._state
+        self._sync_blocked()
         users = feature_keys("user", [r.user_id for r in requests])
         seen = [
-            _left_out(state.seen.get(int(u)) if r.exclude_seen else None, r)
+            _left_out(state.seen.get(int(u)) if r.exclude_seen else None, r, self._excluded(r))
             for u, r in zip(users, requests, strict=True)
         ]
+        allowed = [self._allowed(r) for r in requests]
         if state.users is None:
             vectors, found = np.zeros((len(users), 0), np.float32), np.zeros(len(users), bool)
         else:
@@ -250,7 +266,48 @@ class ServingReplica:
         covisit = None
         if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
             covisit = HistoryScores(covisit_lookup(state.tables[COVISIT_ITEMS], state.tables[COVISIT_SCORES]), history)
-        return _Users(users, seen, found, TwoTower.user_queries(vectors), history, covisit)
+        return _Users(users, seen, found, TwoTower.user_queries(vectors), history, covisit, allowed)
+
+    def _excluded(self, request: Request) -> np.ndarray:
+        """Keys of the items no list may hold now (hidden, deleted, expired: kept out of the
+        index too) and of those in the request's excluded categories."""
+        blocked = self._state.blocked
+        if not request.exclude_categories:
+            return blocked
+        members = [self._state.by_category.get(c, set()) for c in request.exclude_categories]
+        excluded = np.fromiter(set().union(*members), dtype=np.uint64)
+        return np.concatenate([blocked, excluded])
+
+    def _allowed(self, request: Request) -> np.ndarray | None:
+        """Sorted keys of the catalogued items the request's categories and attributes allow
+        (None: the request does not restrict them)."""
+        if not request.filtered:
+            return None
+        state = self._state
+        if request.categories:
+            keys: set[int] = set().union(*(state.by_category.get(c, set()) for c in request.categories))
+        else:
+            keys = {key for key, record in state.records.items() if not record.deleted}
+        if request.attributes:
+            wanted = request.attributes
+            keys = {k for k in keys if all(state.records[k].attributes.get(a) == v for a, v in wanted)}
+        return np.sort(np.fromiter(keys, dtype=np.uint64, count=len(keys)))
+
+    def _sync_blocked(self) -> None:
+        """Bring the item index in line with the catalogue (call under the lock): items that
+        became hidden, deleted or expired leave it, items un-hidden come back."""
+        blocked = self._state.blocked_now()
+        if blocked is self._blocked_indexed:
+            return
+        before, self._blocked_indexed = self._blocked_indexed, blocked
+        if self._index is None or self._state.items is None:
+            return
+        self._index.remove(np.setdiff1d(blocked, before))
+        back = np.setdiff1d(before, blocked)
+        rows, found = self._state.items.get(back)
+        if found.any():
+            self._index.upsert(back[found], rows[found].astype(np.float32))
+        self._index.publish()
 
     def _candidates(self, batch: _Users) -> list[np.ndarray]:
         state, none = self._state, np.zeros(0, np.uint64)
@@ -260,7 +317,8 @@ class ServingReplica:
         seen = batch.seen
         # a user without a row (history only) searches nothing: only the item biases would count
         known = np.flatnonzero(batch.found | batch.history.any(axis=1))
-        searched = np.flatnonzero(batch.found)
+        unfiltered = np.array([a is None for a in batch.allowed], dtype=bool)
+        searched = np.flatnonzero(batch.found & unfiltered)  # a filtered request searches its own items
         depth = self._candidates_per_source + max(len(seen[i]) for i in searched) if len(searched) else 0
         ann = {  # each user's own depth, as if searched alone
             i: found_items[: self._candidates_per_source + len(seen[i])]
@@ -270,11 +328,31 @@ class ServingReplica:
         }
         n = self._candidates_per_source
         for i in known.tolist():
-            ann_items = _unseen(ann.get(i, none), seen[i])[:n]
-            covisited = _unseen(batch.covisit.top(i, n + len(seen[i]))[0], seen[i])[:n] if batch.covisit else none
-            popular = _unseen(self._trending_candidates(seen[i]), seen[i])
+            filtered = batch.allowed[i] is not None
+            if filtered and batch.found[i]:
+                ann_items = self._search_allowed(batch, i, n)
+            else:
+                ann_items = batch.keep(i, ann.get(i, none))[:n]
+            covisited = batch.keep(i, batch.covisit.top(i, n + len(seen[i]))[0])[:n] if batch.covisit else none
+            trending = state.popular_keys if filtered else self._trending_candidates(seen[i])
+            popular = batch.keep(i, trending)[:n]
             out[i] = interleave([ann_items, covisited, popular], 2 * n)  # the ranker scores 2n
         return out
+
+    def _search_allowed(self, batch: _Users, i: int, n: int) -> np.ndarray:
+        """The top `n` items of request `i`'s filter by inner product with the user's query:
+        exact over the allowed items' rows when there are at most `FILTER_EXACT_ITEMS` of
+        them, else the index searched `FILTER_OVERFETCH` times as deep and filtered."""
+        state, allowed = self._state, batch.allowed[i]
+        assert allowed is not None and state.items is not None and self._index is not None
+        eligible = batch.keep(i, allowed)
+        if len(eligible) <= FILTER_EXACT_ITEMS:
+            rows, found = state.items.get(eligible)
+            eligible, rows = eligible[found], rows[found]
+            return top_k(eligible, rows.astype(np.float32) @ batch.queries[i], n)[0]
+        depth = FILTER_OVERFETCH * (n + len(batch.seen[i]))
+        found_items = self._index.search_batch(batch.queries[i : i + 1], depth)[0][0]
+        return batch.keep(i, found_items)[:n]
 
     def _answers(
         self, batch: _Users, requests: Sequence[Request], candidates: list[np.ndarray]
@@ -283,12 +361,12 @@ class ServingReplica:
         state = self._state
         answers = []
         ranked = self._ranked(batch, candidates, [r.k for r in requests])
-        for i, ((keys, scores), r, s) in enumerate(zip(ranked, requests, batch.seen, strict=True)):
+        for i, ((keys, scores), r) in enumerate(zip(ranked, requests, strict=True)):
             keys, scores = _named(state.names, keys, scores)
-            ranked_n = len(keys)
+            reasons = self._reasons(batch, i, keys)
             if len(keys) < r.k:
-                keys, scores = self._fill_popular(keys, scores, s, r.k)
-            reasons = self._reasons(batch, i, keys, ranked_n)
+                keys, scores, filled = self._fill(batch, i, keys, scores, r.k)
+                reasons += filled
             items = [
                 ScoredItem(state.names[key], float(score), reason)
                 for key, score, reason in zip(keys.tolist(), scores.tolist(), reasons, strict=True)
@@ -364,31 +442,66 @@ class ServingReplica:
         """The trending list deep enough to give `candidates` items once `left_out` is removed."""
         return self._state.popular_keys[: self._candidates_per_source + len(left_out)]
 
-    def _reasons(self, batch: _Users, i: int, keys: np.ndarray, ranked: int) -> list[str]:
-        """The source of each of user `i`'s items: the first `ranked` are the ranker's (from the
-        candidate sources), the rest filled in from trending. A ranked item the user's recent
-        items co-visit is "covisit" (the explanation a user can check), else "trending" if it is
-        among the trending candidates, else "ann". Derived from the state, so a ranking stage
-        that got its candidates from another process names them the same way."""
-        covisited = batch.covisit.of(i, keys[:ranked]) > 0 if batch.covisit else np.zeros(ranked, bool)
-        trending = np.isin(keys[:ranked], self._trending_candidates(batch.seen[i]))
+    def _reasons(self, batch: _Users, i: int, keys: np.ndarray) -> list[str]:
+        """The source of each of user `i`'s ranked items (from the candidate sources): an item
+        the user's recent items co-visit is "covisit" (the explanation a user can check), else
+        "trending" if it is among the trending candidates, else "ann". Derived from the state,
+        so a ranking stage that got its candidates from another process names them the same way."""
+        covisited = batch.covisit.of(i, keys) > 0 if batch.covisit else np.zeros(len(keys), bool)
+        trending = np.isin(keys, self._trending_candidates(batch.seen[i]))
         return [
             "covisit" if c else "trending" if t else "ann"
             for c, t in zip(covisited.tolist(), trending.tolist(), strict=True)
-        ] + ["trending"] * (len(keys) - ranked)
+        ]
 
-    def _fill_popular(
-        self, keys: np.ndarray, scores: np.ndarray, seen: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        popular, counts = _named(self._state.names, self._state.popular_keys, self._state.popular_scores)
-        keep = ~np.isin(popular, seen) & ~np.isin(popular, keys)
-        popular, counts = popular[keep], counts[keep]
-        total = float(self._state.popular_scores.sum()) or 1.0
+    def _fill(
+        self, batch: _Users, i: int, keys: np.ndarray, scores: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Request `i`'s list made up to `k` items: first the trending items it may hold
+        (scored by their share of the trending counts, reason "trending"), then the catalogued
+        items it may hold (those its filter allows), those with the most events first (score 0,
+        reason "catalogue"): a filter that leaves k eligible items gets k, and an item put in
+        the catalogue is listed before its first event. Returns keys, scores and the reasons of
+        the items added."""
+        state = self._state
+        popular, counts = _named(state.names, state.popular_keys, state.popular_scores)
+        eligible = np.isin(popular, batch.keep(i, popular)) & ~np.isin(popular, keys)
+        popular, counts = popular[eligible], counts[eligible]
+        total = float(state.popular_scores.sum()) or 1.0
         extra = k - len(keys)
-        return (
-            np.concatenate([keys, popular[:extra]]),
-            np.concatenate([scores, (counts[:extra] / total).astype(np.float32)]),
-        )
+        keys = np.concatenate([keys, popular[:extra]])
+        scores = np.concatenate([scores, (counts[:extra] / total).astype(np.float32)])
+        reasons = ["trending"] * min(extra, len(popular))
+        allowed = batch.allowed[i]
+        if len(keys) < k and (allowed is not None or state.records):
+            rest = batch.keep(i, allowed if allowed is not None else state.catalogued())
+            rest = rest[~np.isin(rest, keys)]
+            rest, _ = _named(state.names, rest, np.zeros(len(rest), np.float32))
+            order = np.argsort(-self._table_rows(ITEM_COUNTS, rest)[:, 0], kind="stable")
+            rest = rest[order][: k - len(keys)]
+            keys = np.concatenate([keys, rest])
+            scores = np.concatenate([scores, np.zeros(len(rest), np.float32)])
+            reasons += ["catalogue"] * len(rest)
+        return keys, scores, reasons
+
+    def catalogue_item(self, item_id: str) -> tuple[int, ItemRecord | None]:
+        """(version, the item's catalogue record, a tombstone if deleted; None if it has none)."""
+        with self._lock:
+            return self._state.version, self._state.catalogue.get(item_id)
+
+    def catalogue_page(self, after: str, limit: int) -> list[ItemRecord]:
+        """Up to `limit` catalogued items (not deleted) with ids after `after`, in id order."""
+        with self._lock:
+            ids = self._state.catalogue_ids()
+            start = bisect.bisect_right(ids, after) if after else 0
+            out = []
+            for item_id in ids[start:]:
+                record = self._state.catalogue[item_id]
+                if not record.deleted:
+                    out.append(record)
+                    if len(out) == limit:
+                        break
+            return out
 
     def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]:
         """Items users pick together with `item_id` (its co-visitation neighbours, best first),
@@ -401,12 +514,14 @@ class ServingReplica:
         item = np.array([feature_key("item", item_id)], dtype=np.uint64)
         with self._lock:
             state = self._state
+            self._sync_blocked()
+            blocked = state.blocked
             keys, scores = np.zeros(0, np.uint64), np.zeros(0, np.float32)
             if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
                 neighbours, found = state.tables[COVISIT_ITEMS].get(item)
                 if found[0]:
                     co_scores = state.tables[COVISIT_SCORES].get(item)[0][0]
-                    present = (neighbours[0] != 0) & (co_scores > 0)
+                    present = (neighbours[0] != 0) & (co_scores > 0) & ~np.isin(neighbours[0], blocked)
                     keys, scores = _named(state.names, neighbours[0][present], co_scores[present].astype(np.float32))
             covisited = len(keys)  # the first `covisited` are co-visitation's, the rest the index's
             if state.items is None or self._index is None:
@@ -415,7 +530,7 @@ class ServingReplica:
                 vectors, found = state.items.get(item)
             if found[0] and len(keys) < k and self._index is not None:
                 cand, near = self._index.search(vectors[0], k + 1 + len(keys))
-                keep = (cand != item[0]) & ~np.isin(cand, keys)
+                keep = (cand != item[0]) & ~np.isin(cand, keys) & ~np.isin(cand, blocked)
                 cand, near = _named(state.names, cand[keep], near[keep])
                 keys, scores = np.concatenate([keys, cand]), np.concatenate([scores, near.astype(np.float32)])
             elif not found[0] and not len(keys):
@@ -437,6 +552,13 @@ class _Users:
     queries: np.ndarray  # [u, dim + 1] two-tower queries (zeros without a vector)
     history: np.ndarray  # [u, h] recent item keys
     covisit: HistoryScores | None  # the histories' co-visitation scores (None before any are synced)
+    allowed: list[np.ndarray | None]  # each request's eligible items, sorted (None: any not left out)
+
+    def keep(self, i: int, items: np.ndarray) -> np.ndarray:
+        """`items` without request `i`'s left-out ones, and only its allowed ones."""
+        items = _unseen(items, self.seen[i])
+        allowed = self.allowed[i]
+        return items if allowed is None else items[np.isin(items, allowed)]
 
 
 @dataclass(frozen=True)
@@ -447,6 +569,14 @@ class Request:
     k: int
     exclude_seen: bool = True
     exclude_items: tuple[str, ...] = ()  # never in the list (`filter.exclude_items`)
+    categories: tuple[str, ...] = ()  # only items in one of these categories (`filter.categories`)
+    exclude_categories: tuple[str, ...] = ()  # no item in any of these (`filter.exclude_categories`)
+    attributes: tuple[tuple[str, str], ...] = ()  # only items with these attribute values (`filter.attributes`)
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the request allows only some items (categories or attributes)."""
+        return bool(self.categories or self.attributes)
 
 
 def _named(names: dict[int, str], keys: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,13 +585,15 @@ def _named(names: dict[int, str], keys: np.ndarray, scores: np.ndarray) -> tuple
     return (keys, scores) if known.all() else (keys[known], scores[known])
 
 
-def _left_out(history: np.ndarray | None, request: Request) -> np.ndarray:
-    """The items a request's list must not hold: the user's seen items (when it excludes them)
-    and the items its filter excludes."""
-    seen = history if history is not None else np.zeros(0, np.uint64)
-    if not request.exclude_items:
-        return seen
-    return np.concatenate([seen, feature_keys("item", request.exclude_items)])
+def _left_out(history: np.ndarray | None, request: Request, excluded: np.ndarray) -> np.ndarray:
+    """The items a request's list must not hold: the user's seen items (when it excludes them),
+    the items its filter excludes, and `excluded` (hidden, deleted, expired items and those of
+    its excluded categories)."""
+    parts = [history if history is not None else np.zeros(0, np.uint64), excluded]
+    if request.exclude_items:
+        parts.append(feature_keys("item", request.exclude_items))
+    parts = [p for p in parts if len(p)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.uint64)
 
 
 def _unseen(items: np.ndarray, seen: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from services.errors import FreshrecError, InvalidArgument, Unavailable
 from services.gateway import pb as adapt
 from services.gateway.grpc_server import MAX_MESSAGE_BYTES
 from services.serving import Recommendation, Request, ScoredItem, ServingReplica, ServingStatus
+from trainer.items import ItemRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +55,30 @@ def _requests(calls: Sequence[spb.Call]) -> list[Request]:
             raise InvalidArgument(f"calls[{i}].user_id: is required")
         if call.k < 1:
             raise InvalidArgument(f"calls[{i}].k: must be >= 1, got {call.k}")
-    return [Request(c.user_id, c.k, c.exclude_seen, tuple(c.exclude_items)) for c in calls]
+    return [
+        Request(
+            c.user_id,
+            c.k,
+            c.exclude_seen,
+            tuple(c.exclude_items),
+            tuple(c.categories),
+            tuple(c.exclude_categories),
+            tuple(sorted(c.attributes.items())),
+        )
+        for c in calls
+    ]
+
+
+def _call(r: Request) -> spb.Call:
+    return spb.Call(
+        user_id=r.user_id,
+        k=r.k,
+        exclude_seen=r.exclude_seen,
+        exclude_items=r.exclude_items,
+        categories=r.categories,
+        exclude_categories=r.exclude_categories,
+        attributes=dict(r.attributes),
+    )
 
 
 def _answer(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
@@ -86,6 +110,22 @@ class RetrievalServicer(spb_grpc.RetrievalServicer):
                 raise InvalidArgument("item_id and k (>= 1) are required")
             version, items = self._replica.similar_items(request.item_id, request.k)
             return pb.SimilarItemsResponse(model_version=version, items=adapt.items_to_pb(items))
+
+        return _answer(context, run)
+
+    def CatalogueItem(self, request: spb.CatalogueItemRequest, context: grpc.ServicerContext) -> spb.CatalogueResponse:
+        def run() -> spb.CatalogueResponse:
+            version, record = self._replica.catalogue_item(request.item_id)
+            return spb.CatalogueResponse(model_version=version, records=[record.to_json()] if record else [])
+
+        return _answer(context, run)
+
+    def CataloguePage(self, request: spb.CataloguePageRequest, context: grpc.ServicerContext) -> spb.CatalogueResponse:
+        def run() -> spb.CatalogueResponse:
+            if request.limit < 1:
+                raise InvalidArgument(f"limit: must be >= 1, got {request.limit}")
+            records = self._replica.catalogue_page(request.after, request.limit)
+            return spb.CatalogueResponse(model_version=self._replica.version, records=[r.to_json() for r in records])
 
         return _answer(context, run)
 
@@ -178,10 +218,7 @@ class RemoteStages:
             raise error(details) from None
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[Recommendation]:
-        calls = [
-            spb.Call(user_id=r.user_id, k=r.k, exclude_seen=r.exclude_seen, exclude_items=r.exclude_items)
-            for r in requests
-        ]
+        calls = [_call(r) for r in requests]
         candidates = self._rpc("retrieval", self._retrieval.Candidates, spb.StageRequest(calls=calls))
         ranked = self._rpc("ranking", self._ranking.Rank, spb.RankRequest(calls=calls, candidates=candidates.items))
         return [adapt.recommendation_from_pb(a) for a in ranked.recommendations]
@@ -189,6 +226,16 @@ class RemoteStages:
     def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]:
         reply = self._rpc("retrieval", self._retrieval.SimilarItems, pb.SimilarItemsRequest(item_id=item_id, k=k))
         return reply.model_version, adapt.items_from_pb(reply.items)
+
+    def catalogue_item(self, item_id: str) -> tuple[int, ItemRecord | None]:
+        reply = self._rpc("retrieval", self._retrieval.CatalogueItem, spb.CatalogueItemRequest(item_id=item_id))
+        return reply.model_version, ItemRecord.from_json(reply.records[0]) if reply.records else None
+
+    def catalogue_page(self, after: str, limit: int) -> list[ItemRecord]:
+        reply = self._rpc(
+            "retrieval", self._retrieval.CataloguePage, spb.CataloguePageRequest(after=after, limit=limit)
+        )
+        return [ItemRecord.from_json(r) for r in reply.records]
 
     def status(self) -> ServingStatus:
         """Ready when both stages are; the ranking stage's version; the staler store age."""

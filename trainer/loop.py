@@ -22,6 +22,7 @@ from trainer.evaluation import StreamingAUC
 from trainer.eventlog.base import DeadLetter, LogConsumer, LogRecord, LogUnavailable
 from trainer.events import Event, InvalidEvent
 from trainer.features import FeatureConfig, FeatureState
+from trainer.items import ItemRecord, is_catalogue_record
 from trainer.joiner import Joiner, JoinerConfig
 from trainer.models import TABLES, OnlineModels, table_configs
 from trainer.sync import SyncMessage, now_ms
@@ -201,6 +202,7 @@ class Trainer:
         # a batch whose step found the store unavailable: (records, deduplicated events, their records)
         self._held: tuple[list[LogRecord], list[Event], list[LogRecord | None]] | None = None
         self._unsent: SyncMessage | None = None  # drained by a `collect_sync` that failed
+        self._catalogue: dict[str, ItemRecord] = {}  # catalogue records read since the last sync
         self._undrained_users: TableDelta | None = None  # user rows drained by a failed sync
         self._progress_at = time.monotonic()  # last poll that consumed records or found none waiting
         self._step_started: float | None = None
@@ -312,6 +314,7 @@ class Trainer:
             "seen": list(self._seen),
             "trained_users": list(self._trained_users),
             "rng": self._rng.bit_generator.state,
+            "catalogue": {**(self._unsent.catalogue if self._unsent else {}), **self._catalogue},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -329,6 +332,7 @@ class Trainer:
         self._seen = list(state["seen"])
         self._trained_users = list(state.get("trained_users", []))  # absent from older checkpoints
         self._rng.bit_generator.state = state["rng"]
+        self._catalogue = dict(state.get("catalogue", {}))  # absent from older checkpoints
         self.last_checkpoint_s = state["written_at"]
 
     def health(self) -> TrainerHealth:
@@ -347,7 +351,8 @@ class Trainer:
 
     def train_records(self, records: list[LogRecord]) -> StepResult:
         """Decode `records` and train on them (records that do not decode, or are stamped more
-        than `max_clock_skew_s` ahead of this clock, are dead-lettered instead)."""
+        than `max_clock_skew_s` ahead of this clock, are dead-lettered instead). Catalogue
+        records (`trainer.items`) are not trained on: the next sync carries them to serving."""
         events: list[Event] = []
         accepted_ms: list[int] = []
         sources: list[LogRecord] = []
@@ -355,6 +360,11 @@ class Trainer:
         skew_ms = int(self.config.max_clock_skew_s * 1000)
         for record in records:
             try:
+                if is_catalogue_record(record.value):  # not an event: passed on with the next sync
+                    item = ItemRecord.from_log(record.value)
+                    with self._lock:
+                        self._catalogue[item.item_id] = item
+                    continue
                 events.append(Event.from_json(record.value, max_skew_ms=skew_ms))
                 accepted_ms.append(record.timestamp_ms)
                 sources.append(record)
@@ -551,12 +561,14 @@ class Trainer:
         with self._lock:
             seen, accepted, trained_users = self._seen, self._accepted, self._trained_users
             self._seen, self._accepted, self._trained_users = [], [], []
+            catalogue, self._catalogue = self._catalogue, {}
             partial = SyncMessage(
                 users=TableDelta.empty("user"),
                 items=TableDelta.empty("item"),
                 seen_users=np.concatenate([s[0] for s in seen]) if seen else np.zeros(0, np.uint64),
                 seen_items=np.concatenate([s[1] for s in seen]) if seen else np.zeros(0, np.uint64),
                 accepted_ms=self._sample(np.concatenate(accepted) if accepted else np.zeros(0, np.int64)),
+                catalogue=catalogue,
                 clock_s=self.catalog.clock_s,
                 trending_half_life_s=self.catalog.half_life_s,
                 created_ms=now_ms(),

@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from embedding_store.base import TableDelta
+from trainer.items import ItemRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class SyncMessage:
             version, int64 ms: a replica that applies the version observes its freshness.
         clock_s: the trainer's event time when the version was built (trending counts decay by it).
         trending_half_life_s: the half-life of the anchored trending counts in `tables`.
+        catalogue: catalogue changes (`trainer.items`) by item id, the newest of each; in a
+            full snapshot, every record serving holds (tombstones of deleted items included).
         full: True for a bootstrap snapshot that replaces all state instead of updating it.
         encoded_bytes: the size the serving store stored it at (set by `publish`, as `version` is).
     """
@@ -55,6 +58,7 @@ class SyncMessage:
     tables: dict[str, TableDelta] = field(default_factory=dict)
     dense: dict[str, np.ndarray] = field(default_factory=dict)
     accepted_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    catalogue: dict[str, ItemRecord] = field(default_factory=dict)
     clock_s: float = 0.0
     trending_half_life_s: float = 0.0
     version: int = 0
@@ -97,6 +101,7 @@ class SyncMessage:
             tables=tables(self.tables, newer.tables),
             dense=newer.dense or self.dense,
             accepted_ms=np.concatenate([self.accepted_ms, newer.accepted_ms]),
+            catalogue={**self.catalogue, **newer.catalogue},
             clock_s=newer.clock_s or self.clock_s,
             trending_half_life_s=newer.trending_half_life_s or self.trending_half_life_s,
             created_ms=newer.created_ms,
@@ -107,6 +112,7 @@ class SyncMessage:
             len(self.users)
             or len(self.items)
             or self.item_names
+            or self.catalogue
             or len(self.seen_users)
             or any(len(t) for t in self.tables.values())
             or self.dense

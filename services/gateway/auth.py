@@ -1,7 +1,7 @@
 """API keys and per-key rate limits at the gateway's edges.
 
 Keys come from `server.api_keys` (FRESHREC_API_KEYS): entries separated by ";", each
-`scopes:secret` with scopes from "ingest", "recommend", "admin" separated by ",", e.g.
+`scopes:secret` with scopes from "ingest", "recommend", "catalogue" (item writes), "admin" separated by ",", e.g.
 `ingest:9f2c...;recommend,ingest:77ab...;admin:c0de...`. "admin" grants every scope. Empty
 (the embedded default) turns authentication off. Clients send the key as
 `Authorization: Bearer <key>` (or `X-API-Key: <key>`) over REST and as gRPC metadata
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from services.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
-SCOPES = ("ingest", "recommend", "admin")
+SCOPES = ("ingest", "recommend", "catalogue", "admin")
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,19 @@ from typing import Any
 
 from services import metrics
 from services.config import ServerConfig
-from services.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from services.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from services.gateway.auth import Guard, parse_api_keys
 from services.gateway.batcher import RecommendBatcher
 from services.serving import Recommendation, Recommender, Request, ScoredItem
 from trainer.eventlog.base import EventLog, LogUnavailable
 from trainer.events import MAX_ID_LENGTH, Event, InvalidEvent, parse_event
+from trainer.items import InvalidItem, ItemRecord, parse_item, validate_item_id
 
 log = logging.getLogger(__name__)
 MAX_EXCLUDED = 1000  # items one request's filter may exclude
+MAX_FILTER_TERMS = 64  # categories, excluded categories or attributes one filter may name
+MAX_ITEMS_PER_CALL = 1000  # item records one `items:batch` call may hold
+MAX_PAGE = 1000  # items one catalogue page may list
 STALE_AFTER_S = 10.0  # /readyz says "stale" when the serving store has not answered for longer
 
 
@@ -122,6 +126,84 @@ class Gateway:
         metrics.EVENTS_ACCEPTED.labels(transport=transport).inc(len(good))
         return IngestResult(len(good), len(results) - len(good), results)
 
+    def put_items(self, raw_items: list[Any]) -> list[EventResult]:
+        """Validate catalogue records (each `{"item_id", "attributes", "categories", "hidden",
+        "available_until_ms"}`) and log the good ones (keyed by item: one item's changes stay
+        in order); per item, accepted or the field at fault. Served from the next sync.
+
+        Raises:
+            InvalidArgument: no items, too many, or none valid.
+            Unavailable: the log did not take them; none is acknowledged.
+        """
+        if not raw_items:
+            raise InvalidArgument("items: must contain at least one item")
+        if len(raw_items) > MAX_ITEMS_PER_CALL:
+            raise InvalidArgument(f"items: at most {MAX_ITEMS_PER_CALL} items per call, got {len(raw_items)}")
+        now_ms = int(time.time() * 1000)
+        good: list[ItemRecord] = []
+        results: list[EventResult] = []
+        for i, raw in enumerate(raw_items):
+            try:
+                if not isinstance(raw, dict):
+                    raise InvalidItem("", f"item must be an object, got {type(raw).__name__}")
+                body = {k: v for k, v in raw.items() if k != "item_id"}
+                good.append(parse_item(validate_item_id(raw.get("item_id")), body, now_ms))
+                results.append(EventResult(i, True))
+            except InvalidEvent as e:
+                results.append(EventResult(i, False, f"items[{i}].{e.field}" if e.field else f"items[{i}]", e.message))
+        if not good:
+            first = results[0]
+            raise InvalidArgument(f"no valid item in the call; first error: {first.field}: {first.message}")
+        self._log_items(good)
+        return results
+
+    def put_item(self, item_id: str, body: Any) -> ItemRecord:
+        """Validate and log one item record; raises InvalidArgument naming the field."""
+        try:
+            record = parse_item(validate_item_id(item_id), body, int(time.time() * 1000))
+        except InvalidEvent as e:
+            raise InvalidArgument(f"{e.field}: {e.message}" if e.field else e.message) from None
+        self._log_items([record])
+        return record
+
+    def delete_item(self, item_id: str) -> ItemRecord:
+        """Log the deletion of an item (a tombstone): from the next sync no list holds it and
+        `get_item` answers NotFound; a later `put_item` brings it back."""
+        try:
+            record = ItemRecord(validate_item_id(item_id), updated_ms=int(time.time() * 1000), deleted=True)
+        except InvalidEvent as e:
+            raise InvalidArgument(f"{e.field}: {e.message}") from None
+        self._log_items([record])
+        return record
+
+    def _log_items(self, records: list[ItemRecord]) -> None:
+        try:
+            self.log.append_keyed([(r.item_id, r.to_log()) for r in records])
+        except LogUnavailable as e:
+            log.warning("event log unavailable: %s", e)
+            raise Unavailable("event log unavailable; no item of this call was accepted") from e
+        metrics.CATALOGUE_CHANGES.inc(len(records))
+
+    def get_item(self, item_id: str) -> tuple[int, ItemRecord]:
+        """(model version, the item's record) as serving holds it; NotFound when it has none
+        (never put, deleted, or put after the latest sync)."""
+        version, record = self.recommender.catalogue_item(item_id)
+        if record is None or record.deleted:
+            raise NotFound(f"item {item_id!r} is not in the catalogue")
+        return version, record
+
+    def list_items(self, cursor: str, limit: int | None) -> tuple[list[ItemRecord], str]:
+        """A page of the catalogue in item-id order after `cursor` (an item id; "" for the
+        first page) and the cursor of the next page ("" after the last)."""
+        limit = limit or 100
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument(f"limit: must be in [1, {MAX_PAGE}], got {limit}")
+        if len(cursor) > MAX_ID_LENGTH:
+            raise InvalidArgument("cursor: too long")
+        records = self.recommender.catalogue_page(cursor, limit + 1)
+        more = len(records) > limit
+        return records[:limit], records[limit - 1].item_id if more else ""
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, what /readyz shows): ready once a model version is served and every component
         is healthy; `reason` says why not."""
@@ -165,6 +247,9 @@ class Gateway:
         exclude_seen: bool,
         timeout_s: float | None = None,
         exclude_items: Sequence[str] = (),
+        categories: Sequence[str] = (),
+        exclude_categories: Sequence[str] = (),
+        attributes: Mapping[str, str] | None = None,
     ) -> Recommendation:
         """Queue the call for the model thread (`RecommendBatcher`) and await its answer; the
         REST and gRPC edges both call this from their event loops.
@@ -173,6 +258,9 @@ class Gateway:
             timeout_s: how long the caller waits (default and cap: `server.request_timeout_s`).
             exclude_items: items the list must not hold (`filter.exclude_items`); the list
                 still has k items when enough others are eligible.
+            categories: only items in one of these (`filter.categories`).
+            exclude_categories: no item in any of these (`filter.exclude_categories`).
+            attributes: only items whose attributes have these values (`filter.attributes`).
 
         Raises:
             InvalidArgument: empty or too long user_id, k out of range, more than
@@ -189,8 +277,23 @@ class Gateway:
         for n, item in enumerate(exclude_items):
             if not item or len(item) > MAX_ID_LENGTH:
                 raise InvalidArgument(f"filter.exclude_items[{n}]: must be 1-{MAX_ID_LENGTH} characters")
+        for name, terms in (("categories", categories), ("exclude_categories", exclude_categories)):
+            _check_terms(f"filter.{name}", terms)
+        pairs = tuple(sorted((attributes or {}).items()))
+        _check_terms("filter.attributes", [a for a, _ in pairs])
+        for a, v in pairs:
+            if not isinstance(v, str) or len(v) > MAX_ID_LENGTH:
+                raise InvalidArgument(f"filter.attributes.{a}: must be a string of at most {MAX_ID_LENGTH} characters")
         timeout = min(timeout_s if timeout_s is not None else math.inf, self.config.request_timeout_s)
-        request = Request(user_id, self._k(k), exclude_seen, tuple(exclude_items))
+        request = Request(
+            user_id,
+            self._k(k),
+            exclude_seen,
+            tuple(exclude_items),
+            tuple(categories),
+            tuple(exclude_categories),
+            pairs,
+        )
         future = self._batcher.submit(request, timeout)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
@@ -206,3 +309,12 @@ class Gateway:
         if not item_id:
             raise InvalidArgument("item_id: is required")
         return self.recommender.similar_items(item_id, self._k(k))
+
+
+def _check_terms(name: str, terms: Sequence[str]) -> None:
+    """A filter's list of names: at most MAX_FILTER_TERMS, each 1-MAX_ID_LENGTH characters."""
+    if len(terms) > MAX_FILTER_TERMS:
+        raise InvalidArgument(f"{name}: at most {MAX_FILTER_TERMS} entries, got {len(terms)}")
+    for n, term in enumerate(terms):
+        if not isinstance(term, str) or not term or len(term) > MAX_ID_LENGTH:
+            raise InvalidArgument(f"{name}[{n}]: must be 1-{MAX_ID_LENGTH} characters")

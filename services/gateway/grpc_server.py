@@ -80,6 +80,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 adapt.exclude_seen(request),
                 deadline,
                 exclude_items=list(request.filter.exclude_items),
+                categories=list(request.filter.categories),
+                exclude_categories=list(request.filter.exclude_categories),
+                attributes=dict(request.filter.attributes),
             )
             return adapt.recommendation_to_pb(rec)
 
@@ -91,6 +94,44 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             return pb.SimilarItemsResponse(model_version=version, items=adapt.items_to_pb(items))
 
         return await self._call("SimilarItems", "recommend", context, lambda: asyncio.to_thread(run))
+
+    async def PutItem(self, request: pb.PutItemRequest, context: grpc.aio.ServicerContext) -> Any:
+        def run() -> pb.PutItemResponse:
+            raw = adapt.item_from_pb(request.item)
+            record = self._gateway.put_item(raw.pop("item_id"), raw)
+            return pb.PutItemResponse(item_id=record.item_id)
+
+        return await self._call("PutItem", "catalogue", context, lambda: asyncio.to_thread(run))
+
+    async def PutItems(self, request: pb.PutItemsRequest, context: grpc.aio.ServicerContext) -> Any:
+        def run() -> pb.PutItemsResponse:
+            results = self._gateway.put_items([adapt.item_from_pb(i) for i in request.items])
+            accepted = sum(r.accepted for r in results)
+            return pb.PutItemsResponse(
+                accepted=accepted, rejected=len(results) - accepted, results=adapt.results_to_pb(results)
+            )
+
+        return await self._call("PutItems", "catalogue", context, lambda: asyncio.to_thread(run))
+
+    async def GetItem(self, request: pb.GetItemRequest, context: grpc.aio.ServicerContext) -> Any:
+        def run() -> pb.GetItemResponse:
+            version, record = self._gateway.get_item(request.item_id)
+            return pb.GetItemResponse(model_version=version, item=adapt.item_to_pb(record))
+
+        return await self._call("GetItem", "recommend", context, lambda: asyncio.to_thread(run))
+
+    async def ListItems(self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext) -> Any:
+        def run() -> pb.ListItemsResponse:
+            records, cursor = self._gateway.list_items(request.cursor, request.limit)
+            return pb.ListItemsResponse(items=[adapt.item_to_pb(r) for r in records], next_cursor=cursor)
+
+        return await self._call("ListItems", "recommend", context, lambda: asyncio.to_thread(run))
+
+    async def DeleteItem(self, request: pb.DeleteItemRequest, context: grpc.aio.ServicerContext) -> Any:
+        def run() -> pb.DeleteItemResponse:
+            return pb.DeleteItemResponse(item_id=self._gateway.delete_item(request.item_id).item_id)
+
+        return await self._call("DeleteItem", "catalogue", context, lambda: asyncio.to_thread(run))
 
 
 class GrpcEdge:

@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from proto import freshrec_pb2 as pb
-from services.gateway.core import IngestResult
+from services.gateway.core import EventResult, IngestResult
 from services.serving import Recommendation, ScoredItem
+from trainer.items import ItemRecord
 
 
 def event_from_pb(event: pb.Event) -> dict[str, Any]:
@@ -34,18 +35,42 @@ def exclude_seen(request: pb.RecommendRequest) -> bool:
     return request.exclude_seen if request.HasField("exclude_seen") else True
 
 
+def results_to_pb(results: list[EventResult]) -> list[pb.EventResult]:
+    return [
+        pb.EventResult(
+            index=r.index,
+            accepted=r.accepted,
+            error=None if r.accepted else pb.EventError(field=r.field, message=r.message),
+        )
+        for r in results
+    ]
+
+
 def ingest_to_pb(result: IngestResult) -> pb.IngestResponse:
-    return pb.IngestResponse(
-        accepted=result.accepted,
-        rejected=result.rejected,
-        results=[
-            pb.EventResult(
-                index=r.index,
-                accepted=r.accepted,
-                error=None if r.accepted else pb.EventError(field=r.field, message=r.message),
-            )
-            for r in result.results
-        ],
+    return pb.IngestResponse(accepted=result.accepted, rejected=result.rejected, results=results_to_pb(result.results))
+
+
+def item_from_pb(item: pb.Item) -> dict[str, Any]:
+    """A protobuf item as the raw mapping `parse_item` validates (with its `item_id`)."""
+    raw: dict[str, Any] = {
+        "item_id": item.item_id,
+        "attributes": dict(item.attributes),
+        "categories": list(item.categories),
+        "hidden": item.hidden,
+    }
+    if item.HasField("available_until_ms"):
+        raw["available_until_ms"] = item.available_until_ms
+    return raw
+
+
+def item_to_pb(record: ItemRecord) -> pb.Item:
+    return pb.Item(
+        item_id=record.item_id,
+        attributes=dict(record.attributes),
+        categories=list(record.categories),
+        hidden=record.hidden,
+        available_until_ms=record.available_until_ms,
+        updated_ms=record.updated_ms,
     )
 
 

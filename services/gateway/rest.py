@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services import metrics
 from services.errors import FreshrecError, ResourceExhausted, Unavailable
 from services.gateway.auth import bearer
-from services.gateway.core import Gateway
+from services.gateway.core import EventResult, Gateway
 from trainer.events import MAX_CONTEXT_ENTRIES, MAX_ID_LENGTH
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,45 @@ class FilterBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a filter this server does not apply is refused, not ignored
     exclude_items: list[str] = Field(default_factory=list, description="never these items (at most 1,000)")
+    categories: list[str] = Field(default_factory=list, description="only items in one of these categories")
+    exclude_categories: list[str] = Field(default_factory=list, description="no item in any of these categories")
+    attributes: dict[str, str] = Field(default_factory=dict, description="only items with these attribute values")
+
+
+class ItemBody(BaseModel):
+    """An item of the catalogue as PUT takes it (validated by `trainer.items.parse_item`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    attributes: dict[str, str] = Field(default_factory=dict, description="free-form string attributes")
+    categories: list[str] = Field(default_factory=list)
+    hidden: bool = Field(default=False, description="kept, but in no list until put again without it")
+    available_until_ms: int | None = Field(default=None, description="in no list after this time")
+
+
+class ItemsBatchRequest(BaseModel):
+    items: list[Any] = Field(
+        description="Items to put, each with its item_id; each is validated on its own (at most 1,000).",
+        json_schema_extra={"items": ItemBody.model_json_schema()},
+    )
+
+
+class ItemResponse(BaseModel):
+    item_id: str
+    attributes: dict[str, str]
+    categories: list[str]
+    hidden: bool
+    available_until_ms: int | None
+    updated_ms: int = Field(description="when the gateway accepted the record")
+
+
+class ItemPage(BaseModel):
+    items: list[ItemResponse]
+    next_cursor: str | None = Field(description="the cursor of the next page; null after the last")
+
+
+class Accepted(BaseModel):
+    item_id: str
+    status: str = Field(description="accepted: served everywhere from the next sync")
 
 
 class RecommendRequest(BaseModel):
@@ -84,7 +123,7 @@ class RecommendRequest(BaseModel):
 class ScoredItemBody(BaseModel):
     item_id: str
     score: float
-    reason: str = Field(description="the source that put the item there: covisit, ann or trending")
+    reason: str = Field(description="the source that put the item there: covisit, ann, trending or catalogue")
 
 
 class RecommendResponse(BaseModel):
@@ -96,6 +135,15 @@ class RecommendResponse(BaseModel):
 class SimilarResponse(BaseModel):
     model_version: int
     items: list[ScoredItemBody]
+
+
+def _results(results: list[EventResult]) -> list[EventResultBody]:
+    return [
+        EventResultBody(index=r.index, status="accepted")
+        if r.accepted
+        else EventResultBody(index=r.index, status="rejected", error=EventError(field=r.field, message=r.message))
+        for r in results
+    ]
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -223,23 +271,21 @@ def create_app(gateway: Gateway) -> FastAPI:
     def ingest(body: EventsRequest, request: Request) -> EventsResponse:
         authorize(request, "ingest")
         result = gateway.ingest(body.events, transport="rest")
-        return EventsResponse(
-            accepted=result.accepted,
-            rejected=result.rejected,
-            results=[
-                EventResultBody(index=r.index, status="accepted")
-                if r.accepted
-                else EventResultBody(
-                    index=r.index, status="rejected", error=EventError(field=r.field, message=r.message)
-                )
-                for r in result.results
-            ],
-        )
+        return EventsResponse(accepted=result.accepted, rejected=result.rejected, results=_results(result.results))
 
     @app.post("/v1/recommendations", response_model=RecommendResponse)
     async def recommend(body: RecommendRequest, request: Request) -> Response:
         authorize(request, "recommend")
-        rec = await gateway.recommend(body.user_id, body.k, body.exclude_seen, exclude_items=body.filter.exclude_items)
+        f = body.filter
+        rec = await gateway.recommend(
+            body.user_id,
+            body.k,
+            body.exclude_seen,
+            exclude_items=f.exclude_items,
+            categories=f.categories,
+            exclude_categories=f.exclude_categories,
+            attributes=f.attributes,
+        )
         answer = RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
@@ -256,6 +302,38 @@ def create_app(gateway: Gateway) -> FastAPI:
             model_version=version,
             items=[ScoredItemBody(item_id=i.item_id, score=i.score, reason=i.reason) for i in items],
         )
+
+    @app.put("/v1/items/{item_id}", response_model=Accepted, status_code=202)
+    def put_item(item_id: str, body: ItemBody, request: Request) -> Accepted:
+        authorize(request, "catalogue")
+        record = gateway.put_item(item_id, body.model_dump())
+        return Accepted(item_id=record.item_id, status="accepted")
+
+    @app.post("/v1/items:batch", response_model=EventsResponse, status_code=202)
+    def put_items(body: ItemsBatchRequest, request: Request) -> EventsResponse:
+        authorize(request, "catalogue")
+        results = gateway.put_items(body.items)
+        accepted = sum(r.accepted for r in results)
+        return EventsResponse(accepted=accepted, rejected=len(results) - accepted, results=_results(results))
+
+    @app.get("/v1/items/{item_id}", response_model=ItemResponse)
+    def get_item(item_id: str, request: Request) -> ItemResponse:
+        authorize(request, "recommend")
+        _, record = gateway.get_item(item_id)
+        return ItemResponse(**record.to_dict())
+
+    @app.get("/v1/items", response_model=ItemPage)
+    def list_items(
+        request: Request, cursor: str = "", limit: int | None = Query(default=None, ge=1, le=1000)
+    ) -> ItemPage:
+        authorize(request, "recommend")
+        records, after = gateway.list_items(cursor, limit)
+        return ItemPage(items=[ItemResponse(**r.to_dict()) for r in records], next_cursor=after or None)
+
+    @app.delete("/v1/items/{item_id}", response_model=Accepted, status_code=202)
+    def delete_item(item_id: str, request: Request) -> Accepted:
+        authorize(request, "catalogue")
+        return Accepted(item_id=gateway.delete_item(item_id).item_id, status="accepted")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

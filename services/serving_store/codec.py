@@ -7,6 +7,7 @@ import io
 import numpy as np
 
 from embedding_store.base import TableDelta
+from trainer.items import ItemRecord
 from trainer.sync import SyncMessage
 
 
@@ -39,6 +40,7 @@ def encode(message: SyncMessage, dtype: np.dtype | type = np.float16) -> bytes:
         item_evicted=message.items.evicted,
         name_keys=name_keys,
         names=names,
+        catalogue=np.array([r.to_json() for r in message.catalogue.values()], dtype=np.str_),
         seen_users=message.seen_users,
         seen_items=message.seen_items,
         popular_keys=message.popular_keys,
@@ -71,12 +73,18 @@ def decode(data: bytes) -> SyncMessage:
             tables=tables,
             dense=dense,
             accepted_ms=z["accepted_ms"],
+            catalogue=_catalogue(z["catalogue"].tolist() if "catalogue" in z.files else []),
             clock_s=float(clock[0]),
             trending_half_life_s=float(clock[1]),
             version=int(meta[0]),
             created_ms=int(meta[1]),
             full=bool(meta[2]),
         )
+
+
+def _catalogue(texts: list[str]) -> dict[str, ItemRecord]:
+    records = (ItemRecord.from_json(t) for t in texts)
+    return {r.item_id: r for r in records}
 
 
 def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:

@@ -10,8 +10,9 @@ puts every key with the same tag in one slot:
   `{P}:dense`: the latest dense parameters (npz bytes); `{P}:clock`: the trainer's event
   time and the trending half-life (2 float64); `{P}:schema`: each ranking table's
   "<numpy dtype>:<width>"; `{P}:publish-lock`: held by the publishing trainer;
-- `P:users:{b}`, `P:items:{b}`, `P:names:{b}`, `P:table:<name>:{b}`: hashes from 8-byte
-  little-endian key to row bytes (fp16 embeddings by default) or item id, split into
+- `P:users:{b}`, `P:items:{b}`, `P:names:{b}`, `P:catalogue:{b}`, `P:table:<name>:{b}`:
+  hashes from 8-byte little-endian key to row bytes (fp16 embeddings by default), item id
+  or catalogue record (JSON, `trainer.items`; tombstones of deleted items kept), split into
   `BUCKETS` buckets by key (b = key mod `BUCKETS`) so a cluster spreads the tables;
 - `P:seen:<user key hex>`: sorted set of the user's item keys by version, trimmed to the newest `max_seen`;
 - channel `P:published`: the number of each new version, published with it.
@@ -40,9 +41,11 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from embedding_store.base import TableDelta
+from embedding_store.keys import feature_keys
 from services.serving_store import codec
 from services.serving_store.base import VersionGap
 from services.serving_store.state import MAX_SEEN
+from trainer.items import ItemRecord
 from trainer.sync import SyncMessage
 
 BUCKETS = 64  # hashes per table
@@ -177,6 +180,9 @@ class RedisServingStore:
         if m.item_names:
             keys = np.fromiter(m.item_names.keys(), dtype=np.uint64, count=len(m.item_names))
             self._hset(pipe, "names", keys, list(m.item_names.values()))
+        if m.catalogue:
+            keys = feature_keys("item", list(m.catalogue))
+            self._hset(pipe, "catalogue", keys, [r.to_json() for r in m.catalogue.values()])
         for user, items in m.seen_by_user():
             # a sorted set by version: an item seen again moves up instead of taking a second place
             key = f"{self._p}:seen:{user:016x}"
@@ -224,7 +230,7 @@ class RedisServingStore:
                 pipe.get(self._meta(key))
             pipe.hgetall(self._meta("schema"))
             version, popular, popular_scores, dense, clock, schema = pipe.execute()
-        users, items, names_map = (self._hgetall(t) for t in ("users", "items", "names"))
+        users, items, names_map, catalogue = (self._hgetall(t) for t in ("users", "items", "names", "catalogue"))
         names = sorted(schema)
         tables = [self._hgetall(f"table:{name.decode()}") for name in names]
         seen_users: list[np.ndarray] = []
@@ -256,6 +262,7 @@ class RedisServingStore:
                 for name, mapping in zip(names, tables, strict=True)
             },
             dense=codec.decode_arrays(dense) if dense else {},
+            catalogue={r.item_id: r for r in map(ItemRecord.from_json, catalogue.values())},
             clock_s=float(np.frombuffer(clock, dtype="<f8")[0]) if clock else 0.0,
             trending_half_life_s=float(np.frombuffer(clock, dtype="<f8")[1]) if clock else 0.0,
             version=int(version or 0),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from embedding_store.base import TableDelta
+from embedding_store.keys import feature_key
 from embedding_store.row_map import RowMap
 from retrieval.candidates import distinct
+from trainer.items import ItemRecord
 from trainer.sync import SyncMessage
 
 MAX_SEEN = 5000
@@ -14,8 +18,9 @@ MAX_SEEN = 5000
 
 
 class ServingState:
-    """User rows, item rows, item names, recent items per user, the popular list, and what the
-    ranking service reads (its tables, dense parameters and the trending clock).
+    """User rows, item rows, item names, recent items per user, the popular list, what the
+    ranking service reads (its tables, dense parameters and the trending clock), and the
+    catalogue: each item's record (`trainer.items`) and the items no list may hold now.
 
     Args:
         max_seen: distinct items kept per user, the most recent (older ones fall off).
@@ -43,6 +48,13 @@ class ServingState:
         self.dense_version = 0  # the version that brought `dense`
         self.clock_s = 0.0
         self.trending_half_life_s = 0.0
+        self.catalogue: dict[str, ItemRecord] = {}  # by item id, tombstones of deleted items included
+        self.records: dict[int, ItemRecord] = {}  # the same by item key
+        self.by_category: dict[str, set[int]] = {}  # category -> keys of the items in it (not deleted)
+        self.blocked = np.zeros(0, np.uint64)  # sorted keys of items hidden, deleted or expired
+        self._blocked_until_ms = 0  # `blocked` holds until then (the next expiry); 0: recompute
+        self._ids: list[str] | None = None  # the catalogue's item ids sorted (None: sort again)
+        self._catalogued: np.ndarray | None = None  # keys of the items not deleted (None: again)
 
     def apply(self, message: SyncMessage) -> None:
         """Apply one version (or a full snapshot, which first clears everything)."""
@@ -52,8 +64,11 @@ class ServingState:
         self.items = self._apply_table(self.items, message.items)
         if len(message.items.evicted):
             for key in message.items.evicted.tolist():
-                self.names.pop(key, None)
+                record = self.records.get(key)
+                if record is None or record.deleted:  # a catalogued item keeps its name without a row
+                    self.names.pop(key, None)
         self.names.update(message.item_names)
+        self._apply_catalogue(message.catalogue)
         for user, items in message.seen_by_user():
             self.seen[user] = _append_distinct(self.seen.get(user), items, self.max_seen)
         if len(message.popular_keys) or message.full:
@@ -69,6 +84,51 @@ class ServingState:
         if message.clock_s or message.trending_half_life_s:
             self.clock_s, self.trending_half_life_s = message.clock_s, message.trending_half_life_s
         self.version = message.version
+
+    def _apply_catalogue(self, records: dict[str, ItemRecord]) -> None:
+        for item_id, record in records.items():
+            key = feature_key("item", item_id)
+            old = self.records.get(key)
+            if old is not None:
+                for category in old.categories:
+                    members = self.by_category.get(category)
+                    if members is not None:
+                        members.discard(key)
+                        if not members:
+                            del self.by_category[category]
+            self.catalogue[item_id] = self.records[key] = record
+            if not record.deleted:
+                self.names[key] = item_id  # an item is servable from its record, before any event
+                for category in record.categories:
+                    self.by_category.setdefault(category, set()).add(key)
+        if records:
+            self._blocked_until_ms = 0
+            self._ids = self._catalogued = None
+
+    def catalogued(self) -> np.ndarray:
+        """Sorted keys of the catalogue's items that are not deleted."""
+        if self._catalogued is None:
+            keys = [key for key, record in self.records.items() if not record.deleted]
+            self._catalogued = np.sort(np.array(keys, dtype=np.uint64))
+        return self._catalogued
+
+    def catalogue_ids(self) -> list[str]:
+        """The catalogue's item ids (tombstones included) in order, sorted once per change."""
+        if self._ids is None:
+            self._ids = sorted(self.catalogue)
+        return self._ids
+
+    def blocked_now(self, now_ms: int | None = None) -> np.ndarray:
+        """Sorted keys of the items no list may hold at `now_ms` (default: now): hidden, deleted,
+        or past their `available_until_ms`. Recomputed only when the catalogue changed or the
+        next expiry came."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        if not self._blocked_until_ms or now > self._blocked_until_ms:
+            blocked = [key for key, r in self.records.items() if not r.servable(now)]
+            until = [r.available_until_ms for r in self.records.values() if r.available_until_ms and r.servable(now)]
+            self._blocked_until_ms = min(until) if until else 1 << 62
+            self.blocked = np.sort(np.array(blocked, dtype=np.uint64))
+        return self.blocked
 
     def _apply_table(self, table: RowMap | None, delta: TableDelta) -> RowMap | None:
         if table is None:
@@ -105,6 +165,7 @@ class ServingState:
             popular_scores=self.popular_scores,
             tables={name: table(name, rows) for name, rows in self.tables.items()},
             dense=dict(self.dense),
+            catalogue=dict(self.catalogue),
             clock_s=self.clock_s,
             trending_half_life_s=self.trending_half_life_s,
             version=self.version,

@@ -83,6 +83,12 @@ class EventLog(Protocol):
         """
         ...
 
+    def append_keyed(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """Append (key, value) records that are not events (catalogue records, `trainer.items`):
+        the records of one key land in one partition, in order. Raises LogUnavailable as
+        `append` does."""
+        ...
+
     def consumer(self, group: str) -> LogConsumer:
         """Join consumer group `group`, starting from its committed offsets (or the start)."""
         ...

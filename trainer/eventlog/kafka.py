@@ -110,6 +110,13 @@ class KafkaLog:
         records = [{"key": e.user_id.encode("utf-8"), "value": e.to_json(), "timestamp_ms": now_ms} for e in events]
         self._send(self._topic, records)
 
+    def append_keyed(self, records: Sequence[tuple[str, bytes]]) -> None:
+        now_ms = int(time.time() * 1000)
+        self._send(
+            self._topic,
+            [{"key": key.encode("utf-8"), "value": value, "timestamp_ms": now_ms} for key, value in records],
+        )
+
     def consumer(self, group: str) -> KafkaLogConsumer:
         return KafkaLogConsumer(self._bootstrap, self._topic, group)
 

@@ -45,6 +45,9 @@ class MemoryLog:
     def append(self, events: Sequence[Event]) -> None:
         self._store([(partition_for(e.user_id, self.partitions), e.to_json()) for e in events])
 
+    def append_keyed(self, records: Sequence[tuple[str, bytes]]) -> None:
+        self._store([(partition_for(key, self.partitions), value) for key, value in records])
+
     def append_raw(self, values: Sequence[bytes], partition: int = 0) -> None:
         """Append records as they are, as a producer other than the gateway might."""
         self._store([(partition, v) for v in values])

@@ -1,0 +1,236 @@
+"""The item catalogue: records validated field by field, carried from the log through the
+trainer's sync to every serving path; hidden, deleted and expired items leave every list in
+the next sync and come back when un-hidden; category and attribute filters return exactly k
+items when k are eligible; the REST and gRPC catalogue API."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from embedding_store import feature_keys
+from embedding_store.base import TableDelta
+from proto import freshrec_pb2 as pb
+from proto import freshrec_pb2_grpc as pb_grpc
+from services.errors import NotFound
+from services.serving import Request, ServingReplica
+from services.serving_store import codec
+from services.serving_store.memory import MemoryServingStore
+from services.serving_store.redis import RedisServingStore
+from tests.nodes import rest, running_node, wait_trained_and_served
+from tests.test_covisit import events_of
+from trainer.config import TrainerConfig
+from trainer.eventlog import MemoryLog
+from trainer.events import InvalidEvent
+from trainer.items import ItemRecord, parse_item
+from trainer.loop import Trainer
+from trainer.sync import SyncMessage
+
+ITEMS = 30
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"categories": ["a", 3]}, "categories[1]"),
+        ({"categories": "a"}, "categories"),
+        ({"attributes": {"lang": 1}}, "attributes.lang"),
+        ({"hidden": "yes"}, "hidden"),
+        ({"available_until_ms": -5}, "available_until_ms"),
+        ({"available_until_ms": True}, "available_until_ms"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_a_bad_item_field_is_named(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidEvent) as error:
+        parse_item("i1", body, 1)
+    assert error.value.field == field
+
+
+def test_records_round_trip_through_the_log_the_codec_and_a_merge() -> None:
+    record = parse_item("i 1", {"categories": ["a", "b", "a"], "attributes": {"x": "ü"}, "available_until_ms": 9}, 5)
+    assert record.categories == ("a", "b")  # repeats collapse, order kept
+    assert ItemRecord.from_log(record.to_log()) == record
+    gone = ItemRecord("i 1", updated_ms=6, deleted=True)
+    assert ItemRecord.from_log(gone.to_log()) == gone
+    first = SyncMessage(*_empty_tables(), catalogue={"i 1": record, "j": parse_item("j", {}, 1)})
+    merged = first.then(SyncMessage(*_empty_tables(), catalogue={"i 1": gone}))
+    assert merged.catalogue == {"i 1": gone, "j": first.catalogue["j"]}
+    assert not merged.is_empty()  # a message with nothing but catalogue records goes out
+    assert codec.decode(codec.encode(merged)).catalogue == merged.catalogue
+
+
+def _empty_tables() -> tuple[TableDelta, TableDelta]:
+    return TableDelta.empty("user"), TableDelta.empty("item")
+
+
+class World:
+    """A trainer on 40 users x 30 items (even and odd categories, `lang` en for i0-i14, fr
+    after), its log and a replica that follows it through a memory serving store."""
+
+    def __init__(self, store: Any = None) -> None:
+        self.log = MemoryLog()
+        self.trainer = Trainer(TrainerConfig(batch_size=64, min_count=1), self.log.consumer("g"))
+        rng = np.random.default_rng(0)
+        pairs = [(f"u{u}", f"i{i}") for u in range(40) for i in rng.choice(ITEMS, 8, replace=False).tolist()]
+        self.trainer.train_events(events_of(pairs))
+        self.store = store or MemoryServingStore()
+        self.replica = ServingReplica(self.store, candidates=10)
+        self.put(
+            *(
+                parse_item(f"i{i}", {"categories": [("odd", "even")[i % 2 == 0]], "attributes": {"lang": _lang(i)}}, 1)
+                for i in range(ITEMS)
+            )
+        )
+
+    def put(self, *records: ItemRecord) -> None:
+        """Log `records`, train, sync, and let the replica apply the version."""
+        self.log.append_keyed([(r.item_id, r.to_log()) for r in records])
+        while self.trainer.poll_and_train().events or self.trainer._consumer.lag():
+            pass
+        message = self.trainer.collect_sync()
+        assert message is not None and set(message.catalogue) >= {r.item_id for r in records}
+        self.store.publish(message)
+        self.replica.catch_up()
+
+    def listed(self, request: Request) -> list[str]:
+        return [i.item_id for i in self.replica.recommend_batch([request])[0].items]
+
+    def everywhere(self) -> set[str]:
+        """Every item any path serves: personalised lists of all users, cold-start lists,
+        similar items of every item, and the ranking stage given every item as candidates."""
+        out: set[str] = set()
+        requests = [Request(f"u{u}", 20, exclude_seen=False) for u in range(40)] + [Request("nobody", 20)]
+        for answer in self.replica.recommend_batch(requests):
+            out |= {i.item_id for i in answer.items}
+        for i in range(ITEMS):
+            with contextlib.suppress(NotFound):  # an item with neither neighbours nor a vector
+                out |= {s.item_id for s in self.replica.similar_items(f"i{i}", 20)[1]}
+        every = feature_keys("item", [f"i{i}" for i in range(ITEMS)])
+        for answer in self.replica.rank_batch([Request("u1", ITEMS, exclude_seen=False)], [every]):
+            out |= {i.item_id for i in answer.items}
+        return out
+
+
+def _lang(i: int) -> str:
+    return "en" if i < 15 else "fr"
+
+
+def test_hidden_deleted_and_expired_items_leave_every_path_and_come_back() -> None:
+    world = World()
+    assert {f"i{i}" for i in range(ITEMS)} <= world.everywhere()
+    top = world.listed(Request("u1", 1))[0]
+    world.put(parse_item(top, {"hidden": True}, 2), ItemRecord("i7", updated_ms=2, deleted=True))
+    world.put(parse_item("i9", {"available_until_ms": now_ms() + 1500}, 2), parse_item("i11", {}, 2))
+    served = world.everywhere()
+    assert top not in served and "i7" not in served and "i9" in served
+    assert world.replica.catalogue_item("i7")[1] == ItemRecord("i7", updated_ms=2, deleted=True)
+    time.sleep(1.6)  # past i9's availability: no sync needed for it to go
+    assert "i9" not in world.everywhere()
+    world.put(parse_item(top, {}, 3), parse_item("i7", {}, 3))  # un-hidden, put again
+    assert {top, "i7"} <= world.everywhere()
+
+
+def test_a_filter_returns_exactly_k_when_k_items_are_eligible() -> None:
+    world = World()
+    world.put(parse_item("new", {"categories": ["even"], "attributes": {"lang": "fr"}}, 2))  # no event yet
+    even = {f"i{i}" for i in range(0, ITEMS, 2)} | {"new"}
+    for user in ("u1", "nobody"):
+        listed = world.listed(Request(user, len(even), exclude_seen=False, categories=("even",)))
+        assert set(listed) == even, user  # every eligible item, from the sources then the catalogue
+    listed = world.listed(Request("u2", 4, exclude_seen=False, categories=("even",), exclude_items=("i0",)))
+    assert len(listed) == 4 and set(listed) <= even - {"i0"}
+    french = world.listed(Request("u3", 8, exclude_seen=False, attributes=(("lang", "fr"),)))
+    assert len(french) == 8 and all(i == "new" or int(i[1:]) >= 15 for i in french)
+    no_odd = world.listed(Request("u4", 20, exclude_seen=False, exclude_categories=("odd",)))
+    assert len(no_odd) == 16 and set(no_odd) == even  # the 15 odd ones are out, nothing else
+    assert world.listed(Request("u5", 5, categories=("none",))) == []
+
+
+def test_a_replica_that_bootstraps_from_redis_knows_the_catalogue(redis_url: str) -> None:
+    world = World(RedisServingStore(redis_url.split("?")[0], prefix=redis_url.rsplit("=", 1)[1]))
+    world.put(parse_item("i3", {"hidden": True}, 2), ItemRecord("i4", updated_ms=2, deleted=True))
+    late = ServingReplica(world.store, candidates=10)
+    late.bootstrap()
+    assert late.catalogue_item("i3")[1] == parse_item("i3", {"hidden": True}, 2)
+    assert [r.item_id for r in late.catalogue_page("i2", 3)] == ["i20", "i21", "i22"]  # id order, i4 gone
+    lists = late.recommend_batch([Request(f"u{u}", 20, exclude_seen=False) for u in range(40)])
+    assert not {i.item_id for a in lists for i in a.items} & {"i3", "i4"}
+
+
+def test_the_catalogue_api_over_rest_and_grpc() -> None:
+    t0 = now_ms() - 60_000
+    events = [
+        {"event_id": f"e{n}", "user_id": f"u{n % 7}", "item_id": f"i{n % 12}", "type": "click", "timestamp_ms": t0 + n}
+        for n in range(120)
+    ]
+    with running_node() as node, rest(node) as client:
+        assert client.post("/v1/events", json={"events": events}).status_code == 200
+        reply = client.put("/v1/items/i1", json={"categories": ["news"], "attributes": {"lang": "en"}})
+        assert reply.status_code == 202 and reply.json() == {"item_id": "i1", "status": "accepted"}
+        bad = client.put("/v1/items/i2", json={"categories": ["news", ""]})
+        assert bad.status_code == 422 and "categories[1]" in bad.json()["error"]["message"]
+        batch = client.post(
+            "/v1/items:batch",
+            json={"items": [{"item_id": "i2", "categories": ["news"]}, {"item_id": "i3", "hidden": "no"}, 5]},
+        ).json()
+        assert batch["accepted"] == 1 and [r["status"] for r in batch["results"]] == [
+            "accepted",
+            "rejected",
+            "rejected",
+        ]
+        assert batch["results"][1]["error"]["field"] == "items[1].hidden"
+        with grpc.insecure_channel(f"127.0.0.1:{node.grpc_port}") as channel:
+            stub = pb_grpc.GatewayStub(channel)
+            stub.PutItem(pb.PutItemRequest(item=pb.Item(item_id="i4", categories=["news"], hidden=True)))
+            with pytest.raises(grpc.RpcError) as error:
+                stub.PutItem(pb.PutItemRequest(item=pb.Item(item_id="", categories=["news"])))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item_id" in (error.value.details() or "")
+            wait_trained_and_served(node, len(events))
+            assert node.publisher is not None
+            node.publisher.publish_now()
+            node.replica.catch_up()  # type: ignore[union-attr]
+            got = client.get("/v1/items/i1").json()
+            assert got["categories"] == ["news"] and got["attributes"] == {"lang": "en"} and not got["hidden"]
+            assert stub.GetItem(pb.GetItemRequest(item_id="i4")).item.hidden
+            news = client.post(
+                "/v1/recommendations", json={"user_id": "u1", "k": 5, "filter": {"categories": ["news"]}}
+            ).json()["items"]
+            assert {i["item_id"] for i in news} <= {"i1", "i2"} and "i4" not in {i["item_id"] for i in news}
+            grpc_news = stub.Recommend(
+                pb.RecommendRequest(user_id="u1", k=5, exclude_seen=False, filter=pb.Filter(categories=["news"]))
+            )
+            assert {i.item_id for i in grpc_news.items} == {"i1", "i2"}
+            first = client.get("/v1/items", params={"limit": 2}).json()
+            assert [i["item_id"] for i in first["items"]] == ["i1", "i2"] and first["next_cursor"] == "i2"
+            rest_page = client.get("/v1/items", params={"cursor": "i2", "limit": 2}).json()
+            assert [i["item_id"] for i in rest_page["items"]] == ["i4"] and rest_page["next_cursor"] is None
+            assert client.delete("/v1/items/i1").status_code == 202
+            stub.DeleteItem(pb.DeleteItemRequest(item_id="i2"))
+            node.publisher.publish_now()
+            wait_until_absent(client, "i1")
+            assert stub.ListItems(pb.ListItemsRequest()).items[0].item_id == "i4"
+            with pytest.raises(grpc.RpcError) as error:
+                stub.GetItem(pb.GetItemRequest(item_id="i2"))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        lists = [
+            client.post("/v1/recommendations", json={"user_id": f"u{u}", "k": 12, "exclude_seen": False}).json()
+            for u in range(7)
+        ]
+        assert not {i["item_id"] for answer in lists for i in answer["items"]} & {"i1", "i2", "i4"}
+
+
+def wait_until_absent(client: Any, item_id: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get(f"/v1/items/{item_id}").status_code != 404:
+        assert time.monotonic() < deadline, f"{item_id} still in the catalogue"
+        time.sleep(0.05)
