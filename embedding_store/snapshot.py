@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, cast
@@ -58,6 +59,20 @@ def save_snapshot(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[st
         os.close(dir_fd)
 
 
+_NPZ_LOCK = threading.Lock()
+
+
+def read_npz(source: str | Path | Any) -> dict[str, np.ndarray]:
+    """Every array of an .npz file or file-like object (no pickle), one reader at a time.
+
+    numpy parses each member's header with `ast.literal_eval`, and CPython 3.11's parser is not
+    safe to enter from several threads at once ("SystemError: AST constructor recursion depth
+    mismatch", seen when store shards were restored in parallel), so every npz read in
+    freshrec goes through this lock."""
+    with _NPZ_LOCK, np.load(source, allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
+
+
 def load_snapshot(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a snapshot written by `save_snapshot`.
 
@@ -67,8 +82,7 @@ def load_snapshot(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, An
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            members = {name: z[name] for name in z.files}
+        members = read_npz(path)
     except FileNotFoundError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:

@@ -7,6 +7,7 @@ import io
 import numpy as np
 
 from embedding_store.base import TableDelta
+from embedding_store.snapshot import read_npz
 from trainer.items import ItemRecord
 from trainer.sync import SyncMessage
 
@@ -52,34 +53,34 @@ def encode(message: SyncMessage, dtype: np.dtype | type = np.float16) -> bytes:
 
 def decode(data: bytes) -> SyncMessage:
     """Inverse of `encode`; embedding rows come back as float32."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        meta, clock = z["meta"], z["clock"]
-        tables = {}
-        for key in z.files:
-            if key.startswith("table__") and key.endswith("__keys"):
-                name = key[len("table__") : -len("__keys")]
-                rows = z[f"table__{name}__rows"]
-                rows = rows.astype(np.float32) if rows.dtype == np.float16 else rows
-                tables[name] = TableDelta(name, z[key], rows, z[f"table__{name}__evicted"])
-        dense = {key[len("dense__") :]: z[key] for key in z.files if key.startswith("dense__")}
-        return SyncMessage(
-            users=TableDelta("user", z["user_keys"], z["user_rows"].astype(np.float32), z["user_evicted"]),
-            items=TableDelta("item", z["item_keys"], z["item_rows"].astype(np.float32), z["item_evicted"]),
-            item_names=dict(zip(z["name_keys"].tolist(), z["names"].tolist(), strict=True)),
-            seen_users=z["seen_users"],
-            seen_items=z["seen_items"],
-            popular_keys=z["popular_keys"],
-            popular_scores=z["popular_scores"],
-            tables=tables,
-            dense=dense,
-            accepted_ms=z["accepted_ms"],
-            catalogue=_catalogue(z["catalogue"].tolist() if "catalogue" in z.files else []),
-            clock_s=float(clock[0]),
-            trending_half_life_s=float(clock[1]),
-            version=int(meta[0]),
-            created_ms=int(meta[1]),
-            full=bool(meta[2]),
-        )
+    z = read_npz(io.BytesIO(data))
+    meta, clock = z["meta"], z["clock"]
+    tables = {}
+    for key in z:
+        if key.startswith("table__") and key.endswith("__keys"):
+            name = key[len("table__") : -len("__keys")]
+            rows = z[f"table__{name}__rows"]
+            rows = rows.astype(np.float32) if rows.dtype == np.float16 else rows
+            tables[name] = TableDelta(name, z[key], rows, z[f"table__{name}__evicted"])
+    dense = {key[len("dense__") :]: z[key] for key in z if key.startswith("dense__")}
+    return SyncMessage(
+        users=TableDelta("user", z["user_keys"], z["user_rows"].astype(np.float32), z["user_evicted"]),
+        items=TableDelta("item", z["item_keys"], z["item_rows"].astype(np.float32), z["item_evicted"]),
+        item_names=dict(zip(z["name_keys"].tolist(), z["names"].tolist(), strict=True)),
+        seen_users=z["seen_users"],
+        seen_items=z["seen_items"],
+        popular_keys=z["popular_keys"],
+        popular_scores=z["popular_scores"],
+        tables=tables,
+        dense=dense,
+        accepted_ms=z["accepted_ms"],
+        catalogue=_catalogue(z["catalogue"].tolist() if "catalogue" in z else []),
+        clock_s=float(clock[0]),
+        trending_half_life_s=float(clock[1]),
+        version=int(meta[0]),
+        created_ms=int(meta[1]),
+        full=bool(meta[2]),
+    )
 
 
 def _catalogue(texts: list[str]) -> dict[str, ItemRecord]:
@@ -96,5 +97,4 @@ def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
 
 def decode_arrays(data: bytes) -> dict[str, np.ndarray]:
     """Inverse of `encode_arrays`."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {key: z[key] for key in z.files}
+    return read_npz(io.BytesIO(data))
