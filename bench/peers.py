@@ -298,7 +298,11 @@ def live(dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, 
             _wait_quiet(client, quiet_s=3.0, timeout_s=30.0)
             lists: dict[int, list[int]] = {}
             for u in sorted(split.truth):
-                response = client.post("/v1/recommendations", json={"user_id": user_ids[u], "k": K})
+                # not written back as impressions: nobody was shown these lists, and the
+                # trainer must not learn "shown and not clicked" of the truth users' items
+                response = client.post(
+                    "/v1/recommendations", json={"user_id": user_ids[u], "k": K, "write_back": False}
+                )
                 response.raise_for_status()
                 lists[u] = [item_index[i["item_id"]] for i in response.json()["items"] if i["item_id"] in item_index]
     finally:

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("event_id", "user_id", "item_id", "type", "timestamp_ms", "request_id", "value", "context")
+    __slots__ = ("event_id", "user_id", "item_id", "type", "timestamp_ms", "request_id", "value", "context", "position")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Event(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     user_id: str
     item_id: str
@@ -31,7 +32,8 @@ class Event(_message.Message):
     request_id: str
     value: float
     context: _containers.ScalarMap[str, str]
-    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., value: _Optional[float] = ..., context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    position: int
+    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., value: _Optional[float] = ..., context: _Optional[_Mapping[str, str]] = ..., position: _Optional[int] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
     __slots__ = ("events",)
@@ -68,7 +70,7 @@ class IngestResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen", "context", "filter")
+    __slots__ = ("user_id", "k", "exclude_seen", "context", "filter", "page_token", "diversity", "write_back")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,12 +83,18 @@ class RecommendRequest(_message.Message):
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BACK_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
     context: _containers.ScalarMap[str, str]
     filter: Filter
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+    page_token: str
+    diversity: float
+    write_back: bool
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., page_token: _Optional[str] = ..., diversity: _Optional[float] = ..., write_back: _Optional[bool] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("categories", "exclude_categories", "exclude_items", "attributes")
@@ -118,14 +126,16 @@ class ScoredItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("request_id", "model_version", "items")
+    __slots__ = ("request_id", "model_version", "items", "next_page_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_version: int
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
-    def __init__(self, request_id: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, request_id: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_id", "k")

@@ -33,6 +33,10 @@ RECOMMEND_BATCH = Histogram(
 RECOMMEND_QUEUE = Gauge("freshrec_recommend_queue", "Recommendation calls waiting for the model thread")
 EVENTS_ACCEPTED = Counter("freshrec_events_accepted_total", "Events acknowledged by the gateway", ["transport"])
 EVENTS_REJECTED = Counter("freshrec_events_rejected_total", "Events rejected by validation", ["field"])
+IMPRESSIONS_WRITTEN = Counter("freshrec_impressions_written_total", "Impressions of served lists written to the log")
+IMPRESSIONS_DROPPED = Counter(
+    "freshrec_impressions_dropped_total", "Impressions of served lists dropped (the log was down or too slow)"
+)
 CATALOGUE_CHANGES = Counter("freshrec_catalogue_changes_total", "Item records and deletions logged by the gateway")
 
 TRAINER_EVENTS = Counter("freshrec_trainer_events_total", "Events the trainer has trained on")

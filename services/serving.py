@@ -44,6 +44,9 @@ FILTER_EXACT_ITEMS = 20_000
 """A filtered request scores up to this many allowed items exactly, not through the index."""
 FILTER_OVERFETCH = 8
 """A filter that allows more items searches the index this many times deeper than it keeps."""
+DIVERSITY_POOL = 4
+"""A request with `diversity` picks its k items from the ranker's top DIVERSITY_POOL x k."""
+"""A filter that allows more items searches the index this many times deeper than it keeps."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Recommendation:
     request_id: str
     model_version: int
     items: list[ScoredItem]
+    next_page_token: str = ""  # set by the gateway: the token of the list's next page
 
 
 @dataclass(frozen=True)
@@ -360,9 +364,12 @@ class ServingReplica:
         """Rank each request's candidates, fill a shortfall with trending items, name the items."""
         state = self._state
         answers = []
-        ranked = self._ranked(batch, candidates, [r.k for r in requests])
+        pools = [r.k if not r.diversity else DIVERSITY_POOL * r.k for r in requests]
+        ranked = self._ranked(batch, candidates, pools)
         for i, ((keys, scores), r) in enumerate(zip(ranked, requests, strict=True)):
             keys, scores = _named(state.names, keys, scores)
+            if r.diversity:
+                keys, scores = self._diversify(keys, scores, r.k, r.diversity)
             reasons = self._reasons(batch, i, keys)
             if len(keys) < r.k:
                 keys, scores, filled = self._fill(batch, i, keys, scores, r.k)
@@ -373,6 +380,29 @@ class ServingReplica:
             ]
             answers.append(Recommendation(uuid.uuid4().hex, state.version, items))
         return answers
+
+    def _diversify(self, keys: np.ndarray, scores: np.ndarray, k: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
+        """`k` of the ranked `keys` by maximal marginal relevance: each next item maximises
+        (1 - weight) x its score (scaled to [0, 1] over the pool) - weight x its largest cosine
+        with the items already chosen (item vectors). Scores stay the ranker's."""
+        if len(keys) <= 1 or self._state.items is None:
+            return keys[:k], scores[:k]
+        rows, _ = self._state.items.get(keys)
+        vectors = rows.astype(np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        span = float(scores.max() - scores.min())
+        relevance = (scores - scores.min()) / span if span > 0 else np.ones(len(scores), np.float32)
+        chosen = [int(np.argmax(scores))]
+        nearest = vectors @ vectors[chosen[0]]  # each item's largest cosine with the chosen ones
+        left = np.ones(len(keys), bool)
+        left[chosen[0]] = False
+        while len(chosen) < min(k, len(keys)):
+            gain = np.where(left, (1 - weight) * relevance - weight * nearest, -np.inf)
+            pick = int(np.argmax(gain))
+            chosen.append(pick)
+            left[pick] = False
+            nearest = np.maximum(nearest, vectors @ vectors[pick])
+        return keys[chosen], scores[chosen]
 
     def _ranked(
         self, batch: _Users, candidates: list[np.ndarray], ks: list[int]
@@ -572,6 +602,7 @@ class Request:
     categories: tuple[str, ...] = ()  # only items in one of these categories (`filter.categories`)
     exclude_categories: tuple[str, ...] = ()  # no item in any of these (`filter.exclude_categories`)
     attributes: tuple[tuple[str, str], ...] = ()  # only items with these attribute values (`filter.attributes`)
+    diversity: float = 0.0  # 0: by score; up to 1: each item unlike those above it (MMR over item vectors)
 
     @property
     def filtered(self) -> bool:

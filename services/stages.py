@@ -64,6 +64,7 @@ def _requests(calls: Sequence[spb.Call]) -> list[Request]:
             tuple(c.categories),
             tuple(c.exclude_categories),
             tuple(sorted(c.attributes.items())),
+            c.diversity,
         )
         for c in calls
     ]
@@ -78,6 +79,7 @@ def _call(r: Request) -> spb.Call:
         categories=r.categories,
         exclude_categories=r.exclude_categories,
         attributes=dict(r.attributes),
+        diversity=r.diversity,
     )
 
 

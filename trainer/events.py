@@ -22,7 +22,10 @@ POSITIVE_TYPES = frozenset({"click", "like", "share", "purchase", "rating"})
 
 MAX_ID_LENGTH = 256
 MAX_CONTEXT_ENTRIES = 64
-_EVENT_FIELDS = frozenset({"event_id", "user_id", "item_id", "type", "timestamp_ms", "request_id", "value", "context"})
+_EVENT_FIELDS = frozenset(
+    {"event_id", "user_id", "item_id", "type", "timestamp_ms", "request_id", "position", "value", "context"}
+)
+MAX_POSITION = 10_000
 
 
 class InvalidEvent(ValueError):
@@ -50,6 +53,8 @@ class Event:
         type: one of `EVENT_TYPES`.
         timestamp_ms: when it happened (client clock), milliseconds since the epoch.
         request_id: the recommendation response that showed the item, if any.
+        position: where in that response the item was (0 first), if known: kept on the
+            examples the joiner makes of it, for position debiasing.
         value: rating, dwell seconds or similar, if the type carries one.
         context: free-form string attributes (device, page, ...).
     """
@@ -62,6 +67,7 @@ class Event:
     request_id: str = ""
     value: float | None = None
     context: Mapping[str, str] = field(default_factory=dict)
+    position: int | None = None
 
     @property
     def is_positive(self) -> bool:
@@ -77,6 +83,8 @@ class Event:
         }
         if self.request_id:
             out["request_id"] = self.request_id
+        if self.position is not None:
+            out["position"] = self.position
         if self.value is not None:
             out["value"] = self.value
         if self.context:
@@ -172,6 +180,12 @@ def parse_event(obj: Any, now_ms: int | None = None, max_skew_ms: int | None = N
     if kind in ("rating", "dwell") and value is None:
         raise InvalidEvent("value", f"is required for type {kind!r}")
 
+    position = obj.get("position")
+    if position is not None and (
+        isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= MAX_POSITION
+    ):
+        raise InvalidEvent("position", f"must be an integer in [0, {MAX_POSITION}]")
+
     context = obj.get("context")
     if context is None:
         context = {}
@@ -194,4 +208,5 @@ def parse_event(obj: Any, now_ms: int | None = None, max_skew_ms: int | None = N
         request_id=_id(obj, "request_id", required=False),
         value=value,
         context=dict(context),
+        position=position,
     )

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +21,7 @@ from services.config import ServerConfig
 from services.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from services.gateway.auth import Guard, parse_api_keys
 from services.gateway.batcher import RecommendBatcher
+from services.gateway.impressions import ImpressionWriter
 from services.serving import Recommendation, Recommender, Request, ScoredItem
 from trainer.eventlog.base import EventLog, LogUnavailable
 from trainer.events import MAX_ID_LENGTH, Event, InvalidEvent, parse_event
@@ -25,6 +32,7 @@ MAX_EXCLUDED = 1000  # items one request's filter may exclude
 MAX_FILTER_TERMS = 64  # categories, excluded categories or attributes one filter may name
 MAX_ITEMS_PER_CALL = 1000  # item records one `items:batch` call may hold
 MAX_PAGE = 1000  # items one catalogue page may list
+MAX_PAGED = 1000  # items the pages of one recommendation list may hold in all
 STALE_AFTER_S = 10.0  # /readyz says "stale" when the serving store has not answered for longer
 
 
@@ -84,6 +92,7 @@ class Gateway:
         self.components = dict(components or {})
         self.guard = Guard(parse_api_keys(config.api_keys), config.rate_limit_per_s)
         self._batcher = RecommendBatcher(recommender.recommend_batch, config.recommend_batch, config.recommend_queue)
+        self.impressions = ImpressionWriter(event_log)
 
     def ingest(self, raw_events: list[Any], transport: str) -> IngestResult:
         """Validate each event; append the good ones; report per event.
@@ -250,6 +259,9 @@ class Gateway:
         categories: Sequence[str] = (),
         exclude_categories: Sequence[str] = (),
         attributes: Mapping[str, str] | None = None,
+        page_token: str = "",
+        diversity: float = 0.0,
+        write_back: bool = True,
     ) -> Recommendation:
         """Queue the call for the model thread (`RecommendBatcher`) and await its answer; the
         REST and gRPC edges both call this from their event loops.
@@ -261,6 +273,13 @@ class Gateway:
             categories: only items in one of these (`filter.categories`).
             exclude_categories: no item in any of these (`filter.exclude_categories`).
             attributes: only items whose attributes have these values (`filter.attributes`).
+            page_token: the `next_page_token` of the previous page of this list: the next k
+                items, none of them on an earlier page (the answer's `next_page_token` is ""
+                once the pages hold MAX_PAGED items, or a page came back short).
+            diversity: 0 (rank by score) to 1 (each item as unlike the ones above it as can
+                be): maximal marginal relevance over the item vectors.
+            write_back: record the list's items as impressions on the log (the default), so
+                the joiner learns from what was shown.
 
         Raises:
             InvalidArgument: empty or too long user_id, k out of range, more than
@@ -284,6 +303,8 @@ class Gateway:
         for a, v in pairs:
             if not isinstance(v, str) or len(v) > MAX_ID_LENGTH:
                 raise InvalidArgument(f"filter.attributes.{a}: must be a string of at most {MAX_ID_LENGTH} characters")
+        if not 0.0 <= diversity <= 1.0 or math.isnan(diversity):
+            raise InvalidArgument(f"diversity: must be in [0, 1], got {diversity}")
         timeout = min(timeout_s if timeout_s is not None else math.inf, self.config.request_timeout_s)
         request = Request(
             user_id,
@@ -293,16 +314,28 @@ class Gateway:
             tuple(categories),
             tuple(exclude_categories),
             pairs,
+            diversity,
         )
+        fingerprint = _fingerprint(request)
+        earlier = _read_page_token(page_token, fingerprint) if page_token else []
+        if earlier:
+            request = dataclasses.replace(request, exclude_items=request.exclude_items + tuple(earlier))
         future = self._batcher.submit(request, timeout)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            rec: Recommendation = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"no recommendation within {timeout:.3g} s") from None
+        served = earlier + [i.item_id for i in rec.items]
+        if len(rec.items) == request.k and len(served) + request.k <= MAX_PAGED:
+            rec = dataclasses.replace(rec, next_page_token=_page_token(fingerprint, served))
+        if write_back:
+            self.impressions.add(user_id, rec)
+        return rec
 
     def close(self) -> None:
-        """Stop the model thread."""
+        """Stop the model thread; write the impressions still queued."""
         self._batcher.close()
+        self.impressions.close()
 
     def similar_items(self, item_id: str, k: int | None) -> tuple[int, list[ScoredItem]]:
         """Raises InvalidArgument for an empty item_id or bad k; NotFound for an unknown item."""
@@ -318,3 +351,39 @@ def _check_terms(name: str, terms: Sequence[str]) -> None:
     for n, term in enumerate(terms):
         if not isinstance(term, str) or not term or len(term) > MAX_ID_LENGTH:
             raise InvalidArgument(f"{name}[{n}]: must be 1-{MAX_ID_LENGTH} characters")
+
+
+def _fingerprint(request: Request) -> str:
+    """What a page token belongs to: the user and every setting that shapes the list."""
+    shape = (
+        request.user_id,
+        request.k,
+        request.exclude_seen,
+        request.exclude_items,
+        request.categories,
+        request.exclude_categories,
+        request.attributes,
+        request.diversity,
+    )
+    return hashlib.blake2b(json.dumps(shape).encode(), digest_size=8).hexdigest()
+
+
+def _page_token(fingerprint: str, served: list[str]) -> str:
+    """An opaque token that carries the items of the pages so far (they are left out of the
+    next one, so no item repeats whatever the model learned in between)."""
+    raw = json.dumps({"f": fingerprint, "s": served}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(zlib.compress(raw)).decode()
+
+
+def _read_page_token(token: str, fingerprint: str) -> list[str]:
+    if len(token) > 200_000:
+        raise InvalidArgument("page_token: too long")
+    try:
+        body = json.loads(zlib.decompress(base64.urlsafe_b64decode(token.encode()), bufsize=1 << 16))
+        served = body["s"]
+        ok = body["f"] == fingerprint and isinstance(served, list) and all(isinstance(i, str) for i in served)
+    except (ValueError, TypeError, KeyError, zlib.error, binascii.Error):
+        raise InvalidArgument("page_token: not a token this server gave") from None
+    if not ok:
+        raise InvalidArgument("page_token: belongs to another list (user, k, filter and diversity must not change)")
+    return list(served[:MAX_PAGED])

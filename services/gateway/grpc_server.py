@@ -83,6 +83,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 categories=list(request.filter.categories),
                 exclude_categories=list(request.filter.exclude_categories),
                 attributes=dict(request.filter.attributes),
+                page_token=request.page_token,
+                diversity=request.diversity,
+                write_back=request.write_back if request.HasField("write_back") else True,
             )
             return adapt.recommendation_to_pb(rec)
 

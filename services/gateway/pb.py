@@ -25,6 +25,8 @@ def event_from_pb(event: pb.Event) -> dict[str, Any]:
         raw["request_id"] = event.request_id
     if event.HasField("value"):
         raw["value"] = event.value
+    if event.HasField("position"):
+        raw["position"] = event.position
     if event.context:
         raw["context"] = dict(event.context)
     return raw
@@ -88,5 +90,8 @@ def recommendation_from_pb(rec: pb.RecommendResponse) -> Recommendation:
 
 def recommendation_to_pb(rec: Recommendation) -> pb.RecommendResponse:
     return pb.RecommendResponse(
-        request_id=rec.request_id, model_version=rec.model_version, items=items_to_pb(rec.items)
+        request_id=rec.request_id,
+        model_version=rec.model_version,
+        items=items_to_pb(rec.items),
+        next_page_token=rec.next_page_token,
     )

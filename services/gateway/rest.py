@@ -38,6 +38,7 @@ class EventBody(BaseModel):
     type: Literal["impression", "click", "like", "share", "purchase", "rating", "dwell", "skip"]
     timestamp_ms: int = Field(default=0, ge=0, lt=1 << 53, description="0 or absent: time of acceptance")
     request_id: str | None = Field(default=None, description="the recommendation that showed the item")
+    position: int | None = Field(default=None, ge=0, le=10_000, description="where in that recommendation (0 first)")
     value: float | None = Field(default=None, ge=-1e9, le=1e9, description="required for rating and dwell")
     context: dict[str, str] = Field(default_factory=dict, max_length=MAX_CONTEXT_ENTRIES)
 
@@ -118,6 +119,9 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = True
     context: dict[str, str] = Field(default_factory=dict)
     filter: FilterBody = Field(default_factory=FilterBody)
+    page_token: str = Field(default="", description="the previous page's next_page_token")
+    diversity: float = Field(default=0.0, ge=0.0, le=1.0, description="0: by score; up to 1: items unlike each other")
+    write_back: bool = Field(default=True, description="log the list's items as impressions (for the joiner)")
 
 
 class ScoredItemBody(BaseModel):
@@ -130,6 +134,7 @@ class RecommendResponse(BaseModel):
     request_id: str
     model_version: int
     items: list[ScoredItemBody]
+    next_page_token: str | None = Field(description="the token of the next page; null when there is none")
 
 
 class SimilarResponse(BaseModel):
@@ -285,10 +290,14 @@ def create_app(gateway: Gateway) -> FastAPI:
             categories=f.categories,
             exclude_categories=f.exclude_categories,
             attributes=f.attributes,
+            page_token=body.page_token,
+            diversity=body.diversity,
+            write_back=body.write_back,
         )
         answer = RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
+            next_page_token=rec.next_page_token or None,
             items=[ScoredItemBody(item_id=i.item_id, score=i.score, reason=i.reason) for i in rec.items],
         )
         # serialised here: FastAPI would validate the model a second time (the hot path's CPU)

@@ -1,0 +1,114 @@
+"""Impressions written back: every list the gateway serves becomes impression events on the
+log (user, item, the list's `request_id`, position), so the joiner labels what was really
+shown and a click that carries the `request_id` joins to it.
+
+Written off the request path, by one thread, in batches: a recommendation call never waits
+for the log. While the log is down or slower than the calls, up to `max_pending` lists wait;
+past that the oldest are dropped and counted (`freshrec_impressions_dropped_total`): an
+impression lost costs one negative example, a recommendation call held up costs its caller.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+from services import metrics
+from services.serving import Recommendation
+from trainer.eventlog.base import EventLog, LogUnavailable
+from trainer.events import Event
+
+log = logging.getLogger(__name__)
+
+
+def impressions_of(user_id: str, rec: Recommendation, now_ms: int) -> list[Event]:
+    """The impression events of one served list (event ids `<request_id>:<position>`, so a
+    list written twice counts once)."""
+    return [
+        Event(f"{rec.request_id}:{n}", user_id, item.item_id, "impression", now_ms, rec.request_id, position=n)
+        for n, item in enumerate(rec.items)
+    ]
+
+
+class ImpressionWriter:
+    """Appends the impressions of served lists to `event_log` on a thread of its own.
+
+    Args:
+        event_log: where they go (the events topic).
+        max_pending: most lists waiting; past it the oldest are dropped.
+        retry_s: wait after the log refused a batch before trying again.
+    """
+
+    def __init__(self, event_log: EventLog, max_pending: int = 10_000, retry_s: float = 1.0) -> None:
+        self._log = event_log
+        self._pending: collections.deque[tuple[str, Recommendation, int]] = collections.deque()
+        self._max_pending = max_pending
+        self._retry_s = retry_s
+        self._cond = threading.Condition()
+        self._closed = False
+        self._busy = False  # a batch is being written
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
+        self._thread.start()
+
+    def add(self, user_id: str, rec: Recommendation) -> None:
+        """Queue one served list (returns at once)."""
+        if not rec.items:
+            return
+        with self._cond:
+            if len(self._pending) >= self._max_pending:
+                _, dropped, _ = self._pending.popleft()
+                metrics.IMPRESSIONS_DROPPED.inc(len(dropped.items))
+            self._pending.append((user_id, rec, int(time.time() * 1000)))
+            self._cond.notify()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every queued list is written (checks, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch = list(self._pending)
+                self._pending.clear()
+                self._busy = True
+            events = [e for user, rec, at in batch for e in impressions_of(user, rec, at)]
+            try:
+                self._log.append(events)
+                self.written += len(events)
+                metrics.IMPRESSIONS_WRITTEN.inc(len(events))
+            except LogUnavailable as e:
+                log.warning("impressions not written (%s); retrying in %.0f s", e, self._retry_s)
+                with self._cond:  # back in front, in order; the bound still holds
+                    self._pending.extendleft(reversed(batch))
+                    while len(self._pending) > self._max_pending:
+                        metrics.IMPRESSIONS_DROPPED.inc(len(self._pending.popleft()[1].items))
+                time.sleep(self._retry_s)
+            except Exception:  # whatever happens, serving goes on; these impressions are lost
+                log.exception("impressions of %d lists could not be written", len(batch))
+                metrics.IMPRESSIONS_DROPPED.inc(len(events))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (up to `timeout_s`), then stop the thread."""
+        self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
