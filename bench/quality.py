@@ -83,6 +83,9 @@ class HashedTable:
     def evict_expired(self, now: float) -> int:
         return self._inner.evict_expired(now)
 
+    def delete(self, keys: np.ndarray) -> int:
+        return self._inner.delete(self._fold(keys))
+
     def drain_delta(self) -> TableDelta:
         return self._inner.drain_delta()
 

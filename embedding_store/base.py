@@ -219,6 +219,11 @@ class EmbeddingTable(Protocol):
         """Remove rows last used (looked up or updated) before `now - ttl_s`; return how many."""
         ...
 
+    def delete(self, keys: np.ndarray) -> int:
+        """Remove the rows of `keys` (erasure); return how many there were. The next drain
+        carries them as evicted, as it does expired rows."""
+        ...
+
     def drain_delta(self) -> TableDelta:
         """Rows changed (and keys removed) since the previous drain."""
         ...

@@ -135,6 +135,14 @@ class LocalTable:
             self._counters["evicted_expired"] += expired.size
             return int(expired.size)
 
+    def delete(self, keys: np.ndarray) -> int:
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        with self._lock:
+            ids = self._index.find(keys)
+            ids = np.unique(ids[ids >= 0])
+            self._remove(ids)
+            return int(ids.size)
+
     def drain_delta(self) -> TableDelta:
         with self._lock:
             rows = np.flatnonzero(self._dirty)

@@ -133,6 +133,12 @@ class ShardServicer(pb_grpc.StoreShardServicer):
             context, lambda: pb.EvictExpiredResponse(evicted=self._table(request.table).evict_expired(request.now))
         )
 
+    def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.EvictExpiredResponse:
+        return self._call(
+            context,
+            lambda: pb.EvictExpiredResponse(evicted=self._table(request.table).delete(_keys(request.keys))),
+        )
+
     def DrainDelta(self, request: pb.TableRequest, context: grpc.ServicerContext) -> pb.DeltaResponse:
         def run() -> pb.DeltaResponse:
             d = self._table(request.table).drain_delta()
@@ -250,6 +256,11 @@ class RemoteTable:
 
     def evict_expired(self, now: float) -> int:
         return int(self._store.call("EvictExpired", pb.EvictExpiredRequest(table=self._config.name, now=now)).evicted)
+
+    def delete(self, keys: np.ndarray) -> int:
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        reply = self._store.call("Delete", pb.KeysRequest(table=self._config.name, keys=keys.tobytes()))
+        return int(reply.evicted)
 
     def drain_delta(self) -> TableDelta:
         reply = self._store.call("DrainDelta", pb.TableRequest(table=self._config.name))

@@ -115,6 +115,11 @@ class ShardedTable:
     def evict_expired(self, now: float) -> int:
         return sum(self._map(lambda p: p.evict_expired(now)))
 
+    def delete(self, keys: np.ndarray) -> int:
+        keys = np.asarray(keys, dtype=np.uint64)
+        where = self._split(keys)
+        return sum(self._map(lambda p, i: p.delete(keys[i]) if len(i) else 0, where))
+
     def drain_delta(self) -> TableDelta:
         deltas = self._map(lambda p: p.drain_delta())
         self._version += 1

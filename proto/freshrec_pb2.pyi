@@ -245,3 +245,15 @@ class DeleteItemResponse(_message.Message):
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     def __init__(self, item_id: _Optional[str] = ...) -> None: ...
+
+class DeleteUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class DeleteUserResponse(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,11 @@ class GatewayStub:
                 request_serializer=proto_dot_freshrec__pb2.DeleteItemRequest.SerializeToString,
                 response_deserializer=proto_dot_freshrec__pb2.DeleteItemResponse.FromString,
                 _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/freshrec.v1.Gateway/DeleteUser',
+                request_serializer=proto_dot_freshrec__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=proto_dot_freshrec__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -127,6 +132,12 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.DeleteItem,
                     request_deserializer=proto_dot_freshrec__pb2.DeleteItemRequest.FromString,
                     response_serializer=proto_dot_freshrec__pb2.DeleteItemResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=proto_dot_freshrec__pb2.DeleteUserRequest.FromString,
+                    response_serializer=proto_dot_freshrec__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class Gateway:
             '/freshrec.v1.Gateway/DeleteItem',
             proto_dot_freshrec__pb2.DeleteItemRequest.SerializeToString,
             proto_dot_freshrec__pb2.DeleteItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.v1.Gateway/DeleteUser',
+            proto_dot_freshrec__pb2.DeleteUserRequest.SerializeToString,
+            proto_dot_freshrec__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,11 @@ class StoreShardStub:
                 request_serializer=proto_dot_store__pb2.EvictExpiredRequest.SerializeToString,
                 response_deserializer=proto_dot_store__pb2.EvictExpiredResponse.FromString,
                 _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/freshrec.store.v1.StoreShard/Delete',
+                request_serializer=proto_dot_store__pb2.KeysRequest.SerializeToString,
+                response_deserializer=proto_dot_store__pb2.EvictExpiredResponse.FromString,
+                _registered_method=True)
         self.DrainDelta = channel.unary_unary(
                 '/freshrec.store.v1.StoreShard/DrainDelta',
                 request_serializer=proto_dot_store__pb2.TableRequest.SerializeToString,
@@ -123,6 +128,13 @@ class StoreShardServicer:
 
     def EvictExpired(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Remove the rows of keys (erasure of a user); `evicted` says how many there were.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -192,6 +204,11 @@ def add_StoreShardServicer_to_server(servicer, server):
             'EvictExpired': grpc.unary_unary_rpc_method_handler(
                     servicer.EvictExpired,
                     request_deserializer=proto_dot_store__pb2.EvictExpiredRequest.FromString,
+                    response_serializer=proto_dot_store__pb2.EvictExpiredResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=proto_dot_store__pb2.KeysRequest.FromString,
                     response_serializer=proto_dot_store__pb2.EvictExpiredResponse.SerializeToString,
             ),
             'DrainDelta': grpc.unary_unary_rpc_method_handler(
@@ -359,6 +376,33 @@ class StoreShard:
             target,
             '/freshrec.store.v1.StoreShard/EvictExpired',
             proto_dot_store__pb2.EvictExpiredRequest.SerializeToString,
+            proto_dot_store__pb2.EvictExpiredResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.store.v1.StoreShard/Delete',
+            proto_dot_store__pb2.KeysRequest.SerializeToString,
             proto_dot_store__pb2.EvictExpiredResponse.FromString,
             options,
             channel_credentials,

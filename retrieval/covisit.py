@@ -140,6 +140,12 @@ class CoVisitation:
         if len(counts) > self.max_items:
             self._shrink()
 
+    def forget_users(self, user_keys: np.ndarray) -> None:
+        """Drop users' recent-item windows (erasure; the decayed item-pair counts they added
+        stay, as they hold no user)."""
+        for user in np.asarray(user_keys, dtype=np.uint64).tolist():
+            self._recent.pop(user, None)
+
     def _shrink(self) -> None:
         """Forget the items with the smallest counts, down to 90% of `max_items`."""
         keep = int(self.max_items * 0.9)

@@ -29,6 +29,7 @@ from trainer.eventlog import MemoryLog
 from trainer.events import InvalidEvent
 from trainer.items import ItemRecord, parse_item
 from trainer.loop import Trainer
+from trainer.models import USER_TABLES
 from trainer.sync import SyncMessage
 
 ITEMS = 30
@@ -234,3 +235,82 @@ def wait_until_absent(client: Any, item_id: str, timeout_s: float = 10) -> None:
     while client.get(f"/v1/items/{item_id}").status_code != 404:
         assert time.monotonic() < deadline, f"{item_id} still in the catalogue"
         time.sleep(0.05)
+
+
+def _lists(client: Any, stub: Any, users: list[str], k: int = 10) -> dict[str, list[str]]:
+    """Each user's list, over REST for even positions and gRPC for odd ones."""
+    out = {}
+    for n, user in enumerate(users):
+        if n % 2 == 0:
+            body = client.post("/v1/recommendations", json={"user_id": user, "k": k, "write_back": False}).json()
+            out[user] = [i["item_id"] for i in body["items"]]
+        else:
+            reply = stub.Recommend(pb.RecommendRequest(user_id=user, k=k, write_back=False))
+            out[user] = [i.item_id for i in reply.items]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["embedded", "kafka+redis"])
+def test_hide_unhide_and_erase_end_to_end(mode: str, request: pytest.FixtureRequest) -> None:
+    """After a replay: an item hidden over REST leaves, within 2 s, its top user's list, 50
+    others', cold users' and its neighbours' similar items (both transports); un-hidden over
+    gRPC it is served again; an erased user is gone from the trainer's tables, the serving
+    store and serving, and gets a cold user's list."""
+    logs, stores = ("memory://", "memory://")
+    if mode != "embedded":
+        logs, stores = request.getfixturevalue("kafka_url"), request.getfixturevalue("redis_url")
+    rng = np.random.default_rng(3)
+    t0 = now_ms() - 3_600_000
+    events = [
+        {
+            "event_id": f"r{n}",
+            "user_id": f"u{n % 60}",
+            "item_id": f"i{int(rng.zipf(1.3)) % 80}",
+            "type": "click",
+            "timestamp_ms": t0 + n,
+        }
+        for n in range(3000)
+    ]
+    users = [f"u{u}" for u in range(52)] + ["cold-1", "cold-2"]
+    with running_node(logs, stores) as node, rest(node) as client:
+        for start in range(0, len(events), 1000):
+            assert client.post("/v1/events", json={"events": events[start : start + 1000]}).status_code == 200
+        wait_trained_and_served(node, len(events))
+        channel = grpc.insecure_channel(f"127.0.0.1:{node.grpc_port}")
+        stub = pb_grpc.GatewayStub(channel)
+        target = _lists(client, stub, ["u0"])["u0"][0]
+        neighbours = [i["item_id"] for i in client.get(f"/v1/items/{target}/similar", params={"k": 5}).json()["items"]]
+        hidden_at = time.monotonic()
+        assert client.put(f"/v1/items/{target}", json={"hidden": True}).status_code == 202
+        while True:
+            lists = _lists(client, stub, users)
+            similar = [
+                i.item_id for n in neighbours for i in stub.SimilarItems(pb.SimilarItemsRequest(item_id=n, k=20)).items
+            ]
+            if not any(target in items for items in lists.values()) and target not in similar:
+                break
+            assert time.monotonic() - hidden_at < 2.0, f"{target} still served 2 s after it was hidden"
+            time.sleep(0.05)
+        assert all(len(items) == 10 for items in lists.values())  # the others took its place
+        stub.PutItem(pb.PutItemRequest(item=pb.Item(item_id=target)))  # un-hidden
+        deadline = time.monotonic() + 10
+        while target not in _lists(client, stub, ["u0"])["u0"]:
+            assert time.monotonic() < deadline, f"{target} not served again after it was un-hidden"
+            time.sleep(0.1)
+
+        cold = _lists(client, stub, ["never-seen"])["never-seen"]
+        key = feature_keys("user", ["u0"])
+        assert node.trainer is not None and node.trainer.store.table("user").get(key)[1][0]
+        assert client.delete("/v1/users/u0").status_code == 202
+        deadline = time.monotonic() + 10
+        while _lists(client, stub, ["u0"])["u0"] != cold:
+            assert time.monotonic() < deadline, "an erased user still gets a personal list"
+            time.sleep(0.1)
+        for name in USER_TABLES:
+            assert not node.trainer.store.table(name).get(key)[1][0], name
+        assert not node.trainer.features.histories(key).any()
+        snapshot = node.store.snapshot()
+        assert key[0] not in snapshot.users.keys and key[0] not in snapshot.seen_users
+        assert all(key[0] not in t.keys for t in snapshot.tables.values())
+        channel.close()

@@ -338,6 +338,19 @@ def test_unknown_table_is_a_key_error(make_store: Backend) -> None:
         store.table("nope")
 
 
+def test_delete_removes_rows_on_every_shard_and_drains_them_as_evicted(make_store: Backend) -> None:
+    store = make_store([TableConfig("user", dim=2)])
+    table = store.table("user")
+    keys = np.arange(1, 41, dtype=np.uint64)
+    table.lookup(keys)
+    table.drain_delta()
+    gone = keys[::3]
+    assert table.delete(np.concatenate([gone, gone[:2], np.array([999], np.uint64)])) == len(gone)
+    found = table.get(keys)[1]
+    assert not found[::3].any() and found[np.arange(40) % 3 != 0].all() and len(table) == 40 - len(gone)
+    assert sorted(table.drain_delta().evicted.tolist()) == gone.tolist()
+
+
 def test_snapshot_of_another_config_is_refused(make_store: Backend, tmp_path: Path) -> None:
     store = make_store([TableConfig("t", dim=2)])
     store.table("t").lookup(np.arange(5, dtype=np.uint64))

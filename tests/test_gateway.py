@@ -135,7 +135,7 @@ def test_a_filter_excludes_items_and_still_fills_k(node: Node, stub: pb_grpc.Gat
         ]
         body = {"user_id": "flt-0", "k": 6, "filter": {"exclude_items": first[:3]}}
         filtered = [i["item_id"] for i in client.post("/v1/recommendations", json=body).json()["items"]]
-        unknown = client.post("/v1/recommendations", json={"user_id": "u", "filter": {"categories": ["x"]}})
+        unknown = client.post("/v1/recommendations", json={"user_id": "u", "filter": {"colour": ["x"]}})
         empty_id = client.post("/v1/recommendations", json={"user_id": "u", "filter": {"exclude_items": ["a", ""]}})
     assert len(first) == 6 and len(filtered) == 6  # k items, none of the excluded
     assert not set(first[:3]) & set(filtered)
@@ -143,7 +143,7 @@ def test_a_filter_excludes_items_and_still_fills_k(node: Node, stub: pb_grpc.Gat
         pb.RecommendRequest(user_id="flt-0", k=6, filter=pb.Filter(exclude_items=first[:3]))
     ).items
     assert len(grpc_items) == 6 and not set(first[:3]) & {i.item_id for i in grpc_items}
-    assert unknown.status_code == 422 and "categories" in unknown.json()["error"]["message"]
+    assert unknown.status_code == 422 and "colour" in unknown.json()["error"]["message"]
     assert empty_id.status_code == 422 and "filter.exclude_items[1]" in empty_id.json()["error"]["message"]
     with pytest.raises(grpc.RpcError) as info:
         stub.Recommend(pb.RecommendRequest(user_id="u", filter=pb.Filter(exclude_items=["x"] * 1001)))

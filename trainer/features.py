@@ -148,6 +148,13 @@ class FeatureState:
         self._changed_users, self._changed_items = set(), set()
         return users, items
 
+    def forget_users(self, user_keys: np.ndarray) -> None:
+        """Erase users' attributes and histories (their next drain does not name them)."""
+        for user in np.asarray(user_keys, dtype=np.uint64).tolist():
+            self._user_attrs.pop(user, None)
+            self._history.pop(user, None)
+            self._changed_users.discard(user)
+
     def add_history(self, user_keys: np.ndarray, item_keys: np.ndarray) -> None:
         """Append positives (in order) to their users' histories."""
         for user, key in zip(user_keys.tolist(), item_keys.tolist(), strict=True):

@@ -110,6 +110,35 @@ def is_catalogue_record(value: bytes) -> bool:
     return value.startswith(RECORD_PREFIX)
 
 
+ERASE_PREFIX = b'{"erase_user":'
+"""A log record asking the trainer to erase a user (`DELETE /v1/users/{user_id}`)."""
+
+
+def erase_record(user_id: str) -> bytes:
+    """The log record of a user's erasure (keyed by the user: after their earlier events)."""
+    return ERASE_PREFIX + json.dumps(validate_user_id(user_id)).encode("utf-8") + b"}"
+
+
+def is_erase_record(value: bytes) -> bool:
+    return value.startswith(ERASE_PREFIX)
+
+
+def erased_user(value: bytes) -> str:
+    """The user id of an erasure record; InvalidItem if it is not one."""
+    try:
+        obj = json.loads(value)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidItem("", f"not a JSON object: {type(e).__name__}") from e
+    if not isinstance(obj, dict) or set(obj) != {"erase_user"}:
+        raise InvalidItem("", "not an erasure record")
+    return validate_user_id(obj["erase_user"])
+
+
+def validate_user_id(user_id: Any) -> str:
+    """The user id, or InvalidItem naming `user_id`."""
+    return _string(user_id, "user_id")
+
+
 def _string(raw: Any, name: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise InvalidItem(name, f"must be a non-empty string, got {type(raw).__name__}")

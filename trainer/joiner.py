@@ -143,6 +143,14 @@ class Joiner:
             # other types (dwell without a join rule) carry no label
         return out
 
+    def forget_user(self, user_id: str) -> int:
+        """Drop a user's open impressions (erasure); how many there were. Closed ones are kept
+        only as keys of (user, item) pairs, which no longer name the user once the items do not."""
+        mine = [key for key in self._pending if key[0] == user_id]
+        for key in mine:
+            del self._pending[key]
+        return len(mine)
+
     def _close_expired(self, out: list[Example]) -> None:
         horizon = self.watermark_ms - int(self.config.window_s * 1000)
         while self._pending:

@@ -22,9 +22,9 @@ from trainer.evaluation import StreamingAUC
 from trainer.eventlog.base import DeadLetter, LogConsumer, LogRecord, LogUnavailable
 from trainer.events import Event, InvalidEvent
 from trainer.features import FeatureConfig, FeatureState
-from trainer.items import ItemRecord, is_catalogue_record
+from trainer.items import ItemRecord, erased_user, is_catalogue_record, is_erase_record
 from trainer.joiner import Joiner, JoinerConfig
-from trainer.models import TABLES, OnlineModels, table_configs
+from trainer.models import TABLES, USER_TABLES, OnlineModels, table_configs
 from trainer.sync import SyncMessage, now_ms
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,7 @@ class Trainer:
         self._held: tuple[list[LogRecord], list[Event], list[LogRecord | None]] | None = None
         self._unsent: SyncMessage | None = None  # drained by a `collect_sync` that failed
         self._catalogue: dict[str, ItemRecord] = {}  # catalogue records read since the last sync
+        self._erased: list[np.ndarray] = []  # keys of users erased since the last sync
         self._undrained_users: TableDelta | None = None  # user rows drained by a failed sync
         self._progress_at = time.monotonic()  # last poll that consumed records or found none waiting
         self._step_started: float | None = None
@@ -315,6 +316,7 @@ class Trainer:
             "trained_users": list(self._trained_users),
             "rng": self._rng.bit_generator.state,
             "catalogue": {**(self._unsent.catalogue if self._unsent else {}), **self._catalogue},
+            "erased": [*([self._unsent.erased_users] if self._unsent else []), *self._erased],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -333,6 +335,7 @@ class Trainer:
         self._trained_users = list(state.get("trained_users", []))  # absent from older checkpoints
         self._rng.bit_generator.state = state["rng"]
         self._catalogue = dict(state.get("catalogue", {}))  # absent from older checkpoints
+        self._erased = list(state.get("erased", []))
         self.last_checkpoint_s = state["written_at"]
 
     def health(self) -> TrainerHealth:
@@ -358,12 +361,16 @@ class Trainer:
         sources: list[LogRecord] = []
         dead: list[DeadLetter] = []
         skew_ms = int(self.config.max_clock_skew_s * 1000)
+        erase: list[str] = []
         for record in records:
             try:
                 if is_catalogue_record(record.value):  # not an event: passed on with the next sync
                     item = ItemRecord.from_log(record.value)
                     with self._lock:
                         self._catalogue[item.item_id] = item
+                    continue
+                if is_erase_record(record.value):  # after this batch's events (the user's included)
+                    erase.append(erased_user(record.value))
                     continue
                 events.append(Event.from_json(record.value, max_skew_ms=skew_ms))
                 accepted_ms.append(record.timestamp_ms)
@@ -375,7 +382,26 @@ class Trainer:
                 dead.append(DeadLetter(record, f"undecodable: {type(e).__name__}"))
                 log.exception("dead-lettering record p%d@%d", record.partition, record.offset)
         self._send_dead_letters(dead)
-        return self.train_events(events, len(dead), np.array(accepted_ms, dtype=np.int64), sources)
+        result = self.train_events(events, len(dead), np.array(accepted_ms, dtype=np.int64), sources)
+        for user_id in erase:
+            self.erase_user(user_id)
+        return result
+
+    def erase_user(self, user_id: str) -> None:
+        """Forget a user: their rows in every table that holds user keys (every shard), their
+        history, attributes, recent-item window and open impressions, and what the next sync
+        would have said of them; the next sync tells serving to drop their row, seen list and
+        features. The next checkpoint holds none of it (older ones, until they rotate out, do)."""
+        key = feature_keys("user", [user_id])
+        with self._lock:
+            removed = sum(self.store.table(name).delete(key) for name in USER_TABLES)
+            self.features.forget_users(key)
+            self.models.covisit.forget_users(key)
+            pending = self.joiner.forget_user(user_id)
+            self._seen = [(u[u != key[0]], i[u != key[0]]) for u, i in self._seen]
+            self._trained_users = [u[u != key[0]] for u in self._trained_users]
+            self._erased.append(key)
+        log.info("erased a user: %d rows, %d open impressions", removed, pending)
 
     def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
         if dead and self._dead_letter is not None:
@@ -562,6 +588,7 @@ class Trainer:
             seen, accepted, trained_users = self._seen, self._accepted, self._trained_users
             self._seen, self._accepted, self._trained_users = [], [], []
             catalogue, self._catalogue = self._catalogue, {}
+            erased, self._erased = self._erased, []
             partial = SyncMessage(
                 users=TableDelta.empty("user"),
                 items=TableDelta.empty("item"),
@@ -569,6 +596,7 @@ class Trainer:
                 seen_items=np.concatenate([s[1] for s in seen]) if seen else np.zeros(0, np.uint64),
                 accepted_ms=self._sample(np.concatenate(accepted) if accepted else np.zeros(0, np.int64)),
                 catalogue=catalogue,
+                erased_users=np.unique(np.concatenate(erased)) if erased else np.zeros(0, np.uint64),
                 clock_s=self.catalog.clock_s,
                 trending_half_life_s=self.catalog.half_life_s,
                 created_ms=now_ms(),

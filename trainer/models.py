@@ -47,6 +47,8 @@ from trainer.config import TrainerConfig
 from trainer.features import Features, FeatureState
 
 TABLES = ("user", "item", RANK_ID_TABLE, RANK_ATTR_TABLE)
+USER_TABLES = ("user", RANK_ID_TABLE)
+"""The tables that hold rows keyed by a user's key (what erasing a user deletes from)."""
 
 
 def table_configs(config: TrainerConfig) -> list[TableConfig]:

@@ -44,6 +44,8 @@ class SyncMessage:
         trending_half_life_s: the half-life of the anchored trending counts in `tables`.
         catalogue: catalogue changes (`trainer.items`) by item id, the newest of each; in a
             full snapshot, every record serving holds (tombstones of deleted items included).
+        erased_users: keys of users erased since the previous version: serving drops their
+            rows, seen lists and features (before it applies the rest of the message).
         full: True for a bootstrap snapshot that replaces all state instead of updating it.
         encoded_bytes: the size the serving store stored it at (set by `publish`, as `version` is).
     """
@@ -59,6 +61,7 @@ class SyncMessage:
     dense: dict[str, np.ndarray] = field(default_factory=dict)
     accepted_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     catalogue: dict[str, ItemRecord] = field(default_factory=dict)
+    erased_users: np.ndarray = field(default_factory=_empty_keys)
     clock_s: float = 0.0
     trending_half_life_s: float = 0.0
     version: int = 0
@@ -102,6 +105,7 @@ class SyncMessage:
             dense=newer.dense or self.dense,
             accepted_ms=np.concatenate([self.accepted_ms, newer.accepted_ms]),
             catalogue={**self.catalogue, **newer.catalogue},
+            erased_users=np.unique(np.concatenate([self.erased_users, newer.erased_users])),
             clock_s=newer.clock_s or self.clock_s,
             trending_half_life_s=newer.trending_half_life_s or self.trending_half_life_s,
             created_ms=newer.created_ms,
@@ -113,6 +117,7 @@ class SyncMessage:
             or len(self.items)
             or self.item_names
             or self.catalogue
+            or len(self.erased_users)
             or len(self.seen_users)
             or any(len(t) for t in self.tables.values())
             or self.dense

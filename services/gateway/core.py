@@ -25,7 +25,7 @@ from services.gateway.impressions import ImpressionWriter
 from services.serving import Recommendation, Recommender, Request, ScoredItem
 from trainer.eventlog.base import EventLog, LogUnavailable
 from trainer.events import MAX_ID_LENGTH, Event, InvalidEvent, parse_event
-from trainer.items import InvalidItem, ItemRecord, parse_item, validate_item_id
+from trainer.items import InvalidItem, ItemRecord, erase_record, parse_item, validate_item_id
 
 log = logging.getLogger(__name__)
 MAX_EXCLUDED = 1000  # items one request's filter may exclude
@@ -184,6 +184,19 @@ class Gateway:
             raise InvalidArgument(f"{e.field}: {e.message}") from None
         self._log_items([record])
         return record
+
+    def delete_user(self, user_id: str) -> None:
+        """Log the erasure of a user, after their earlier events (same key, same partition):
+        the trainer forgets them and the next sync drops them from serving (see
+        `Trainer.erase_user`); their next recommendation is a cold user's."""
+        try:
+            record = erase_record(user_id)
+        except InvalidEvent as e:
+            raise InvalidArgument(f"{e.field}: {e.message}") from None
+        try:
+            self.log.append_keyed([(user_id, record)])
+        except LogUnavailable as e:
+            raise Unavailable("event log unavailable; the erasure was not accepted") from e
 
     def _log_items(self, records: list[ItemRecord]) -> None:
         try:

@@ -136,6 +136,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
         return await self._call("DeleteItem", "catalogue", context, lambda: asyncio.to_thread(run))
 
+    async def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.aio.ServicerContext) -> Any:
+        def run() -> pb.DeleteUserResponse:
+            self._gateway.delete_user(request.user_id)
+            return pb.DeleteUserResponse(user_id=request.user_id)
+
+        return await self._call("DeleteUser", "catalogue", context, lambda: asyncio.to_thread(run))
+
 
 class GrpcEdge:
     """The gateway's gRPC server on a thread running its own event loop.

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +23,10 @@ from services.gateway.core import EventResult, Gateway
 from trainer.events import MAX_CONTEXT_ENTRIES, MAX_ID_LENGTH
 
 log = logging.getLogger(__name__)
+
+
+ItemId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
+UserId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
 
 
 class EventBody(BaseModel):
@@ -313,7 +317,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     @app.put("/v1/items/{item_id}", response_model=Accepted, status_code=202)
-    def put_item(item_id: str, body: ItemBody, request: Request) -> Accepted:
+    def put_item(item_id: ItemId, body: ItemBody, request: Request) -> Accepted:
         authorize(request, "catalogue")
         record = gateway.put_item(item_id, body.model_dump())
         return Accepted(item_id=record.item_id, status="accepted")
@@ -326,7 +330,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         return EventsResponse(accepted=accepted, rejected=len(results) - accepted, results=_results(results))
 
     @app.get("/v1/items/{item_id}", response_model=ItemResponse)
-    def get_item(item_id: str, request: Request) -> ItemResponse:
+    def get_item(item_id: ItemId, request: Request) -> ItemResponse:
         authorize(request, "recommend")
         _, record = gateway.get_item(item_id)
         return ItemResponse(**record.to_dict())
@@ -340,9 +344,15 @@ def create_app(gateway: Gateway) -> FastAPI:
         return ItemPage(items=[ItemResponse(**r.to_dict()) for r in records], next_cursor=after or None)
 
     @app.delete("/v1/items/{item_id}", response_model=Accepted, status_code=202)
-    def delete_item(item_id: str, request: Request) -> Accepted:
+    def delete_item(item_id: ItemId, request: Request) -> Accepted:
         authorize(request, "catalogue")
         return Accepted(item_id=gateway.delete_item(item_id).item_id, status="accepted")
+
+    @app.delete("/v1/users/{user_id}", status_code=202)
+    def delete_user(user_id: UserId, request: Request) -> dict[str, str]:
+        authorize(request, "catalogue")
+        gateway.delete_user(user_id)
+        return {"user_id": user_id, "status": "accepted"}
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

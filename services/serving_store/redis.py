@@ -170,6 +170,13 @@ class RedisServingStore:
             pipe.hdel(self._bucket(table, bucket), *(fields[i] for i in at.tolist()))
 
     def _write_rows(self, pipe: Any, m: SyncMessage) -> None:
+        if len(m.erased_users):  # first: what the message says of them afterwards is a new user's
+            self._hdel(pipe, "users", m.erased_users)
+            for name in self._redis.hkeys(self._meta("schema")):
+                text = name.decode() if isinstance(name, bytes) else str(name)
+                self._hdel(pipe, f"table:{text}", m.erased_users)
+            for user in m.erased_users.tolist():
+                pipe.delete(f"{self._p}:seen:{user:016x}")
         for table, delta in (("users", m.users), ("items", m.items)):
             if len(delta.evicted):
                 self._hdel(pipe, table, delta.evicted)

@@ -60,6 +60,8 @@ class ServingState:
         """Apply one version (or a full snapshot, which first clears everything)."""
         if message.full:
             self.reset()
+        if len(message.erased_users):
+            self._erase(message.erased_users)
         self.users = self._apply_table(self.users, message.users)
         self.items = self._apply_table(self.items, message.items)
         if len(message.items.evicted):
@@ -84,6 +86,14 @@ class ServingState:
         if message.clock_s or message.trending_half_life_s:
             self.clock_s, self.trending_half_life_s = message.clock_s, message.trending_half_life_s
         self.version = message.version
+
+    def _erase(self, users: np.ndarray) -> None:
+        """Drop erased users' rows, seen lists and every feature row keyed by them."""
+        for table in (self.users, *self.tables.values()):
+            if table is not None:
+                table.delete(users)
+        for user in users.tolist():
+            self.seen.pop(user, None)
 
     def _apply_catalogue(self, records: dict[str, ItemRecord]) -> None:
         for item_id, record in records.items():
