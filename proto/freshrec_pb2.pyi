@@ -70,7 +70,7 @@ class IngestResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen", "context", "filter", "page_token", "diversity", "write_back")
+    __slots__ = ("user_id", "k", "exclude_seen", "context", "filter", "page_token", "diversity", "write_back", "experiment")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class RecommendRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     WRITE_BACK_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
@@ -94,7 +95,8 @@ class RecommendRequest(_message.Message):
     page_token: str
     diversity: float
     write_back: bool
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., page_token: _Optional[str] = ..., diversity: _Optional[float] = ..., write_back: _Optional[bool] = ...) -> None: ...
+    experiment: str
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., page_token: _Optional[str] = ..., diversity: _Optional[float] = ..., write_back: _Optional[bool] = ..., experiment: _Optional[str] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("categories", "exclude_categories", "exclude_items", "attributes")
@@ -126,16 +128,18 @@ class ScoredItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("request_id", "model_version", "items", "next_page_token")
+    __slots__ = ("request_id", "model_version", "items", "next_page_token", "arm")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_version: int
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     next_page_token: str
-    def __init__(self, request_id: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    arm: str
+    def __init__(self, request_id: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_id", "k")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.index import IndexConfig
+from services.experiments import Experiments
 from services.gateway.auth import parse_api_keys
 from trainer.config import TrainerConfig
 
@@ -44,6 +45,7 @@ class ServerConfig:
         api_keys: API keys and their scopes, `scopes:secret;...` (`services.gateway.auth`);
             empty turns authentication off.
         rate_limit_per_s: calls per second per API key (0: no limit).
+        experiments: A/B experiments as JSON (`services.experiments`; "" for none).
         max_body_bytes: largest REST request body; larger ones get 413 (read and dropped,
             so that a client still sending sees the answer).
         max_clock_skew_s: how far ahead of the gateway's clock an event's `timestamp_ms`
@@ -67,6 +69,7 @@ class ServerConfig:
     ranking_url: str = ""
     api_keys: str = field(default="", repr=False)
     rate_limit_per_s: float = 0.0
+    experiments: str = ""
     max_body_bytes: int = 4 * 1024 * 1024
     max_clock_skew_s: float = 300.0
 
@@ -90,6 +93,7 @@ class ServerConfig:
             if url and (not url.startswith("grpc://") or ":" not in url[len("grpc://") :]):
                 raise ValueError(f"server.{name}: expected grpc://HOST:PORT, got {url!r}")
         parse_api_keys(self.api_keys)  # raises naming the entry, never the secret
+        Experiments(self.experiments)  # raises naming the experiment, arm and field
         if self.rate_limit_per_s < 0:
             raise ValueError(f"server.rate_limit_per_s: must be >= 0, got {self.rate_limit_per_s}")
         if not self.max_clock_skew_s >= 0:
@@ -156,6 +160,7 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_RANKING_URL": "server.ranking_url",
     "FRESHREC_API_KEYS": "server.api_keys",
     "FRESHREC_RATE_LIMIT_PER_S": "server.rate_limit_per_s",
+    "FRESHREC_EXPERIMENTS": "server.experiments",
     "FRESHREC_MAX_BODY_BYTES": "server.max_body_bytes",
     "FRESHREC_MAX_CLOCK_SKEW_S": "server.max_clock_skew_s",
     "FRESHREC_TRAINER_MAX_CLOCK_SKEW_S": "trainer.max_clock_skew_s",

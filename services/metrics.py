@@ -37,6 +37,14 @@ IMPRESSIONS_WRITTEN = Counter("freshrec_impressions_written_total", "Impressions
 IMPRESSIONS_DROPPED = Counter(
     "freshrec_impressions_dropped_total", "Impressions of served lists dropped (the log was down or too slow)"
 )
+EXPERIMENT_IMPRESSIONS = Counter(
+    "freshrec_experiment_impressions_total",
+    "Impressions of an experiment arm's lists that the joiner labelled",
+    ["experiment", "arm"],
+)
+EXPERIMENT_CLICKS = Counter(
+    "freshrec_experiment_clicks_total", "Positive labels among those impressions", ["experiment", "arm"]
+)
 CATALOGUE_CHANGES = Counter("freshrec_catalogue_changes_total", "Item records and deletions logged by the gateway")
 
 TRAINER_EVENTS = Counter("freshrec_trainer_events_total", "Events the trainer has trained on")

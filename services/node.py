@@ -116,6 +116,7 @@ class Node:
         self._started_s = time.time()
         self._checkpoints_counted = 0
         self._failures_counted = 0
+        self._arms_counted: dict[tuple[str, str], tuple[int, int]] = {}  # exported per experiment arm
         self.publisher: SyncPublisher | None = None
         if "trainer" in self.roles:
             assert self.log is not None
@@ -221,6 +222,11 @@ class Node:
         else:
             metrics.TRAINER_CHECKPOINT_AGE.set(float("nan"))
         metrics.TRAINER_EXAMPLES.inc(step.examples)
+        for (experiment, arm), (shown, clicked) in self.trainer.experiment_counts.items():
+            before = self._arms_counted.get((experiment, arm), (0, 0))
+            metrics.EXPERIMENT_IMPRESSIONS.labels(experiment, arm).inc(shown - before[0])
+            metrics.EXPERIMENT_CLICKS.labels(experiment, arm).inc(clicked - before[1])
+            self._arms_counted[(experiment, arm)] = (shown, clicked)
         if step.examples:
             metrics.TRAINER_LOSS.set(step.loss)
             metrics.TRAINER_AUC.set(self.trainer.auc.value())

@@ -64,6 +64,7 @@ class Recommendation:
     model_version: int
     items: list[ScoredItem]
     next_page_token: str = ""  # set by the gateway: the token of the list's next page
+    arm: str = ""  # set by the gateway: the experiment arm that answered ("" without one)
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,7 @@ class ServingReplica:
             for u, r in zip(users, requests, strict=True)
         ]
         allowed = [self._allowed(r) for r in requests]
+        trending_only = [r.trending_only for r in requests]
         if state.users is None:
             vectors, found = np.zeros((len(users), 0), np.float32), np.zeros(len(users), bool)
         else:
@@ -270,7 +272,7 @@ class ServingReplica:
         covisit = None
         if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
             covisit = HistoryScores(covisit_lookup(state.tables[COVISIT_ITEMS], state.tables[COVISIT_SCORES]), history)
-        return _Users(users, seen, found, TwoTower.user_queries(vectors), history, covisit, allowed)
+        return _Users(users, seen, found, TwoTower.user_queries(vectors), history, covisit, allowed, trending_only)
 
     def _excluded(self, request: Request) -> np.ndarray:
         """Keys of the items no list may hold now (hidden, deleted, expired: kept out of the
@@ -332,6 +334,8 @@ class ServingReplica:
         }
         n = self._candidates_per_source
         for i in known.tolist():
+            if batch.trending_only[i]:
+                continue  # filled from the trending list by `_answers`
             filtered = batch.allowed[i] is not None
             if filtered and batch.found[i]:
                 ann_items = self._search_allowed(batch, i, n)
@@ -583,6 +587,7 @@ class _Users:
     history: np.ndarray  # [u, h] recent item keys
     covisit: HistoryScores | None  # the histories' co-visitation scores (None before any are synced)
     allowed: list[np.ndarray | None]  # each request's eligible items, sorted (None: any not left out)
+    trending_only: list[bool]  # the request wants the trending list only
 
     def keep(self, i: int, items: np.ndarray) -> np.ndarray:
         """`items` without request `i`'s left-out ones, and only its allowed ones."""
@@ -603,6 +608,7 @@ class Request:
     exclude_categories: tuple[str, ...] = ()  # no item in any of these (`filter.exclude_categories`)
     attributes: tuple[tuple[str, str], ...] = ()  # only items with these attribute values (`filter.attributes`)
     diversity: float = 0.0  # 0: by score; up to 1: each item unlike those above it (MMR over item vectors)
+    trending_only: bool = False  # the trending list (an experiment's baseline arm), filters and seen applied
 
     @property
     def filtered(self) -> bool:

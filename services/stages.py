@@ -65,6 +65,7 @@ def _requests(calls: Sequence[spb.Call]) -> list[Request]:
             tuple(c.exclude_categories),
             tuple(sorted(c.attributes.items())),
             c.diversity,
+            c.trending_only,
         )
         for c in calls
     ]
@@ -80,6 +81,7 @@ def _call(r: Request) -> spb.Call:
         exclude_categories=r.exclude_categories,
         attributes=dict(r.attributes),
         diversity=r.diversity,
+        trending_only=r.trending_only,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -14,9 +15,14 @@ from embedding_store import feature_keys
 from services.config import ServerConfig
 from services.errors import InvalidArgument
 from services.gateway.core import Gateway
-from services.serving import Recommendation
+from services.serving import Recommendation, ServingReplica
+from services.serving_store.memory import MemoryServingStore
 from tests.test_catalogue import World
+from tests.test_covisit import events_of
+from trainer.config import TrainerConfig
+from trainer.eventlog import MemoryLog
 from trainer.events import Event
+from trainer.loop import Trainer
 
 
 @pytest.fixture
@@ -97,3 +103,89 @@ def test_served_lists_are_written_back_as_impressions_that_clicks_join(world: Wo
         pass
     assert trainer.joiner.stats.examples["joined"] == before.get("joined", 0) + 1
     assert trainer.joiner.pending == 4  # the four others wait for their window to close as negatives
+
+
+def test_a_simulated_ab_test_ranks_the_arms_by_their_click_through_rate() -> None:
+    """A click model with a known better arm: users click the five items trending at the start
+    half the time and any other item 5% of the time, so arm "popular" (the trending list) must
+    beat arm "model" (the ranker, which lists each user's own taste group of a0-a11 or b0-b11
+    too); users are split by the hash of their id, and the per-arm CTR that the trainer counts
+    from the joined impressions must rank the arms so, round after round (with the arms' settings
+    swapped in the config, it does not)."""
+    log = MemoryLog()
+    trainer = Trainer(TrainerConfig(batch_size=256, min_count=1, join_window_s=60.0), log.consumer("g"))
+    rng = np.random.default_rng(5)
+    start = int(time.time() * 1000) - 86_400_000  # history over the last day
+    pairs = []
+    for user in range(80):
+        group = "ab"[user % 2]
+        pairs += [(f"u{user}", f"{group}{i}") for i in rng.choice(12, 10, replace=False).tolist()]
+        pairs += [(f"u{user}", f"hit{i}") for i in rng.choice(10, 3, replace=False).tolist()]
+    trainer.train_events(events_of(pairs, start))
+    store = MemoryServingStore()
+    replica = ServingReplica(store, candidates=10)
+
+    def sync() -> None:
+        while trainer.poll_and_train().events or trainer._consumer.lag():
+            pass
+        message = trainer.collect_sync()
+        if message is not None:
+            store.publish(message)
+        replica.catch_up()
+
+    sync()
+    liked = {i.item_id for i in replica.recommend("nobody", 5).items}  # a cold user's list: trending
+    config = ServerConfig(
+        experiments='{"ab": {"model": {"weight": 1}, "popular": {"weight": 1, "ranking": "trending"}}}'
+    )
+    gateway = Gateway(config, log, replica)
+    series: list[dict[str, float]] = []
+    arms: dict[str, str] = {}
+    try:
+        for round_ in range(3):
+            clicks = []
+            for user in range(80):
+                rec = ask(gateway, f"u{user}", 5, experiment="ab")
+                arms[f"u{user}"] = rec.arm
+                for item in rec.items:
+                    if rng.random() < (0.5 if item.item_id in liked else 0.05):
+                        clicks.append((f"u{user}", item.item_id, rec.request_id))
+            assert gateway.impressions.flush()  # stamped now
+            clock = int(time.time() * 1000) + 1000
+            log.append([Event(f"c{round_}-{n}", u, i, "click", clock, r) for n, (u, i, r) in enumerate(clicks)])
+            # a later event closes the round's impression windows (60 s of event time)
+            log.append([Event(f"tick{round_}", "ticker", "hit0", "skip", clock + 120_000)])
+            sync()
+            counts = trainer.experiment_counts
+            series.append({arm: counts[("ab", arm)][1] / counts[("ab", arm)][0] for arm in ("model", "popular")})
+    finally:
+        gateway.close()
+    assert {"model", "popular"} == set(arms.values())
+    assert 25 <= sum(a == "model" for a in arms.values()) <= 55  # split by the hash of the user id
+    assert all(ctr["popular"] > 1.2 * ctr["model"] for ctr in series), series  # cumulative CTR per round
+    assert gateway.experiments.arm("ab", "u1").name == arms["u1"]  # the same arm on every call
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('{"x": {"a": {"ranking": "nope"}}}', "server.experiments.x.a.ranking"),
+        ('{"x": {"a": {"weight": -1}}}', "server.experiments.x.a.weight"),
+        ('{"x": {"a": {"colour": 1}}}', "server.experiments.x.a.colour"),
+        ('{"x": {}}', "server.experiments.x"),
+        ("[1]", "server.experiments"),
+    ],
+)
+def test_a_bad_experiment_config_is_refused_naming_the_field(text: str, named: str) -> None:
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        ServerConfig(experiments=text)
+
+
+def test_an_unknown_experiment_is_an_invalid_argument(world: World) -> None:
+    gateway = Gateway(ServerConfig(experiments='{"x": {"a": {}}}'), world.log, world.replica)
+    try:
+        with pytest.raises(InvalidArgument, match="experiment"):
+            ask(gateway, "u1", 3, experiment="y")
+        assert ask(gateway, "u1", 3, experiment="x", write_back=False).arm == "a"
+    finally:
+        gateway.close()

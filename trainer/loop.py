@@ -204,6 +204,8 @@ class Trainer:
         self._unsent: SyncMessage | None = None  # drained by a `collect_sync` that failed
         self._catalogue: dict[str, ItemRecord] = {}  # catalogue records read since the last sync
         self._erased: list[np.ndarray] = []  # keys of users erased since the last sync
+        # per (experiment, arm): [impressions labelled, clicks among them] (`services.experiments`)
+        self.experiment_counts: dict[tuple[str, str], list[int]] = {}
         self._undrained_users: TableDelta | None = None  # user rows drained by a failed sync
         self._progress_at = time.monotonic()  # last poll that consumed records or found none waiting
         self._step_started: float | None = None
@@ -316,6 +318,7 @@ class Trainer:
             "trained_users": list(self._trained_users),
             "rng": self._rng.bit_generator.state,
             "catalogue": {**(self._unsent.catalogue if self._unsent else {}), **self._catalogue},
+            "experiment_counts": {k: list(v) for k, v in self.experiment_counts.items()},
             "erased": [*([self._unsent.erased_users] if self._unsent else []), *self._erased],
         }
 
@@ -336,6 +339,7 @@ class Trainer:
         self._rng.bit_generator.state = state["rng"]
         self._catalogue = dict(state.get("catalogue", {}))  # absent from older checkpoints
         self._erased = list(state.get("erased", []))
+        self.experiment_counts = {k: list(v) for k, v in state.get("experiment_counts", {}).items()}
         self.last_checkpoint_s = state["written_at"]
 
     def health(self) -> TrainerHealth:
@@ -543,6 +547,7 @@ class Trainer:
         if not examples:
             self.events_trained += len(events)
             return len(events), 0, float("nan")
+        arms = [(x, x.event.context) for x in examples if x.event.type == "impression" and "arm" in x.event.context]
         u = feature_keys("user", (x.event.user_id for x in examples))
         i = feature_keys("item", (x.event.item_id for x in examples))
         y = np.fromiter((x.label for x in examples), dtype=np.float32, count=len(examples))
@@ -559,6 +564,10 @@ class Trainer:
             self.models.covisit.observe(u[pos], i[pos], now)
         if self.learning and time.monotonic() >= self._next_expiry:
             self.expire()
+        for example, context in arms:  # an experiment's labelled impressions and their clicks
+            counts = self.experiment_counts.setdefault((context.get("experiment", ""), context["arm"]), [0, 0])
+            counts[0] += 1
+            counts[1] += int(example.label > 0)
         self.events_trained += len(events)  # last: a step that raised counts none of them
         return len(events), len(y_all), ranked.loss
 

@@ -19,6 +19,7 @@ from typing import Any
 from services import metrics
 from services.config import ServerConfig
 from services.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from services.experiments import Experiments
 from services.gateway.auth import Guard, parse_api_keys
 from services.gateway.batcher import RecommendBatcher
 from services.gateway.impressions import ImpressionWriter
@@ -93,6 +94,7 @@ class Gateway:
         self.guard = Guard(parse_api_keys(config.api_keys), config.rate_limit_per_s)
         self._batcher = RecommendBatcher(recommender.recommend_batch, config.recommend_batch, config.recommend_queue)
         self.impressions = ImpressionWriter(event_log)
+        self.experiments = Experiments(config.experiments)
 
     def ingest(self, raw_events: list[Any], transport: str) -> IngestResult:
         """Validate each event; append the good ones; report per event.
@@ -275,6 +277,7 @@ class Gateway:
         page_token: str = "",
         diversity: float = 0.0,
         write_back: bool = True,
+        experiment: str = "",
     ) -> Recommendation:
         """Queue the call for the model thread (`RecommendBatcher`) and await its answer; the
         REST and gRPC edges both call this from their event loops.
@@ -293,6 +296,8 @@ class Gateway:
                 be): maximal marginal relevance over the item vectors.
             write_back: record the list's items as impressions on the log (the default), so
                 the joiner learns from what was shown.
+            experiment: answer as the user's arm of this experiment (`services.experiments`)
+                says; the answer names the arm, its impressions carry both.
 
         Raises:
             InvalidArgument: empty or too long user_id, k out of range, more than
@@ -318,6 +323,14 @@ class Gateway:
                 raise InvalidArgument(f"filter.attributes.{a}: must be a string of at most {MAX_ID_LENGTH} characters")
         if not 0.0 <= diversity <= 1.0 or math.isnan(diversity):
             raise InvalidArgument(f"diversity: must be in [0, 1], got {diversity}")
+        arm = None
+        if experiment:
+            if experiment not in self.experiments:
+                raise InvalidArgument(
+                    f"experiment: no experiment {experiment[:64]!r} (have {self.experiments.names()})"
+                )
+            arm = self.experiments.arm(experiment, user_id)
+            diversity = arm.diversity if arm.diversity is not None else diversity
         timeout = min(timeout_s if timeout_s is not None else math.inf, self.config.request_timeout_s)
         request = Request(
             user_id,
@@ -328,6 +341,7 @@ class Gateway:
             tuple(exclude_categories),
             pairs,
             diversity,
+            arm is not None and arm.ranking == "trending",
         )
         fingerprint = _fingerprint(request)
         earlier = _read_page_token(page_token, fingerprint) if page_token else []
@@ -341,8 +355,10 @@ class Gateway:
         served = earlier + [i.item_id for i in rec.items]
         if len(rec.items) == request.k and len(served) + request.k <= MAX_PAGED:
             rec = dataclasses.replace(rec, next_page_token=_page_token(fingerprint, served))
+        if arm is not None:
+            rec = dataclasses.replace(rec, arm=arm.name)
         if write_back:
-            self.impressions.add(user_id, rec)
+            self.impressions.add(user_id, rec, experiment)
         return rec
 
     def close(self) -> None:

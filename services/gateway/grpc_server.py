@@ -86,6 +86,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 page_token=request.page_token,
                 diversity=request.diversity,
                 write_back=request.write_back if request.HasField("write_back") else True,
+                experiment=request.experiment,
             )
             return adapt.recommendation_to_pb(rec)
 

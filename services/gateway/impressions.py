@@ -23,11 +23,12 @@ from trainer.events import Event
 log = logging.getLogger(__name__)
 
 
-def impressions_of(user_id: str, rec: Recommendation, now_ms: int) -> list[Event]:
+def impressions_of(user_id: str, rec: Recommendation, now_ms: int, experiment: str = "") -> list[Event]:
     """The impression events of one served list (event ids `<request_id>:<position>`, so a
-    list written twice counts once)."""
+    list written twice counts once); an experiment's carry it and the arm in their context."""
+    context = {"experiment": experiment, "arm": rec.arm} if experiment and rec.arm else {}
     return [
-        Event(f"{rec.request_id}:{n}", user_id, item.item_id, "impression", now_ms, rec.request_id, position=n)
+        Event(f"{rec.request_id}:{n}", user_id, item.item_id, "impression", now_ms, rec.request_id, None, context, n)
         for n, item in enumerate(rec.items)
     ]
 
@@ -43,7 +44,7 @@ class ImpressionWriter:
 
     def __init__(self, event_log: EventLog, max_pending: int = 10_000, retry_s: float = 1.0) -> None:
         self._log = event_log
-        self._pending: collections.deque[tuple[str, Recommendation, int]] = collections.deque()
+        self._pending: collections.deque[tuple[str, Recommendation, int, str]] = collections.deque()
         self._max_pending = max_pending
         self._retry_s = retry_s
         self._cond = threading.Condition()
@@ -53,15 +54,15 @@ class ImpressionWriter:
         self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
         self._thread.start()
 
-    def add(self, user_id: str, rec: Recommendation) -> None:
+    def add(self, user_id: str, rec: Recommendation, experiment: str = "") -> None:
         """Queue one served list (returns at once)."""
         if not rec.items:
             return
         with self._cond:
             if len(self._pending) >= self._max_pending:
-                _, dropped, _ = self._pending.popleft()
+                _, dropped, _, _ = self._pending.popleft()
                 metrics.IMPRESSIONS_DROPPED.inc(len(dropped.items))
-            self._pending.append((user_id, rec, int(time.time() * 1000)))
+            self._pending.append((user_id, rec, int(time.time() * 1000), experiment))
             self._cond.notify()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -85,7 +86,7 @@ class ImpressionWriter:
                 batch = list(self._pending)
                 self._pending.clear()
                 self._busy = True
-            events = [e for user, rec, at in batch for e in impressions_of(user, rec, at)]
+            events = [e for user, rec, at, experiment in batch for e in impressions_of(user, rec, at, experiment)]
             try:
                 self._log.append(events)
                 self.written += len(events)

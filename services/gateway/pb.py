@@ -94,4 +94,5 @@ def recommendation_to_pb(rec: Recommendation) -> pb.RecommendResponse:
         model_version=rec.model_version,
         items=items_to_pb(rec.items),
         next_page_token=rec.next_page_token,
+        arm=rec.arm,
     )

@@ -126,6 +126,7 @@ class RecommendRequest(BaseModel):
     page_token: str = Field(default="", description="the previous page's next_page_token")
     diversity: float = Field(default=0.0, ge=0.0, le=1.0, description="0: by score; up to 1: items unlike each other")
     write_back: bool = Field(default=True, description="log the list's items as impressions (for the joiner)")
+    experiment: str = Field(default="", description="an A/B experiment: answered by the user's arm")
 
 
 class ScoredItemBody(BaseModel):
@@ -139,6 +140,7 @@ class RecommendResponse(BaseModel):
     model_version: int
     items: list[ScoredItemBody]
     next_page_token: str | None = Field(description="the token of the next page; null when there is none")
+    arm: str | None = Field(description="the experiment arm that answered; null without an experiment")
 
 
 class SimilarResponse(BaseModel):
@@ -297,11 +299,13 @@ def create_app(gateway: Gateway) -> FastAPI:
             page_token=body.page_token,
             diversity=body.diversity,
             write_back=body.write_back,
+            experiment=body.experiment,
         )
         answer = RecommendResponse(
             request_id=rec.request_id,
             model_version=rec.model_version,
             next_page_token=rec.next_page_token or None,
+            arm=rec.arm or None,
             items=[ScoredItemBody(item_id=i.item_id, score=i.score, reason=i.reason) for i in rec.items],
         )
         # serialised here: FastAPI would validate the model a second time (the hot path's CPU)
