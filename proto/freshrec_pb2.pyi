@@ -70,7 +70,7 @@ class IngestResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen", "context", "filter", "page_token", "diversity", "write_back", "experiment")
+    __slots__ = ("user_id", "k", "exclude_seen", "context", "filter", "page_token", "diversity", "write_back", "experiment", "exploration")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class RecommendRequest(_message.Message):
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     WRITE_BACK_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
@@ -96,7 +97,8 @@ class RecommendRequest(_message.Message):
     diversity: float
     write_back: bool
     experiment: str
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., page_token: _Optional[str] = ..., diversity: _Optional[float] = ..., write_back: _Optional[bool] = ..., experiment: _Optional[str] = ...) -> None: ...
+    exploration: float
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., page_token: _Optional[str] = ..., diversity: _Optional[float] = ..., write_back: _Optional[bool] = ..., experiment: _Optional[str] = ..., exploration: _Optional[float] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("categories", "exclude_categories", "exclude_items", "attributes")

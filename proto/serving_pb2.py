@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import freshrec_pb2 as proto_dot_freshrec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x13\x66reshrec.serving.v1\x1a\x14proto/freshrec.proto\"\x9b\x02\n\x04\x43\x61ll\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12\x15\n\rexclude_items\x18\x04 \x03(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x06 \x03(\t\x12=\n\nattributes\x18\x07 \x03(\x0b\x32).freshrec.serving.v1.Call.AttributesEntry\x12\x11\n\tdiversity\x18\x08 \x01(\x02\x12\x15\n\rtrending_only\x18\t \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x14\x43\x61talogueItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"4\n\x14\x43\x61taloguePageRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\";\n\x11\x43\x61talogueResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x0f\n\x07records\x18\x02 \x03(\t\"8\n\x0cStageRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\":\n\x12\x43\x61ndidatesResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x03(\x0c\"K\n\x0bRankRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"G\n\x0cRankResponse\x12\x37\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1e.freshrec.v1.RecommendResponse\"\x0f\n\rStatusRequest\"K\n\x0eStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0bstore_age_s\x18\x03 \x01(\x01\x32\xd5\x03\n\tRetrieval\x12X\n\nCandidates\x12!.freshrec.serving.v1.StageRequest\x1a\'.freshrec.serving.v1.CandidatesResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12\x62\n\rCatalogueItem\x12).freshrec.serving.v1.CatalogueItemRequest\x1a&.freshrec.serving.v1.CatalogueResponse\x12\x62\n\rCataloguePage\x12).freshrec.serving.v1.CataloguePageRequest\x1a&.freshrec.serving.v1.CatalogueResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponse2\xa9\x01\n\x07Ranking\x12K\n\x04Rank\x12 .freshrec.serving.v1.RankRequest\x1a!.freshrec.serving.v1.RankResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x13\x66reshrec.serving.v1\x1a\x14proto/freshrec.proto\"\xb0\x02\n\x04\x43\x61ll\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12\x15\n\rexclude_items\x18\x04 \x03(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x06 \x03(\t\x12=\n\nattributes\x18\x07 \x03(\x0b\x32).freshrec.serving.v1.Call.AttributesEntry\x12\x11\n\tdiversity\x18\x08 \x01(\x02\x12\x15\n\rtrending_only\x18\t \x01(\x08\x12\x13\n\x0b\x65xploration\x18\n \x01(\x02\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x14\x43\x61talogueItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"4\n\x14\x43\x61taloguePageRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\";\n\x11\x43\x61talogueResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x0f\n\x07records\x18\x02 \x03(\t\"8\n\x0cStageRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\":\n\x12\x43\x61ndidatesResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x03(\x0c\"K\n\x0bRankRequest\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.freshrec.serving.v1.Call\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"G\n\x0cRankResponse\x12\x37\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1e.freshrec.v1.RecommendResponse\"\x0f\n\rStatusRequest\"K\n\x0eStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0bstore_age_s\x18\x03 \x01(\x01\x32\xd5\x03\n\tRetrieval\x12X\n\nCandidates\x12!.freshrec.serving.v1.StageRequest\x1a\'.freshrec.serving.v1.CandidatesResponse\x12S\n\x0cSimilarItems\x12 .freshrec.v1.SimilarItemsRequest\x1a!.freshrec.v1.SimilarItemsResponse\x12\x62\n\rCatalogueItem\x12).freshrec.serving.v1.CatalogueItemRequest\x1a&.freshrec.serving.v1.CatalogueResponse\x12\x62\n\rCataloguePage\x12).freshrec.serving.v1.CataloguePageRequest\x1a&.freshrec.serving.v1.CatalogueResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponse2\xa9\x01\n\x07Ranking\x12K\n\x04Rank\x12 .freshrec.serving.v1.RankRequest\x1a!.freshrec.serving.v1.RankResponse\x12Q\n\x06Status\x12\".freshrec.serving.v1.StatusRequest\x1a#.freshrec.serving.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALL_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_CALL_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_CALL']._serialized_start=67
-  _globals['_CALL']._serialized_end=350
-  _globals['_CALL_ATTRIBUTESENTRY']._serialized_start=301
-  _globals['_CALL_ATTRIBUTESENTRY']._serialized_end=350
-  _globals['_CATALOGUEITEMREQUEST']._serialized_start=352
-  _globals['_CATALOGUEITEMREQUEST']._serialized_end=391
-  _globals['_CATALOGUEPAGEREQUEST']._serialized_start=393
-  _globals['_CATALOGUEPAGEREQUEST']._serialized_end=445
-  _globals['_CATALOGUERESPONSE']._serialized_start=447
-  _globals['_CATALOGUERESPONSE']._serialized_end=506
-  _globals['_STAGEREQUEST']._serialized_start=508
-  _globals['_STAGEREQUEST']._serialized_end=564
-  _globals['_CANDIDATESRESPONSE']._serialized_start=566
-  _globals['_CANDIDATESRESPONSE']._serialized_end=624
-  _globals['_RANKREQUEST']._serialized_start=626
-  _globals['_RANKREQUEST']._serialized_end=701
-  _globals['_RANKRESPONSE']._serialized_start=703
-  _globals['_RANKRESPONSE']._serialized_end=774
-  _globals['_STATUSREQUEST']._serialized_start=776
-  _globals['_STATUSREQUEST']._serialized_end=791
-  _globals['_STATUSRESPONSE']._serialized_start=793
-  _globals['_STATUSRESPONSE']._serialized_end=868
-  _globals['_RETRIEVAL']._serialized_start=871
-  _globals['_RETRIEVAL']._serialized_end=1340
-  _globals['_RANKING']._serialized_start=1343
-  _globals['_RANKING']._serialized_end=1512
+  _globals['_CALL']._serialized_end=371
+  _globals['_CALL_ATTRIBUTESENTRY']._serialized_start=322
+  _globals['_CALL_ATTRIBUTESENTRY']._serialized_end=371
+  _globals['_CATALOGUEITEMREQUEST']._serialized_start=373
+  _globals['_CATALOGUEITEMREQUEST']._serialized_end=412
+  _globals['_CATALOGUEPAGEREQUEST']._serialized_start=414
+  _globals['_CATALOGUEPAGEREQUEST']._serialized_end=466
+  _globals['_CATALOGUERESPONSE']._serialized_start=468
+  _globals['_CATALOGUERESPONSE']._serialized_end=527
+  _globals['_STAGEREQUEST']._serialized_start=529
+  _globals['_STAGEREQUEST']._serialized_end=585
+  _globals['_CANDIDATESRESPONSE']._serialized_start=587
+  _globals['_CANDIDATESRESPONSE']._serialized_end=645
+  _globals['_RANKREQUEST']._serialized_start=647
+  _globals['_RANKREQUEST']._serialized_end=722
+  _globals['_RANKRESPONSE']._serialized_start=724
+  _globals['_RANKRESPONSE']._serialized_end=795
+  _globals['_STATUSREQUEST']._serialized_start=797
+  _globals['_STATUSREQUEST']._serialized_end=812
+  _globals['_STATUSRESPONSE']._serialized_start=814
+  _globals['_STATUSRESPONSE']._serialized_end=889
+  _globals['_RETRIEVAL']._serialized_start=892
+  _globals['_RETRIEVAL']._serialized_end=1361
+  _globals['_RANKING']._serialized_start=1364
+  _globals['_RANKING']._serialized_end=1533
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Call(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen", "exclude_items", "categories", "exclude_categories", "attributes", "diversity", "trending_only")
+    __slots__ = ("user_id", "k", "exclude_seen", "exclude_items", "categories", "exclude_categories", "attributes", "diversity", "trending_only", "exploration")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class Call(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     TRENDING_ONLY_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
@@ -34,7 +35,8 @@ class Call(_message.Message):
     attributes: _containers.ScalarMap[str, str]
     diversity: float
     trending_only: bool
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_items: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., diversity: _Optional[float] = ..., trending_only: _Optional[bool] = ...) -> None: ...
+    exploration: float
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_items: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., diversity: _Optional[float] = ..., trending_only: _Optional[bool] = ..., exploration: _Optional[float] = ...) -> None: ...
 
 class CatalogueItemRequest(_message.Message):
     __slots__ = ("item_id",)

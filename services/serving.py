@@ -17,6 +17,7 @@ from embedding_store.keys import feature_key, feature_keys
 from embedding_store.row_map import RowMap
 from ranking.base import Ranker
 from ranking.dot import DotProductRanker
+from ranking.explore import ITEM_FEEDBACK, thompson
 from ranking.scorer import (
     ITEM_ATTRS,
     ITEM_COUNTS,
@@ -143,6 +144,8 @@ class ServingReplica:
         self.bootstrapped = threading.Event()
         self._store_seen_s = 0.0  # unix time the store last answered a read
         self._blocked_indexed = np.zeros(0, np.uint64)  # the blocked items the index leaves out
+        self._rng = np.random.default_rng()  # exploration's draws
+        self._rng_lock = threading.Lock()
 
     @property
     def version(self) -> int:
@@ -378,6 +381,8 @@ class ServingReplica:
             if len(keys) < r.k:
                 keys, scores, filled = self._fill(batch, i, keys, scores, r.k)
                 reasons += filled
+            if r.exploration:
+                keys, scores, reasons = self._explore(batch, i, keys, scores, reasons, r)
             items = [
                 ScoredItem(state.names[key], float(score), reason)
                 for key, score, reason in zip(keys.tolist(), scores.tolist(), reasons, strict=True)
@@ -487,6 +492,34 @@ class ServingReplica:
             "covisit" if c else "trending" if t else "ann"
             for c, t in zip(covisited.tolist(), trending.tolist(), strict=True)
         ]
+
+    def _explore(
+        self, batch: _Users, i: int, keys: np.ndarray, scores: np.ndarray, reasons: list[str], r: Request
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Give round(k x exploration) slots (at least one) — the list's last ones — to items
+        with little data (`ranking.explore`): catalogued items and items with few labelled
+        impressions, that the request may hold and the list does not hold already. Their score
+        is their posterior mean click-through rate, their reason "exploration"."""
+        state = self._state
+        slots = max(1, round(r.k * r.exploration))
+        table = state.tables.get(ITEM_FEEDBACK)
+        pool = state.catalogued() if table is None else np.union1d(state.catalogued(), table.items()[0])
+        pool = batch.keep(i, pool)
+        pool = pool[~np.isin(pool, keys)]
+        pool, _ = _named(state.names, pool, np.zeros(len(pool), np.float32))
+        if not len(pool):
+            return keys, scores, reasons
+        feedback = self._table_rows(ITEM_FEEDBACK, pool) if table is not None else np.zeros((len(pool), 2))
+        feedback = feedback if feedback.shape[1] == 2 else np.zeros((len(pool), 2))
+        with self._rng_lock:
+            picked = thompson(feedback, slots, self._rng)
+        draws = (feedback[picked, 1] + 1) / (feedback[picked, 0] + 2)  # the posterior mean, as the score
+        keep = min(len(keys), r.k - len(picked))
+        return (
+            np.concatenate([keys[:keep], pool[picked]]),
+            np.concatenate([scores[:keep], draws.astype(np.float32)]),
+            reasons[:keep] + ["exploration"] * len(picked),
+        )
 
     def _fill(
         self, batch: _Users, i: int, keys: np.ndarray, scores: np.ndarray, k: int
@@ -609,6 +642,7 @@ class Request:
     attributes: tuple[tuple[str, str], ...] = ()  # only items with these attribute values (`filter.attributes`)
     diversity: float = 0.0  # 0: by score; up to 1: each item unlike those above it (MMR over item vectors)
     trending_only: bool = False  # the trending list (an experiment's baseline arm), filters and seen applied
+    exploration: float = 0.0  # share of the k slots for items with little data (Thompson sampling)
 
     @property
     def filtered(self) -> bool:

@@ -66,6 +66,7 @@ def _requests(calls: Sequence[spb.Call]) -> list[Request]:
             tuple(sorted(c.attributes.items())),
             c.diversity,
             c.trending_only,
+            c.exploration,
         )
         for c in calls
     ]
@@ -82,6 +83,7 @@ def _call(r: Request) -> spb.Call:
         attributes=dict(r.attributes),
         diversity=r.diversity,
         trending_only=r.trending_only,
+        exploration=r.exploration,
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from embedding_store import feature_keys
+from ranking.explore import thompson
 from services.config import ServerConfig
 from services.errors import InvalidArgument
 from services.gateway.core import Gateway
@@ -22,6 +23,7 @@ from tests.test_covisit import events_of
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
 from trainer.events import Event
+from trainer.items import parse_item
 from trainer.loop import Trainer
 
 
@@ -103,6 +105,7 @@ def test_served_lists_are_written_back_as_impressions_that_clicks_join(world: Wo
         pass
     assert trainer.joiner.stats.examples["joined"] == before.get("joined", 0) + 1
     assert trainer.joiner.pending == 4  # the four others wait for their window to close as negatives
+    assert trainer.feedback._counts[int(feature_keys("item", [clicked])[0])] == [1.0, 1.0]
 
 
 def test_a_simulated_ab_test_ranks_the_arms_by_their_click_through_rate() -> None:
@@ -189,3 +192,32 @@ def test_an_unknown_experiment_is_an_invalid_argument(world: World) -> None:
         assert ask(gateway, "u1", 3, experiment="x", write_back=False).arm == "a"
     finally:
         gateway.close()
+
+
+def test_exploration_slots_go_to_items_with_little_data(world: World) -> None:
+    shown = feature_keys("item", [f"i{i}" for i in range(30)])
+    world.trainer.feedback.observe(np.repeat(shown, 200), np.zeros(6000))  # every old item: shown enough
+    world.put(parse_item("fresh", {"categories": ["even"], "attributes": {"lang": "fr"}}, 2))  # no event yet
+    gateway = Gateway(ServerConfig(), world.log, world.replica)
+    try:
+        users = [f"u{u}" for u in range(40)]
+        plain = [ask(gateway, u, 10, write_back=False) for u in users]
+        assert not any(i.item_id == "fresh" for rec in plain for i in rec.items)  # full lists: never listed
+        explored = [ask(gateway, u, 10, write_back=False, exploration=0.2) for u in users]
+        assert all(len(rec.items) == 10 for rec in explored)
+        # two slots for exploration, one item with little data: the last slot is its
+        assert all([(i.item_id, i.reason) for i in rec.items[9:]] == [("fresh", "exploration")] for rec in explored)
+        assert all(i.reason != "exploration" for rec in explored for i in rec.items[:9])
+        world.put(parse_item("fresher", {"categories": ["odd"]}, 3))
+        explored = [ask(gateway, u, 10, write_back=False, exploration=0.2) for u in users]
+        assert all({i.item_id for i in rec.items[8:]} == {"fresh", "fresher"} for rec in explored)
+    finally:
+        gateway.close()
+
+
+def test_thompson_sampling_explores_the_unknown_and_stops_at_enough_data() -> None:
+    feedback = np.array([[150.0, 0.0], [0.0, 0.0], [300.0, 50.0], [20.0, 10.0]])
+    rng = np.random.default_rng(0)
+    picks = np.bincount(np.concatenate([thompson(feedback, 1, rng) for _ in range(2000)]), minlength=4)
+    assert picks[2] == 0  # past MAX_IMPRESSIONS: known enough
+    assert picks[3] > picks[1] > 10 * picks[0]  # a good record, then no record, then a bad one

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from embedding_store import DenseParameters, LocalDense, Store, TableDelta, feature_keys, open_dense, open_store
+from ranking.explore import ITEM_FEEDBACK, ItemFeedback
 from trainer.catalog import ItemCatalog
 from trainer.checkpoint import load_latest, save_checkpoint
 from trainer.clock import ModelClock
@@ -206,6 +207,7 @@ class Trainer:
         self._erased: list[np.ndarray] = []  # keys of users erased since the last sync
         # per (experiment, arm): [impressions labelled, clicks among them] (`services.experiments`)
         self.experiment_counts: dict[tuple[str, str], list[int]] = {}
+        self.feedback = ItemFeedback()  # per item: labelled impressions and clicks (exploration)
         self._undrained_users: TableDelta | None = None  # user rows drained by a failed sync
         self._progress_at = time.monotonic()  # last poll that consumed records or found none waiting
         self._step_started: float | None = None
@@ -319,6 +321,7 @@ class Trainer:
             "rng": self._rng.bit_generator.state,
             "catalogue": {**(self._unsent.catalogue if self._unsent else {}), **self._catalogue},
             "experiment_counts": {k: list(v) for k, v in self.experiment_counts.items()},
+            "feedback": self.feedback,
             "erased": [*([self._unsent.erased_users] if self._unsent else []), *self._erased],
         }
 
@@ -340,6 +343,7 @@ class Trainer:
         self._catalogue = dict(state.get("catalogue", {}))  # absent from older checkpoints
         self._erased = list(state.get("erased", []))
         self.experiment_counts = {k: list(v) for k, v in state.get("experiment_counts", {}).items()}
+        self.feedback = state.get("feedback", ItemFeedback())
         self.last_checkpoint_s = state["written_at"]
 
     def health(self) -> TrainerHealth:
@@ -564,6 +568,10 @@ class Trainer:
             self.models.covisit.observe(u[pos], i[pos], now)
         if self.learning and time.monotonic() >= self._next_expiry:
             self.expire()
+        shown = [x for x in examples if x.event.type == "impression"]
+        if shown:
+            labels = np.fromiter((x.label for x in shown), dtype=np.float64, count=len(shown))
+            self.feedback.observe(feature_keys("item", (x.event.item_id for x in shown)), labels)
         for example, context in arms:  # an experiment's labelled impressions and their clicks
             counts = self.experiment_counts.setdefault((context.get("experiment", ""), context["arm"]), [0, 0])
             counts[0] += 1
@@ -615,6 +623,7 @@ class Trainer:
                 partial.items = self.items.drain_delta()
                 for table in self.models.ranking_deltas():
                     partial.tables[table.table] = table
+                partial.tables[ITEM_FEEDBACK] = TableDelta(ITEM_FEEDBACK, *self.feedback.drain())
                 partial.popular_keys, partial.popular_scores = self.catalog.popular(self.config.popular_items)
                 # names again with every row that goes out: serving forgets an evicted item's
                 # name, and the item may come back (its key must never be served as its id)

@@ -278,6 +278,7 @@ class Gateway:
         diversity: float = 0.0,
         write_back: bool = True,
         experiment: str = "",
+        exploration: float = 0.0,
     ) -> Recommendation:
         """Queue the call for the model thread (`RecommendBatcher`) and await its answer; the
         REST and gRPC edges both call this from their event loops.
@@ -296,6 +297,9 @@ class Gateway:
                 be): maximal marginal relevance over the item vectors.
             write_back: record the list's items as impressions on the log (the default), so
                 the joiner learns from what was shown.
+            exploration: the share of the k slots (at least one when > 0) for items with
+                little data — catalogued items, items seldom shown — by Thompson sampling on
+                their labelled impressions (`ranking.explore`); reason "exploration".
             experiment: answer as the user's arm of this experiment (`services.experiments`)
                 says; the answer names the arm, its impressions carry both.
 
@@ -323,6 +327,8 @@ class Gateway:
                 raise InvalidArgument(f"filter.attributes.{a}: must be a string of at most {MAX_ID_LENGTH} characters")
         if not 0.0 <= diversity <= 1.0 or math.isnan(diversity):
             raise InvalidArgument(f"diversity: must be in [0, 1], got {diversity}")
+        if not 0.0 <= exploration <= 1.0 or math.isnan(exploration):
+            raise InvalidArgument(f"exploration: must be in [0, 1], got {exploration}")
         arm = None
         if experiment:
             if experiment not in self.experiments:
@@ -342,6 +348,7 @@ class Gateway:
             pairs,
             diversity,
             arm is not None and arm.ranking == "trending",
+            exploration,
         )
         fingerprint = _fingerprint(request)
         earlier = _read_page_token(page_token, fingerprint) if page_token else []
@@ -393,6 +400,7 @@ def _fingerprint(request: Request) -> str:
         request.exclude_categories,
         request.attributes,
         request.diversity,
+        request.exploration,
     )
     return hashlib.blake2b(json.dumps(shape).encode(), digest_size=8).hexdigest()
 

@@ -87,6 +87,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 diversity=request.diversity,
                 write_back=request.write_back if request.HasField("write_back") else True,
                 experiment=request.experiment,
+                exploration=request.exploration,
             )
             return adapt.recommendation_to_pb(rec)
 

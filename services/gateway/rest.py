@@ -127,6 +127,7 @@ class RecommendRequest(BaseModel):
     diversity: float = Field(default=0.0, ge=0.0, le=1.0, description="0: by score; up to 1: items unlike each other")
     write_back: bool = Field(default=True, description="log the list's items as impressions (for the joiner)")
     experiment: str = Field(default="", description="an A/B experiment: answered by the user's arm")
+    exploration: float = Field(default=0.0, ge=0.0, le=1.0, description="share of slots for items with little data")
 
 
 class ScoredItemBody(BaseModel):
@@ -300,6 +301,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             diversity=body.diversity,
             write_back=body.write_back,
             experiment=body.experiment,
+            exploration=body.exploration,
         )
         answer = RecommendResponse(
             request_id=rec.request_id,
