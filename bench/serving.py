@@ -15,13 +15,16 @@
    calls as asynchronous futures from one thread.
    The gateway's model thread batches calls that queue up (`services.gateway.batcher`); the
    mean number of calls per ranker pass is read from its metrics for each run.
-3. ANN: IVF and HNSW (`retrieval.index`, defaults) against exact inner-product search over
+3. Filters: in this process, one replica answers each user unfiltered and with a category
+   filter that keeps 10% of the items (interleaved): the medians and their ratio.
+4. ANN: IVF and HNSW (`retrieval.index`, defaults) against exact inner-product search over
    the same item vectors: recall@100 and queries/s of single queries (the serving path),
    in this process.
 
 The last line printed is JSON: p99 at 200 req/s per transport, `errors` (failed calls at
 200 req/s, the rate the targets are set for), `errors_all_rates` (every rate, 400 req/s
-overloading two cores included), recall@100 and speed-up over exact search per ANN kind.
+overloading two cores included), recall@100 and speed-up over exact search per ANN kind, and
+the filtered-to-unfiltered latency ratio.
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ from retrieval.index import IndexConfig, ItemIndex
 from retrieval.two_tower import TwoTower
 from services import local_servers
 from services.datasets import synthetic
-from services.serving import ServingReplica
+from services.serving import FILTER_EXACT_ITEMS, Request, ServingReplica
 from services.serving_store import MemoryServingStore, open_serving_store
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
 from trainer.events import parse_event
+from trainer.items import ItemRecord
 from trainer.loop import Trainer
 from trainer.sync import SyncMessage
 
@@ -185,14 +189,19 @@ def run_load(
     return figures
 
 
-def in_process_ms(message: SyncMessage, users: list[str], index: str, calls: int = 300) -> float:
-    """The baseline: median ms of one recommendation called directly on a replica in this
-    process (same model, same index kind as the gateway), no transport and no concurrency."""
+def _replica(message: SyncMessage, index: str) -> ServingReplica:
     store = MemoryServingStore()
     store.publish(message)
     replica = ServingReplica(store, index=IndexConfig(kind=index))
     replica.catch_up()
     replica.wait_for_index()
+    return replica
+
+
+def in_process_ms(message: SyncMessage, users: list[str], index: str, calls: int = 300) -> float:
+    """The baseline: median ms of one recommendation called directly on a replica in this
+    process (same model, same index kind as the gateway), no transport and no concurrency."""
+    replica = _replica(message, index)
     times = []
     for user in users[:calls]:
         started = time.perf_counter()
@@ -201,6 +210,41 @@ def in_process_ms(message: SyncMessage, users: list[str], index: str, calls: int
     ms = float(np.median(times[10:]) * 1000)  # the first calls compile kernels
     print(f"in process: {ms:.1f} ms per recommendation (median of {len(times) - 10})", flush=True)
     return ms
+
+
+def filter_cost(message: SyncMessage, users: list[str], index: str, share: float = 0.1, calls: int = 300) -> dict:
+    """What a category filter that keeps `share` of the catalogue costs, in process: the
+    same replica answers each user unfiltered and filtered, interleaved; medians and ratio."""
+    rng = np.random.default_rng(2)
+    names = list(message.item_names.values())
+    kept = rng.choice(len(names), int(len(names) * share), replace=False)
+    message.catalogue = {names[i]: ItemRecord(names[i], categories=("kept",)) for i in kept.tolist()}
+    try:
+        replica = _replica(message, index)
+    finally:
+        message.catalogue = {}
+    plain: list[float] = []
+    filtered: list[float] = []
+    for user in users[:calls]:
+        for times, request in ((plain, Request(user, 10)), (filtered, Request(user, 10, categories=("kept",)))):
+            started = time.perf_counter()
+            answer = replica.recommend_batch([request])[0]
+            times.append(time.perf_counter() - started)
+            assert len(answer.items) == 10
+    unfiltered_ms, filtered_ms = float(np.median(plain[10:]) * 1000), float(np.median(filtered[10:]) * 1000)
+    path = "exact over the allowed items" if len(kept) <= FILTER_EXACT_ITEMS else "index over-fetch"
+    print(
+        f"filter keeping {share:.0%} ({len(kept):,} items, {path}): {filtered_ms:.1f} ms vs "
+        f"{unfiltered_ms:.1f} ms unfiltered ({filtered_ms / unfiltered_ms:.2f}x)",
+        flush=True,
+    )
+    return {
+        "kept_items": len(kept),
+        "path": path,
+        "unfiltered_ms": unfiltered_ms,
+        "filtered_ms": filtered_ms,
+        "filtered_vs_unfiltered": filtered_ms / unfiltered_ms,
+    }
 
 
 def ann_figures(vectors: np.ndarray, queries: np.ndarray, k: int = 100) -> dict[str, dict[str, float]]:
@@ -291,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"      mean calls per ranker pass {result['mean_batch']:.2f}", flush=True)
                 figures["load"][f"{transport}_{rate:.0f}"] = result
     figures["in_process_ms"] = in_process_ms(message, users, args.index)
+    figures["filter_10pct"] = filter_cost(message, users, args.index)
     for figures_at_rate in figures["load"].values():
         figures_at_rate["p50_vs_in_process"] = figures_at_rate["p50_ms"] / figures["in_process_ms"]
     rng = np.random.default_rng(1)
@@ -306,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ivf_recall100": figures["ann"]["ivf"]["recall100"],
         "hnsw_speedup": figures["ann"]["hnsw"]["speedup"],
         "ivf_speedup": figures["ann"]["ivf"]["speedup"],
+        "filter_10pct_vs_unfiltered": figures["filter_10pct"]["filtered_vs_unfiltered"],
     }
     figures.update(summary)
     path = write(f"serving{'_quick' if args.quick else ''}", figures)
