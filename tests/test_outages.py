@@ -76,7 +76,7 @@ def test_broker_away_then_redis_restart(tmp_path: Path) -> None:
                     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
                     assert refused.json()["error"]["code"] == "Unavailable"
                     assert acknowledged == 100  # nothing of the refused batch was acknowledged
-                    body = {"user_id": "u1", "k": 5, "exclude_seen": False}
+                    body = {"user_id": "u1", "k": 5, "exclude_seen": False, "write_back": False}  # counts: events only
                     served = client.post("/v1/recommendations", json=body)
                     assert served.status_code == 200 and len(served.json()["items"]) == 5  # serving goes on
                 finally:
