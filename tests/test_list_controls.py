@@ -22,7 +22,7 @@ from tests.test_catalogue import World
 from tests.test_covisit import events_of
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
-from trainer.events import Event
+from trainer.events import SERVED_PREFIX, Event, InvalidEvent, served_events, served_record
 from trainer.items import parse_item
 from trainer.loop import Trainer
 
@@ -93,7 +93,9 @@ def test_served_lists_are_written_back_as_impressions_that_clicks_join(world: Wo
         gateway.close()
     consumer = world.log.consumer("check")
     records = consumer.poll(100_000, 0.1)
-    impressions = [Event.from_json(r.value) for r in records if b'"impression"' in r.value]
+    served = [r for r in records if r.value.startswith(SERVED_PREFIX)]
+    assert len(served) == 1  # one record for the list
+    impressions = served_events(served[0].value)
     assert [(e.user_id, e.item_id, e.request_id, e.position) for e in impressions] == [
         ("u1", i.item_id, shown.request_id, n) for n, i in enumerate(shown.items)
     ]
@@ -221,3 +223,15 @@ def test_thompson_sampling_explores_the_unknown_and_stops_at_enough_data() -> No
     picks = np.bincount(np.concatenate([thompson(feedback, 1, rng) for _ in range(2000)]), minlength=4)
     assert picks[2] == 0  # past MAX_IMPRESSIONS: known enough
     assert picks[3] > picks[1] > 10 * picks[0]  # a good record, then no record, then a bad one
+
+
+def test_a_served_list_record_round_trips_and_a_bad_one_is_refused() -> None:
+    record = served_record("u1", "r1", ["a", "b"], 5, {"arm": "x"})
+    events = served_events(record)
+    assert [(e.event_id, e.item_id, e.position, e.request_id, dict(e.context)) for e in events] == [
+        ("r1:0", "a", 0, "r1", {"arm": "x"}),
+        ("r1:1", "b", 1, "r1", {"arm": "x"}),
+    ]
+    for bad in (SERVED_PREFIX + b"[]}", SERVED_PREFIX + b'{"items": 3}}', served_record("", "r1", ["a"], 5)):
+        with pytest.raises(InvalidEvent):
+            served_events(bad)

@@ -105,6 +105,51 @@ class Event:
         return parse_event(obj, max_skew_ms=max_skew_ms)
 
 
+SERVED_PREFIX = b'{"served":'
+"""A log record of one served list (`served_record`): its items' impression events, in one record."""
+
+
+def served_record(
+    user_id: str, request_id: str, item_ids: list[str], timestamp_ms: int, context: Mapping[str, str] | None = None
+) -> bytes:
+    """One record for the impressions of a served list (the gateway writes these back: one
+    record per list instead of one per item); `served_events` reads it back."""
+    body = {"user_id": user_id, "request_id": request_id, "items": item_ids, "timestamp_ms": timestamp_ms}
+    if context:
+        body["context"] = dict(context)
+    return SERVED_PREFIX + json.dumps(body, separators=(",", ":")).encode("utf-8") + b"}"
+
+
+def served_events(value: bytes, max_skew_ms: int | None = None) -> list[Event]:
+    """The impression events of a `served_record` (event ids `<request_id>:<position>`, so a
+    list written twice counts once); raises InvalidEvent for anything malformed."""
+    try:
+        obj = json.loads(value)
+        body = obj["served"]
+        items = body["items"]
+    except (UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as e:
+        raise InvalidEvent("", f"not a served-list record: {type(e).__name__}") from e
+    if not isinstance(items, list) or len(items) > MAX_POSITION + 1:
+        raise InvalidEvent("items", "must be a list of at most 10,001 item ids")
+    request_id = _id(body, "request_id")
+    return [
+        parse_event(
+            {
+                "event_id": f"{request_id}:{n}",
+                "user_id": body.get("user_id"),
+                "item_id": item,
+                "type": "impression",
+                "timestamp_ms": body.get("timestamp_ms"),
+                "request_id": request_id,
+                "position": n,
+                "context": body.get("context"),
+            },
+            max_skew_ms=max_skew_ms,
+        )
+        for n, item in enumerate(items)
+    ]
+
+
 def _id(obj: Mapping[str, Any], name: str, required: bool = True) -> str:
     raw = obj.get(name)
     if raw is None or raw == "":

@@ -21,7 +21,7 @@ from trainer.config import TrainerConfig
 from trainer.dedup import RecentEvents
 from trainer.evaluation import StreamingAUC
 from trainer.eventlog.base import DeadLetter, LogConsumer, LogRecord, LogUnavailable
-from trainer.events import Event, InvalidEvent
+from trainer.events import SERVED_PREFIX, Event, InvalidEvent, served_events
 from trainer.features import FeatureConfig, FeatureState
 from trainer.items import ItemRecord, erased_user, is_catalogue_record, is_erase_record
 from trainer.joiner import Joiner, JoinerConfig
@@ -379,6 +379,12 @@ class Trainer:
                     continue
                 if is_erase_record(record.value):  # after this batch's events (the user's included)
                     erase.append(erased_user(record.value))
+                    continue
+                if record.value.startswith(SERVED_PREFIX):  # a served list: its impressions
+                    shown = served_events(record.value, max_skew_ms=skew_ms)
+                    events.extend(shown)
+                    accepted_ms.extend([record.timestamp_ms] * len(shown))
+                    sources.extend([record] * len(shown))
                     continue
                 events.append(Event.from_json(record.value, max_skew_ms=skew_ms))
                 accepted_ms.append(record.timestamp_ms)

@@ -2,9 +2,10 @@
 log (user, item, the list's `request_id`, position), so the joiner labels what was really
 shown and a click that carries the `request_id` joins to it.
 
-Written off the request path, by one thread, in batches: a recommendation call never waits
-for the log. While the log is down or slower than the calls, up to `max_pending` lists wait;
-past that the oldest are dropped and counted (`freshrec_impressions_dropped_total`): an
+One log record per list (`trainer.events.served_record`; the trainer reads it as one
+impression event per item), written off the request path, by one thread, in batches: a
+recommendation call never waits for the log. While the log is down or slower than the calls,
+up to `max_pending` lists wait; past that the oldest are dropped and counted (`freshrec_impressions_dropped_total`): an
 impression lost costs one negative example, a recommendation call held up costs its caller.
 """
 
@@ -18,19 +19,17 @@ import time
 from services import metrics
 from services.serving import Recommendation
 from trainer.eventlog.base import EventLog, LogUnavailable
-from trainer.events import Event
+from trainer.events import served_record
 
 log = logging.getLogger(__name__)
 
 
-def impressions_of(user_id: str, rec: Recommendation, now_ms: int, experiment: str = "") -> list[Event]:
-    """The impression events of one served list (event ids `<request_id>:<position>`, so a
-    list written twice counts once); an experiment's carry it and the arm in their context."""
-    context = {"experiment": experiment, "arm": rec.arm} if experiment and rec.arm else {}
-    return [
-        Event(f"{rec.request_id}:{n}", user_id, item.item_id, "impression", now_ms, rec.request_id, None, context, n)
-        for n, item in enumerate(rec.items)
-    ]
+def served_of(user_id: str, rec: Recommendation, now_ms: int, experiment: str = "") -> tuple[str, bytes]:
+    """(key, log record) of one served list: one record for all its impressions
+    (`trainer.events.served_record`, keyed by the user like their events); an experiment's
+    impressions carry it and the arm in their context."""
+    context = {"experiment": experiment, "arm": rec.arm} if experiment and rec.arm else None
+    return user_id, served_record(user_id, rec.request_id, [i.item_id for i in rec.items], now_ms, context)
 
 
 class ImpressionWriter:
@@ -86,11 +85,12 @@ class ImpressionWriter:
                 batch = list(self._pending)
                 self._pending.clear()
                 self._busy = True
-            events = [e for user, rec, at, experiment in batch for e in impressions_of(user, rec, at, experiment)]
+            records = [served_of(user, rec, at, experiment) for user, rec, at, experiment in batch]
+            shown = sum(len(rec.items) for _, rec, _, _ in batch)
             try:
-                self._log.append(events)
-                self.written += len(events)
-                metrics.IMPRESSIONS_WRITTEN.inc(len(events))
+                self._log.append_keyed(records)
+                self.written += shown
+                metrics.IMPRESSIONS_WRITTEN.inc(shown)
             except LogUnavailable as e:
                 log.warning("impressions not written (%s); retrying in %.0f s", e, self._retry_s)
                 with self._cond:  # back in front, in order; the bound still holds
@@ -100,7 +100,7 @@ class ImpressionWriter:
                 time.sleep(self._retry_s)
             except Exception:  # whatever happens, serving goes on; these impressions are lost
                 log.exception("impressions of %d lists could not be written", len(batch))
-                metrics.IMPRESSIONS_DROPPED.inc(len(events))
+                metrics.IMPRESSIONS_DROPPED.inc(shown)
             finally:
                 with self._cond:
                     self._busy = False
