@@ -45,6 +45,8 @@ FILTER_EXACT_ITEMS = 20_000
 """A filtered request scores up to this many allowed items exactly, not through the index."""
 FILTER_OVERFETCH = 8
 """A filter that allows more items searches the index this many times deeper than it keeps."""
+ALLOWED_CACHE = 256
+"""Filters whose allowed items a replica keeps computed (until the catalogue changes)."""
 DIVERSITY_POOL = 4
 """A request with `diversity` picks its k items from the ranker's top DIVERSITY_POOL x k."""
 """A filter that allows more items searches the index this many times deeper than it keeps."""
@@ -145,6 +147,8 @@ class ServingReplica:
         self._store_seen_s = 0.0  # unix time the store last answered a read
         self._blocked_indexed = np.zeros(0, np.uint64)  # the blocked items the index leaves out
         self._rng = np.random.default_rng()  # exploration's draws
+        # (catalogue version, categories, attributes) -> the filter's allowed keys
+        self._allowed_cache: dict[tuple[int, tuple[str, ...], tuple[tuple[str, str], ...]], np.ndarray] = {}
         self._rng_lock = threading.Lock()
 
     @property
@@ -275,7 +279,9 @@ class ServingReplica:
         covisit = None
         if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
             covisit = HistoryScores(covisit_lookup(state.tables[COVISIT_ITEMS], state.tables[COVISIT_SCORES]), history)
-        return _Users(users, seen, found, TwoTower.user_queries(vectors), history, covisit, allowed, trending_only)
+        left_out = [np.unique(s) for s in seen]
+        queries = TwoTower.user_queries(vectors)
+        return _Users(users, seen, found, queries, history, covisit, allowed, trending_only, left_out)
 
     def _excluded(self, request: Request) -> np.ndarray:
         """Keys of the items no list may hold now (hidden, deleted, expired: kept out of the
@@ -289,10 +295,16 @@ class ServingReplica:
 
     def _allowed(self, request: Request) -> np.ndarray | None:
         """Sorted keys of the catalogued items the request's categories and attributes allow
-        (None: the request does not restrict them)."""
+        (None: the request does not restrict them); cached per filter until the catalogue changes."""
         if not request.filtered:
             return None
         state = self._state
+        key = (state.catalogue_version, request.categories, request.attributes)
+        cached = self._allowed_cache.get(key)
+        if cached is not None:
+            return cached
+        if len(self._allowed_cache) >= ALLOWED_CACHE or next(iter(self._allowed_cache), key)[0] != key[0]:
+            self._allowed_cache.clear()
         if request.categories:
             keys: set[int] = set().union(*(state.by_category.get(c, set()) for c in request.categories))
         else:
@@ -300,7 +312,8 @@ class ServingReplica:
         if request.attributes:
             wanted = request.attributes
             keys = {k for k in keys if all(state.records[k].attributes.get(a) == v for a, v in wanted)}
-        return np.sort(np.fromiter(keys, dtype=np.uint64, count=len(keys)))
+        allowed = self._allowed_cache[key] = np.sort(np.fromiter(keys, dtype=np.uint64, count=len(keys)))
+        return allowed
 
     def _sync_blocked(self) -> None:
         """Bring the item index in line with the catalogue (call under the lock): items that
@@ -621,12 +634,16 @@ class _Users:
     covisit: HistoryScores | None  # the histories' co-visitation scores (None before any are synced)
     allowed: list[np.ndarray | None]  # each request's eligible items, sorted (None: any not left out)
     trending_only: list[bool]  # the request wants the trending list only
+    left_out: list[np.ndarray]  # `seen`, sorted and distinct (what `keep` searches)
 
     def keep(self, i: int, items: np.ndarray) -> np.ndarray:
-        """`items` without request `i`'s left-out ones, and only its allowed ones."""
-        items = _unseen(items, self.seen[i])
+        """`items` without request `i`'s left-out ones, and only its allowed ones (binary
+        searches in the sorted arrays: no hashing of a large allowed list on every call)."""
+        left_out = self.left_out[i]
+        if len(left_out):
+            items = items[~_member(items, left_out)]
         allowed = self.allowed[i]
-        return items if allowed is None else items[np.isin(items, allowed)]
+        return items if allowed is None else items[_member(items, allowed)]
 
 
 @dataclass(frozen=True)
@@ -665,6 +682,14 @@ def _left_out(history: np.ndarray | None, request: Request, excluded: np.ndarray
         parts.append(feature_keys("item", request.exclude_items))
     parts = [p for p in parts if len(p)]
     return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.uint64)
+
+
+def _member(items: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """bool [n]: which of `items` are in `sorted_keys` (sorted, distinct)."""
+    if not len(sorted_keys) or not len(items):
+        return np.zeros(len(items), bool)
+    at = np.minimum(np.searchsorted(sorted_keys, items), len(sorted_keys) - 1)
+    return sorted_keys[at] == items
 
 
 def _unseen(items: np.ndarray, seen: np.ndarray) -> np.ndarray:

@@ -53,6 +53,7 @@ class ServingState:
         self.by_category: dict[str, set[int]] = {}  # category -> keys of the items in it (not deleted)
         self.blocked = np.zeros(0, np.uint64)  # sorted keys of items hidden, deleted or expired
         self._blocked_until_ms = 0  # `blocked` holds until then (the next expiry); 0: recompute
+        self.catalogue_version = 0  # counts catalogue changes (what caches of filters key on)
         self._ids: list[str] | None = None  # the catalogue's item ids sorted (None: sort again)
         self._catalogued: np.ndarray | None = None  # keys of the items not deleted (None: again)
 
@@ -114,6 +115,7 @@ class ServingState:
         if records:
             self._blocked_until_ms = 0
             self._ids = self._catalogued = None
+            self.catalogue_version += 1
 
     def catalogued(self) -> np.ndarray:
         """Sorted keys of the catalogue's items that are not deleted."""
