@@ -27,7 +27,7 @@ from tests.test_covisit import events_of
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
 from trainer.events import InvalidEvent
-from trainer.items import ItemRecord, parse_item
+from trainer.items import ItemRecord, erase_record, parse_item
 from trainer.loop import Trainer
 from trainer.models import USER_TABLES
 from trainer.sync import SyncMessage
@@ -314,3 +314,29 @@ def test_hide_unhide_and_erase_end_to_end(mode: str, request: pytest.FixtureRequ
         assert key[0] not in snapshot.users.keys and key[0] not in snapshot.seen_users
         assert all(key[0] not in t.keys for t in snapshot.tables.values())
         channel.close()
+
+
+def test_an_erasure_that_meets_a_store_outage_is_held_and_done_with_the_next_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World()
+    trainer, key = world.trainer, feature_keys("user", ["u1"])
+    table = trainer.store.table("user")
+    assert table.get(key)[1][0]
+    real, calls = table.delete, []
+
+    def away_once(keys: np.ndarray) -> int:
+        calls.append(len(keys))
+        if len(calls) == 1:
+            raise ConnectionError("shard away")
+        return real(keys)
+
+    monkeypatch.setattr(table, "delete", away_once)
+    world.log.append_keyed([("u1", erase_record("u1"))])
+    while trainer.poll_and_train().events or trainer._consumer.lag():
+        pass
+    assert table.get(key)[1][0] and trainer.state_dict()["erase_later"] == ["u1"]  # held, kept in checkpoints
+    world.log.append(events_of([("u9", "i1")], start_ms=now_ms()))
+    while trainer.poll_and_train().events or trainer._consumer.lag():
+        pass
+    assert not table.get(key)[1][0] and not trainer.features.histories(key).any()

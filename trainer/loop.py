@@ -205,6 +205,7 @@ class Trainer:
         self._unsent: SyncMessage | None = None  # drained by a `collect_sync` that failed
         self._catalogue: dict[str, ItemRecord] = {}  # catalogue records read since the last sync
         self._erased: list[np.ndarray] = []  # keys of users erased since the last sync
+        self._erase_later: list[str] = []  # erasures read while a store shard was away
         # per (experiment, arm): [impressions labelled, clicks among them] (`services.experiments`)
         self.experiment_counts: dict[tuple[str, str], list[int]] = {}
         self.feedback = ItemFeedback()  # per item: labelled impressions and clicks (exploration)
@@ -322,6 +323,7 @@ class Trainer:
             "catalogue": {**(self._unsent.catalogue if self._unsent else {}), **self._catalogue},
             "experiment_counts": {k: list(v) for k, v in self.experiment_counts.items()},
             "feedback": self.feedback,
+            "erase_later": list(self._erase_later),
             "erased": [*([self._unsent.erased_users] if self._unsent else []), *self._erased],
         }
 
@@ -342,6 +344,7 @@ class Trainer:
         self._rng.bit_generator.state = state["rng"]
         self._catalogue = dict(state.get("catalogue", {}))  # absent from older checkpoints
         self._erased = list(state.get("erased", []))
+        self._erase_later = list(state.get("erase_later", []))
         self.experiment_counts = {k: list(v) for k, v in state.get("experiment_counts", {}).items()}
         self.feedback = state.get("feedback", ItemFeedback())
         self.last_checkpoint_s = state["written_at"]
@@ -396,9 +399,15 @@ class Trainer:
                 dead.append(DeadLetter(record, f"undecodable: {type(e).__name__}"))
                 log.exception("dead-lettering record p%d@%d", record.partition, record.offset)
         self._send_dead_letters(dead)
+        self._erase_later.extend(erase)  # kept if the step finds the store away and holds the batch
         result = self.train_events(events, len(dead), np.array(accepted_ms, dtype=np.int64), sources)
-        for user_id in erase:
-            self.erase_user(user_id)
+        while self._erase_later:  # erasures a store outage held up go first
+            try:
+                self.erase_user(self._erase_later[0])
+            except ConnectionError as e:  # the store is away: tried again with the next batch
+                log.warning("erasure of a user held until the store answers: %s", e)
+                break
+            self._erase_later.pop(0)
         return result
 
     def erase_user(self, user_id: str) -> None:
