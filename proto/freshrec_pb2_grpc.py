@@ -74,6 +74,16 @@ class GatewayStub:
                 request_serializer=proto_dot_freshrec__pb2.DeleteItemRequest.SerializeToString,
                 response_deserializer=proto_dot_freshrec__pb2.DeleteItemResponse.FromString,
                 _registered_method=True)
+        self.PutUser = channel.unary_unary(
+                '/freshrec.v1.Gateway/PutUser',
+                request_serializer=proto_dot_freshrec__pb2.PutUserRequest.SerializeToString,
+                response_deserializer=proto_dot_freshrec__pb2.PutUserResponse.FromString,
+                _registered_method=True)
+        self.GetUser = channel.unary_unary(
+                '/freshrec.v1.Gateway/GetUser',
+                request_serializer=proto_dot_freshrec__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=proto_dot_freshrec__pb2.GetUserResponse.FromString,
+                _registered_method=True)
         self.DeleteUser = channel.unary_unary(
                 '/freshrec.v1.Gateway/DeleteUser',
                 request_serializer=proto_dot_freshrec__pb2.DeleteUserRequest.SerializeToString,
@@ -132,6 +142,18 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteUser(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -180,6 +202,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.DeleteItem,
                     request_deserializer=proto_dot_freshrec__pb2.DeleteItemRequest.FromString,
                     response_serializer=proto_dot_freshrec__pb2.DeleteItemResponse.SerializeToString,
+            ),
+            'PutUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutUser,
+                    request_deserializer=proto_dot_freshrec__pb2.PutUserRequest.FromString,
+                    response_serializer=proto_dot_freshrec__pb2.PutUserResponse.SerializeToString,
+            ),
+            'GetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUser,
+                    request_deserializer=proto_dot_freshrec__pb2.GetUserRequest.FromString,
+                    response_serializer=proto_dot_freshrec__pb2.GetUserResponse.SerializeToString,
             ),
             'DeleteUser': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteUser,
@@ -403,6 +435,60 @@ class Gateway:
             '/freshrec.v1.Gateway/DeleteItem',
             proto_dot_freshrec__pb2.DeleteItemRequest.SerializeToString,
             proto_dot_freshrec__pb2.DeleteItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.v1.Gateway/PutUser',
+            proto_dot_freshrec__pb2.PutUserRequest.SerializeToString,
+            proto_dot_freshrec__pb2.PutUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.v1.Gateway/GetUser',
+            proto_dot_freshrec__pb2.GetUserRequest.SerializeToString,
+            proto_dot_freshrec__pb2.GetUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,11 @@ class RetrievalStub:
                 request_serializer=proto_dot_serving__pb2.CataloguePageRequest.SerializeToString,
                 response_deserializer=proto_dot_serving__pb2.CatalogueResponse.FromString,
                 _registered_method=True)
+        self.UserRecord = channel.unary_unary(
+                '/freshrec.serving.v1.Retrieval/UserRecord',
+                request_serializer=proto_dot_serving__pb2.CatalogueItemRequest.SerializeToString,
+                response_deserializer=proto_dot_serving__pb2.CatalogueResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/freshrec.serving.v1.Retrieval/Status',
                 request_serializer=proto_dot_serving__pb2.StatusRequest.SerializeToString,
@@ -91,6 +96,13 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UserRecord(self, request, context):
+        """A user's record (`item_id` carries the user id; `records` the user record as JSON).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -118,6 +130,11 @@ def add_RetrievalServicer_to_server(servicer, server):
             'CataloguePage': grpc.unary_unary_rpc_method_handler(
                     servicer.CataloguePage,
                     request_deserializer=proto_dot_serving__pb2.CataloguePageRequest.FromString,
+                    response_serializer=proto_dot_serving__pb2.CatalogueResponse.SerializeToString,
+            ),
+            'UserRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.UserRecord,
+                    request_deserializer=proto_dot_serving__pb2.CatalogueItemRequest.FromString,
                     response_serializer=proto_dot_serving__pb2.CatalogueResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
@@ -233,6 +250,33 @@ class Retrieval:
             target,
             '/freshrec.serving.v1.Retrieval/CataloguePage',
             proto_dot_serving__pb2.CataloguePageRequest.SerializeToString,
+            proto_dot_serving__pb2.CatalogueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UserRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshrec.serving.v1.Retrieval/UserRecord',
+            proto_dot_serving__pb2.CatalogueItemRequest.SerializeToString,
             proto_dot_serving__pb2.CatalogueResponse.FromString,
             options,
             channel_credentials,

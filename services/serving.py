@@ -37,7 +37,7 @@ from services.errors import NotFound
 from services.serving_store.base import ServingStore, VersionGap
 from services.serving_store.state import ServingState
 from trainer.catalog import ItemCatalog
-from trainer.items import ItemRecord
+from trainer.items import ItemRecord, UserRecord
 from trainer.sync import SyncMessage
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class Recommender(Protocol):
     def catalogue_item(self, item_id: str) -> tuple[int, ItemRecord | None]: ...
 
     def catalogue_page(self, after: str, limit: int) -> list[ItemRecord]: ...
+
+    def user_record(self, user_id: str) -> tuple[int, UserRecord | None]: ...
 
     def status(self) -> ServingStatus: ...
 
@@ -568,6 +570,11 @@ class ServingReplica:
         """(version, the item's catalogue record, a tombstone if deleted; None if it has none)."""
         with self._lock:
             return self._state.version, self._state.catalogue.get(item_id)
+
+    def user_record(self, user_id: str) -> tuple[int, UserRecord | None]:
+        """(version, the attributes a client put for the user, None without)."""
+        with self._lock:
+            return self._state.version, self._state.user_records.get(feature_key("user", user_id))
 
     def catalogue_page(self, after: str, limit: int) -> list[ItemRecord]:
         """Up to `limit` catalogued items (not deleted) with ids after `after`, in id order."""

@@ -33,7 +33,7 @@ from services.errors import FreshrecError, InvalidArgument, Unavailable
 from services.gateway import pb as adapt
 from services.gateway.grpc_server import MAX_MESSAGE_BYTES
 from services.serving import Recommendation, Request, ScoredItem, ServingReplica, ServingStatus
-from trainer.items import ItemRecord
+from trainer.items import ItemRecord, UserRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,6 +122,13 @@ class RetrievalServicer(spb_grpc.RetrievalServicer):
     def CatalogueItem(self, request: spb.CatalogueItemRequest, context: grpc.ServicerContext) -> spb.CatalogueResponse:
         def run() -> spb.CatalogueResponse:
             version, record = self._replica.catalogue_item(request.item_id)
+            return spb.CatalogueResponse(model_version=version, records=[record.to_json()] if record else [])
+
+        return _answer(context, run)
+
+    def UserRecord(self, request: spb.CatalogueItemRequest, context: grpc.ServicerContext) -> spb.CatalogueResponse:
+        def run() -> spb.CatalogueResponse:
+            version, record = self._replica.user_record(request.item_id)
             return spb.CatalogueResponse(model_version=version, records=[record.to_json()] if record else [])
 
         return _answer(context, run)
@@ -236,6 +243,10 @@ class RemoteStages:
     def catalogue_item(self, item_id: str) -> tuple[int, ItemRecord | None]:
         reply = self._rpc("retrieval", self._retrieval.CatalogueItem, spb.CatalogueItemRequest(item_id=item_id))
         return reply.model_version, ItemRecord.from_json(reply.records[0]) if reply.records else None
+
+    def user_record(self, user_id: str) -> tuple[int, UserRecord | None]:
+        reply = self._rpc("retrieval", self._retrieval.UserRecord, spb.CatalogueItemRequest(item_id=user_id))
+        return reply.model_version, UserRecord.from_json(reply.records[0]) if reply.records else None
 
     def catalogue_page(self, after: str, limit: int) -> list[ItemRecord]:
         reply = self._rpc(

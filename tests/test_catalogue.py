@@ -27,7 +27,7 @@ from tests.test_covisit import events_of
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
 from trainer.events import InvalidEvent
-from trainer.items import ItemRecord, erase_record, parse_item
+from trainer.items import ItemRecord, UserRecord, erase_record, parse_item, parse_user
 from trainer.loop import Trainer
 from trainer.models import USER_TABLES
 from trainer.sync import SyncMessage
@@ -215,11 +215,17 @@ def test_the_catalogue_api_over_rest_and_grpc() -> None:
             assert [i["item_id"] for i in first["items"]] == ["i1", "i2"] and first["next_cursor"] == "i2"
             rest_page = client.get("/v1/items", params={"cursor": "i2", "limit": 2}).json()
             assert [i["item_id"] for i in rest_page["items"]] == ["i4"] and rest_page["next_cursor"] is None
+            assert client.put("/v1/users/u1", json={"attributes": {"lang": "en"}}).status_code == 202
+            stub.PutUser(pb.PutUserRequest(user=pb.User(user_id="u2", attributes={"lang": "fr"})))
+            assert client.put("/v1/users/u1", json={"attributes": {"lang": 3}}).status_code == 422
             assert client.delete("/v1/items/i1").status_code == 202
             stub.DeleteItem(pb.DeleteItemRequest(item_id="i2"))
             node.publisher.publish_now()
             wait_until_absent(client, "i1")
             assert stub.ListItems(pb.ListItemsRequest()).items[0].item_id == "i4"
+            assert client.get("/v1/users/u1").json()["attributes"] == {"lang": "en"}
+            assert stub.GetUser(pb.GetUserRequest(user_id="u2")).user.attributes == {"lang": "fr"}
+            assert client.get("/v1/users/nobody").status_code == 404
             with pytest.raises(grpc.RpcError) as error:
                 stub.GetItem(pb.GetItemRequest(item_id="i2"))
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
@@ -340,3 +346,22 @@ def test_an_erasure_that_meets_a_store_outage_is_held_and_done_with_the_next_bat
     while trainer.poll_and_train().events or trainer._consumer.lag():
         pass
     assert not table.get(key)[1][0] and not trainer.features.histories(key).any()
+
+
+def test_user_attributes_are_features_at_once_served_after_a_sync_and_erased_with_the_user() -> None:
+    world = World()
+    trainer, key = world.trainer, feature_keys("user", ["u3"])
+    world.log.append_keyed([("u3", parse_user("u3", {"attributes": {"gender": "F", "genres": "A|B"}}, 5).to_log())])
+    world.put(parse_item("i1", {}, 6))  # a sync: trains the records, publishes, applies
+    expected = sorted(
+        int(feature_keys(k, [t])[0]) for k, t in (("user.gender", "F"), ("user.genres", "A"), ("user.genres", "B"))
+    )
+    assert sorted(trainer.features.user_attributes(key)[0].tolist()) == expected  # the model's features
+    version, record = world.replica.user_record("u3")
+    assert record == UserRecord("u3", {"gender": "F", "genres": "A|B"}, 5) and version == world.replica.version
+    with pytest.raises(InvalidEvent) as bad:
+        parse_user("u3", {"attributes": {"gender": 1}}, 5)
+    assert bad.value.field == "attributes.gender"
+    world.log.append_keyed([("u3", erase_record("u3"))])
+    world.put(parse_item("i1", {}, 7))
+    assert world.replica.user_record("u3")[1] is None and not trainer.features.user_attributes(key).any()

@@ -148,6 +148,14 @@ class FeatureState:
         self._changed_users, self._changed_items = set(), set()
         return users, items
 
+    def set_user_attributes(self, user_key: int, attributes: dict[str, str]) -> None:
+        """A user's attributes as a client put them (`PUT /v1/users`): the same feature keys
+        as `user.<name>` context entries of their events would give."""
+        tokens = [(f"user.{k}", t) for k, v in attributes.items() for t in v.split("|") if t]
+        keys = [int(feature_keys(k, [t])[0]) for k, t in tokens[: self.config.max_attributes]]
+        self._user_attrs.put(int(user_key), keys)
+        self._changed_users.add(int(user_key))
+
     def forget_users(self, user_keys: np.ndarray) -> None:
         """Erase users' attributes and histories (their next drain does not name them)."""
         for user in np.asarray(user_keys, dtype=np.uint64).tolist():

@@ -192,3 +192,65 @@ def parse_item(item_id: str, obj: Any, updated_ms: int) -> ItemRecord:
     if until is not None and (isinstance(until, bool) or not isinstance(until, int) or not 0 < until < 1 << 53):
         raise InvalidItem("available_until_ms", "must be positive milliseconds since the epoch, or null")
     return ItemRecord(item_id, dict(attributes), cats, hidden, until, updated_ms)
+
+
+USER_PREFIX = b'{"user_record":'
+"""A log record of a user's attributes (`PUT /v1/users/{user_id}`), keyed by the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """What a client told freshrec about a user: free-form string attributes (a value may
+    hold several tokens separated by "|", as event contexts do), and when."""
+
+    user_id: str
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    updated_ms: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "attributes": dict(self.attributes), "updated_ms": self.updated_ms}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    def to_log(self) -> bytes:
+        return USER_PREFIX + self.to_json().encode("utf-8") + b"}"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> UserRecord:
+        try:
+            obj = json.loads(text)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise InvalidItem("", f"not a JSON object: {type(e).__name__}") from e
+        if not isinstance(obj, dict):
+            raise InvalidItem("", "not a JSON object")
+        updated = obj.get("updated_ms", 0)
+        if isinstance(updated, bool) or not isinstance(updated, int):
+            raise InvalidItem("updated_ms", "must be an integer")
+        return parse_user(obj.get("user_id"), {"attributes": obj.get("attributes")}, updated)
+
+    @classmethod
+    def from_log(cls, value: bytes) -> UserRecord:
+        if not value.startswith(USER_PREFIX) or not value.endswith(b"}"):
+            raise InvalidItem("", "not a user record")
+        return cls.from_json(value[len(USER_PREFIX) : -1])
+
+
+def parse_user(user_id: Any, obj: Any, updated_ms: int) -> UserRecord:
+    """Validate a client's user body (`attributes`); raises InvalidItem naming the field."""
+    user_id = validate_user_id(user_id)
+    if not isinstance(obj, Mapping):
+        raise InvalidItem("", f"user must be an object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - {"attributes"})
+    if unknown:
+        raise InvalidItem(str(unknown[0])[:64], "unknown field")
+    attributes = obj.get("attributes") or {}
+    if not isinstance(attributes, Mapping):
+        raise InvalidItem("attributes", f"must be an object, got {type(attributes).__name__}")
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidItem("attributes", f"must have at most {MAX_ATTRIBUTES} entries")
+    for key, value in attributes.items():
+        _string(key, "attributes")
+        if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
+            raise InvalidItem(f"attributes.{key}", f"must be a string of at most {MAX_ID_LENGTH} characters")
+    return UserRecord(user_id, dict(attributes), updated_ms)

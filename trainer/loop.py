@@ -23,7 +23,7 @@ from trainer.evaluation import StreamingAUC
 from trainer.eventlog.base import DeadLetter, LogConsumer, LogRecord, LogUnavailable
 from trainer.events import SERVED_PREFIX, Event, InvalidEvent, served_events
 from trainer.features import FeatureConfig, FeatureState
-from trainer.items import ItemRecord, erased_user, is_catalogue_record, is_erase_record
+from trainer.items import USER_PREFIX, ItemRecord, UserRecord, erased_user, is_catalogue_record, is_erase_record
 from trainer.joiner import Joiner, JoinerConfig
 from trainer.models import TABLES, USER_TABLES, OnlineModels, table_configs
 from trainer.sync import SyncMessage, now_ms
@@ -206,6 +206,7 @@ class Trainer:
         self._catalogue: dict[str, ItemRecord] = {}  # catalogue records read since the last sync
         self._erased: list[np.ndarray] = []  # keys of users erased since the last sync
         self._erase_later: list[str] = []  # erasures read while a store shard was away
+        self._user_records: dict[str, UserRecord] = {}  # user records read since the last sync
         # per (experiment, arm): [impressions labelled, clicks among them] (`services.experiments`)
         self.experiment_counts: dict[tuple[str, str], list[int]] = {}
         self.feedback = ItemFeedback()  # per item: labelled impressions and clicks (exploration)
@@ -324,6 +325,7 @@ class Trainer:
             "experiment_counts": {k: list(v) for k, v in self.experiment_counts.items()},
             "feedback": self.feedback,
             "erase_later": list(self._erase_later),
+            "user_records": {**(self._unsent.user_records if self._unsent else {}), **self._user_records},
             "erased": [*([self._unsent.erased_users] if self._unsent else []), *self._erased],
         }
 
@@ -345,6 +347,7 @@ class Trainer:
         self._catalogue = dict(state.get("catalogue", {}))  # absent from older checkpoints
         self._erased = list(state.get("erased", []))
         self._erase_later = list(state.get("erase_later", []))
+        self._user_records = dict(state.get("user_records", {}))
         self.experiment_counts = {k: list(v) for k, v in state.get("experiment_counts", {}).items()}
         self.feedback = state.get("feedback", ItemFeedback())
         self.last_checkpoint_s = state["written_at"]
@@ -379,6 +382,14 @@ class Trainer:
                     item = ItemRecord.from_log(record.value)
                     with self._lock:
                         self._catalogue[item.item_id] = item
+                    continue
+                if record.value.startswith(USER_PREFIX):  # a user's attributes: features now, serving next sync
+                    user = UserRecord.from_log(record.value)
+                    with self._lock:
+                        self.features.set_user_attributes(
+                            int(feature_keys("user", [user.user_id])[0]), dict(user.attributes)
+                        )
+                        self._user_records[user.user_id] = user
                     continue
                 if is_erase_record(record.value):  # after this batch's events (the user's included)
                     erase.append(erased_user(record.value))
@@ -424,6 +435,7 @@ class Trainer:
             self._seen = [(u[u != key[0]], i[u != key[0]]) for u, i in self._seen]
             self._trained_users = [u[u != key[0]] for u in self._trained_users]
             self._erased.append(key)
+            self._user_records.pop(user_id, None)
         log.info("erased a user: %d rows, %d open impressions", removed, pending)
 
     def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
@@ -621,6 +633,7 @@ class Trainer:
             self._seen, self._accepted, self._trained_users = [], [], []
             catalogue, self._catalogue = self._catalogue, {}
             erased, self._erased = self._erased, []
+            user_records, self._user_records = self._user_records, {}
             partial = SyncMessage(
                 users=TableDelta.empty("user"),
                 items=TableDelta.empty("item"),
@@ -629,6 +642,7 @@ class Trainer:
                 accepted_ms=self._sample(np.concatenate(accepted) if accepted else np.zeros(0, np.int64)),
                 catalogue=catalogue,
                 erased_users=np.unique(np.concatenate(erased)) if erased else np.zeros(0, np.uint64),
+                user_records=user_records,
                 clock_s=self.catalog.clock_s,
                 trending_half_life_s=self.catalog.half_life_s,
                 created_ms=now_ms(),

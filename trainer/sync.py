@@ -12,7 +12,8 @@ from typing import Protocol
 import numpy as np
 
 from embedding_store.base import TableDelta
-from trainer.items import ItemRecord
+from embedding_store.keys import feature_key
+from trainer.items import ItemRecord, UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class SyncMessage:
             full snapshot, every record serving holds (tombstones of deleted items included).
         erased_users: keys of users erased since the previous version: serving drops their
             rows, seen lists and features (before it applies the rest of the message).
+        user_records: users' attributes as clients put them, by user id (the newest of each).
         full: True for a bootstrap snapshot that replaces all state instead of updating it.
         encoded_bytes: the size the serving store stored it at (set by `publish`, as `version` is).
     """
@@ -62,6 +64,7 @@ class SyncMessage:
     accepted_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     catalogue: dict[str, ItemRecord] = field(default_factory=dict)
     erased_users: np.ndarray = field(default_factory=_empty_keys)
+    user_records: dict[str, UserRecord] = field(default_factory=dict)
     clock_s: float = 0.0
     trending_half_life_s: float = 0.0
     version: int = 0
@@ -88,6 +91,7 @@ class SyncMessage:
             return {**a, **b, **both}
 
         has_popular = len(newer.popular_keys) > 0
+        erased_users = set(newer.erased_users.tolist())  # a record the newer message erases goes
         evicted = set(newer.items.evicted.tolist())
         return SyncMessage(
             users=self.users.then(newer.users),
@@ -105,6 +109,10 @@ class SyncMessage:
             dense=newer.dense or self.dense,
             accepted_ms=np.concatenate([self.accepted_ms, newer.accepted_ms]),
             catalogue={**self.catalogue, **newer.catalogue},
+            user_records={
+                **{u: r for u, r in self.user_records.items() if feature_key("user", u) not in erased_users},
+                **newer.user_records,
+            },
             erased_users=np.unique(np.concatenate([self.erased_users, newer.erased_users])),
             clock_s=newer.clock_s or self.clock_s,
             trending_half_life_s=newer.trending_half_life_s or self.trending_half_life_s,
@@ -118,6 +126,7 @@ class SyncMessage:
             or self.item_names
             or self.catalogue
             or len(self.erased_users)
+            or self.user_records
             or len(self.seen_users)
             or any(len(t) for t in self.tables.values())
             or self.dense

@@ -26,7 +26,15 @@ from services.gateway.impressions import ImpressionWriter
 from services.serving import Recommendation, Recommender, Request, ScoredItem
 from trainer.eventlog.base import EventLog, LogUnavailable
 from trainer.events import MAX_ID_LENGTH, Event, InvalidEvent, parse_event
-from trainer.items import InvalidItem, ItemRecord, erase_record, parse_item, validate_item_id
+from trainer.items import (
+    InvalidItem,
+    ItemRecord,
+    UserRecord,
+    erase_record,
+    parse_item,
+    parse_user,
+    validate_item_id,
+)
 
 log = logging.getLogger(__name__)
 MAX_EXCLUDED = 1000  # items one request's filter may exclude
@@ -186,6 +194,26 @@ class Gateway:
             raise InvalidArgument(f"{e.field}: {e.message}") from None
         self._log_items([record])
         return record
+
+    def put_user(self, user_id: str, body: Any) -> UserRecord:
+        """Validate and log a user's attributes (keyed by the user, after their events): the
+        trainer uses them as the user's features at once, serving holds them from the next sync."""
+        try:
+            record = parse_user(user_id, body, int(time.time() * 1000))
+        except InvalidEvent as e:
+            raise InvalidArgument(f"{e.field}: {e.message}" if e.field else e.message) from None
+        try:
+            self.log.append_keyed([(record.user_id, record.to_log())])
+        except LogUnavailable as e:
+            raise Unavailable("event log unavailable; the user was not accepted") from e
+        return record
+
+    def get_user(self, user_id: str) -> tuple[int, UserRecord]:
+        """(model version, the user's record) as serving holds it; NotFound without one."""
+        version, record = self.recommender.user_record(user_id)
+        if record is None:
+            raise NotFound(f"user {user_id!r} has no record")
+        return version, record
 
     def delete_user(self, user_id: str) -> None:
         """Log the erasure of a user, after their earlier events (same key, same partition):

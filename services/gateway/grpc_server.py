@@ -138,6 +138,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
         return await self._call("DeleteItem", "catalogue", context, lambda: asyncio.to_thread(run))
 
+    async def PutUser(self, request: pb.PutUserRequest, context: grpc.aio.ServicerContext) -> Any:
+        def run() -> pb.PutUserResponse:
+            body = {"attributes": dict(request.user.attributes)}
+            return pb.PutUserResponse(user_id=self._gateway.put_user(request.user.user_id, body).user_id)
+
+        return await self._call("PutUser", "catalogue", context, lambda: asyncio.to_thread(run))
+
+    async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext) -> Any:
+        def run() -> pb.GetUserResponse:
+            version, record = self._gateway.get_user(request.user_id)
+            user = pb.User(user_id=record.user_id, attributes=dict(record.attributes), updated_ms=record.updated_ms)
+            return pb.GetUserResponse(model_version=version, user=user)
+
+        return await self._call("GetUser", "recommend", context, lambda: asyncio.to_thread(run))
+
     async def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.aio.ServicerContext) -> Any:
         def run() -> pb.DeleteUserResponse:
             self._gateway.delete_user(request.user_id)

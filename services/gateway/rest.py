@@ -91,6 +91,13 @@ class ItemBody(BaseModel):
     available_until_ms: int | None = Field(default=None, description="in no list after this time")
 
 
+class UserBody(BaseModel):
+    """A user's attributes as PUT takes them (validated by `trainer.items.parse_user`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    attributes: dict[str, str] = Field(default_factory=dict, description='e.g. {"gender": "F", "genres": "A|B"}')
+
+
 class ItemsBatchRequest(BaseModel):
     items: list[Any] = Field(
         description="Items to put, each with its item_id; each is validated on its own (at most 1,000).",
@@ -353,6 +360,17 @@ def create_app(gateway: Gateway) -> FastAPI:
     def delete_item(item_id: ItemId, request: Request) -> Accepted:
         authorize(request, "catalogue")
         return Accepted(item_id=gateway.delete_item(item_id).item_id, status="accepted")
+
+    @app.put("/v1/users/{user_id}", status_code=202)
+    def put_user(user_id: UserId, body: UserBody, request: Request) -> dict[str, str]:
+        authorize(request, "catalogue")
+        return {"user_id": gateway.put_user(user_id, body.model_dump()).user_id, "status": "accepted"}
+
+    @app.get("/v1/users/{user_id}")
+    def get_user(user_id: UserId, request: Request) -> dict[str, Any]:
+        authorize(request, "recommend")
+        _, record = gateway.get_user(user_id)
+        return record.to_dict()
 
     @app.delete("/v1/users/{user_id}", status_code=202)
     def delete_user(user_id: UserId, request: Request) -> dict[str, str]:

@@ -8,7 +8,7 @@ import numpy as np
 
 from embedding_store.base import TableDelta
 from embedding_store.snapshot import read_npz
-from trainer.items import ItemRecord
+from trainer.items import ItemRecord, UserRecord
 from trainer.sync import SyncMessage
 
 
@@ -42,6 +42,7 @@ def encode(message: SyncMessage, dtype: np.dtype | type = np.float16) -> bytes:
         name_keys=name_keys,
         names=names,
         erased_users=message.erased_users,
+        user_records=np.array([r.to_json() for r in message.user_records.values()], dtype=np.str_),
         catalogue=np.array([r.to_json() for r in message.catalogue.values()], dtype=np.str_),
         seen_users=message.seen_users,
         seen_items=message.seen_items,
@@ -76,6 +77,9 @@ def decode(data: bytes) -> SyncMessage:
         dense=dense,
         accepted_ms=z["accepted_ms"],
         erased_users=z["erased_users"] if "erased_users" in z else np.zeros(0, np.uint64),
+        user_records={
+            r.user_id: r for r in map(UserRecord.from_json, z["user_records"].tolist() if "user_records" in z else [])
+        },
         catalogue=_catalogue(z["catalogue"].tolist() if "catalogue" in z else []),
         clock_s=float(clock[0]),
         trending_half_life_s=float(clock[1]),

@@ -45,7 +45,7 @@ from embedding_store.keys import feature_keys
 from services.serving_store import codec
 from services.serving_store.base import VersionGap
 from services.serving_store.state import MAX_SEEN
-from trainer.items import ItemRecord
+from trainer.items import ItemRecord, UserRecord
 from trainer.sync import SyncMessage
 
 BUCKETS = 64  # hashes per table
@@ -175,6 +175,7 @@ class RedisServingStore:
             for name in self._redis.hkeys(self._meta("schema")):
                 text = name.decode() if isinstance(name, bytes) else str(name)
                 self._hdel(pipe, f"table:{text}", m.erased_users)
+            self._hdel(pipe, "user_records", m.erased_users)
             for user in m.erased_users.tolist():
                 pipe.delete(f"{self._p}:seen:{user:016x}")
         for table, delta in (("users", m.users), ("items", m.items)):
@@ -187,6 +188,9 @@ class RedisServingStore:
         if m.item_names:
             keys = np.fromiter(m.item_names.keys(), dtype=np.uint64, count=len(m.item_names))
             self._hset(pipe, "names", keys, list(m.item_names.values()))
+        if m.user_records:
+            keys = feature_keys("user", list(m.user_records))
+            self._hset(pipe, "user_records", keys, [r.to_json() for r in m.user_records.values()])
         if m.catalogue:
             keys = feature_keys("item", list(m.catalogue))
             self._hset(pipe, "catalogue", keys, [r.to_json() for r in m.catalogue.values()])
@@ -237,7 +241,9 @@ class RedisServingStore:
                 pipe.get(self._meta(key))
             pipe.hgetall(self._meta("schema"))
             version, popular, popular_scores, dense, clock, schema = pipe.execute()
-        users, items, names_map, catalogue = (self._hgetall(t) for t in ("users", "items", "names", "catalogue"))
+        users, items, names_map, catalogue, user_records = (
+            self._hgetall(t) for t in ("users", "items", "names", "catalogue", "user_records")
+        )
         names = sorted(schema)
         tables = [self._hgetall(f"table:{name.decode()}") for name in names]
         seen_users: list[np.ndarray] = []
@@ -270,6 +276,7 @@ class RedisServingStore:
             },
             dense=codec.decode_arrays(dense) if dense else {},
             catalogue={r.item_id: r for r in map(ItemRecord.from_json, catalogue.values())},
+            user_records={r.user_id: r for r in map(UserRecord.from_json, user_records.values())},
             clock_s=float(np.frombuffer(clock, dtype="<f8")[0]) if clock else 0.0,
             trending_half_life_s=float(np.frombuffer(clock, dtype="<f8")[1]) if clock else 0.0,
             version=int(version or 0),

@@ -10,7 +10,7 @@ from embedding_store.base import TableDelta
 from embedding_store.keys import feature_key
 from embedding_store.row_map import RowMap
 from retrieval.candidates import distinct
-from trainer.items import ItemRecord
+from trainer.items import ItemRecord, UserRecord
 from trainer.sync import SyncMessage
 
 MAX_SEEN = 5000
@@ -53,6 +53,7 @@ class ServingState:
         self.by_category: dict[str, set[int]] = {}  # category -> keys of the items in it (not deleted)
         self.blocked = np.zeros(0, np.uint64)  # sorted keys of items hidden, deleted or expired
         self._blocked_until_ms = 0  # `blocked` holds until then (the next expiry); 0: recompute
+        self.user_records: dict[int, UserRecord] = {}  # by user key: attributes as clients put them
         self.catalogue_version = 0  # counts catalogue changes (what caches of filters key on)
         self._ids: list[str] | None = None  # the catalogue's item ids sorted (None: sort again)
         self._catalogued: np.ndarray | None = None  # keys of the items not deleted (None: again)
@@ -72,6 +73,8 @@ class ServingState:
                     self.names.pop(key, None)
         self.names.update(message.item_names)
         self._apply_catalogue(message.catalogue)
+        for user_id, user_record in message.user_records.items():
+            self.user_records[feature_key("user", user_id)] = user_record
         for user, items in message.seen_by_user():
             self.seen[user] = _append_distinct(self.seen.get(user), items, self.max_seen)
         if len(message.popular_keys) or message.full:
@@ -95,6 +98,7 @@ class ServingState:
                 table.delete(users)
         for user in users.tolist():
             self.seen.pop(user, None)
+            self.user_records.pop(user, None)
 
     def _apply_catalogue(self, records: dict[str, ItemRecord]) -> None:
         for item_id, record in records.items():
@@ -178,6 +182,7 @@ class ServingState:
             tables={name: table(name, rows) for name, rows in self.tables.items()},
             dense=dict(self.dense),
             catalogue=dict(self.catalogue),
+            user_records={r.user_id: r for r in self.user_records.values()},
             clock_s=self.clock_s,
             trending_half_life_s=self.trending_half_life_s,
             version=self.version,
