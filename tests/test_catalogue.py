@@ -256,6 +256,16 @@ def _lists(client: Any, stub: Any, users: list[str], k: int = 10) -> dict[str, l
     return out
 
 
+def test_catalogue_attributes_are_the_items_features_before_any_event() -> None:
+    world = World()
+    world.put(parse_item("new", {"categories": ["even"], "attributes": {"lang": "fr"}}, 2))
+    tokens = (("item.lang", "fr"), ("item.category", "even"))
+    expected = sorted(int(feature_keys(k, [t])[0]) for k, t in tokens)
+    key = feature_keys("item", ["new"])
+    assert sorted(world.trainer.features.item_attributes(key)[0].tolist()) == expected
+    assert sorted(world.replica._table_rows("item_attrs", key)[0][:2].tolist()) == expected  # synced to ranking
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["embedded", "kafka+redis"])
 def test_hide_unhide_and_erase_end_to_end(mode: str, request: pytest.FixtureRequest) -> None:

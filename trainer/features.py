@@ -151,10 +151,18 @@ class FeatureState:
     def set_user_attributes(self, user_key: int, attributes: dict[str, str]) -> None:
         """A user's attributes as a client put them (`PUT /v1/users`): the same feature keys
         as `user.<name>` context entries of their events would give."""
-        tokens = [(f"user.{k}", t) for k, v in attributes.items() for t in v.split("|") if t]
-        keys = [int(feature_keys(k, [t])[0]) for k, t in tokens[: self.config.max_attributes]]
-        self._user_attrs.put(int(user_key), keys)
-        self._changed_users.add(int(user_key))
+        self._set(self._user_attrs, self._changed_users, user_key, "user.", attributes)
+
+    def set_item_attributes(self, item_key: int, attributes: dict[str, str]) -> None:
+        """An item's catalogue attributes (`PUT /v1/items`; its categories as `category`): the
+        same feature keys as `item.<name>` context entries would give, so the ranker scores a
+        new item by what it is before anyone acted on it."""
+        self._set(self._item_attrs, self._changed_items, item_key, "item.", attributes)
+
+    def _set(self, store: _Bounded, changed: set[int], owner: int, prefix: str, attributes: dict[str, str]) -> None:
+        tokens = [(f"{prefix}{k}", t) for k, v in attributes.items() for t in v.split("|") if t]
+        store.put(int(owner), [int(feature_keys(k, [t])[0]) for k, t in tokens[: self.config.max_attributes]])
+        changed.add(int(owner))
 
     def forget_users(self, user_keys: np.ndarray) -> None:
         """Erase users' attributes and histories (their next drain does not name them)."""

@@ -382,6 +382,10 @@ class Trainer:
                     item = ItemRecord.from_log(record.value)
                     with self._lock:
                         self._catalogue[item.item_id] = item
+                        if not item.deleted and (item.attributes or item.categories):
+                            categories = {"category": "|".join(item.categories)} if item.categories else {}
+                            attributes = {**item.attributes, **categories}
+                            self.features.set_item_attributes(int(feature_keys("item", [item.item_id])[0]), attributes)
                     continue
                 if record.value.startswith(USER_PREFIX):  # a user's attributes: features now, serving next sync
                     user = UserRecord.from_log(record.value)
