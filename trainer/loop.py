@@ -368,8 +368,11 @@ class Trainer:
 
     def train_records(self, records: list[LogRecord]) -> StepResult:
         """Decode `records` and train on them (records that do not decode, or are stamped more
-        than `max_clock_skew_s` ahead of this clock, are dead-lettered instead). Catalogue
-        records (`trainer.items`) are not trained on: the next sync carries them to serving."""
+        than `max_clock_skew_s` ahead of this clock, are dead-lettered instead). Besides events
+        the log holds the gateway's own records (`trainer.items`, `trainer.events`): an item's
+        catalogue record and a user's attributes set features now and go to serving with the
+        next sync; a served list is read as its impression events; an erasure is done after
+        the batch's events (held while a store shard is away)."""
         events: list[Event] = []
         accepted_ms: list[int] = []
         sources: list[LogRecord] = []
