@@ -54,7 +54,8 @@ class ServingState:
         self.blocked = np.zeros(0, np.uint64)  # sorted keys of items hidden, deleted or expired
         self._blocked_until_ms = 0  # `blocked` holds until then (the next expiry); 0: recompute
         self.user_records: dict[int, UserRecord] = {}  # by user key: attributes as clients put them
-        self.catalogue_version = 0  # counts catalogue changes (what caches of filters key on)
+        # counts catalogue changes, resets included (what caches of filters key on)
+        self.catalogue_version = getattr(self, "catalogue_version", 0) + 1
         self._ids: list[str] | None = None  # the catalogue's item ids sorted (None: sort again)
         self._catalogued: np.ndarray | None = None  # keys of the items not deleted (None: again)
 
