@@ -82,12 +82,7 @@ class ItemRecord:
     @classmethod
     def from_json(cls, text: str | bytes) -> ItemRecord:
         """Decode `to_json` (records this system wrote; raises InvalidItem otherwise)."""
-        try:
-            obj = json.loads(text)
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise InvalidItem("", f"not a JSON object: {type(e).__name__}") from e
-        if not isinstance(obj, dict):
-            raise InvalidItem("", "not a JSON object")
+        obj = _json_object(text)
         item_id = _string(obj.get("item_id"), "item_id")
         if obj.get("deleted") is True:
             updated = obj.get("updated_ms", 0)
@@ -104,6 +99,30 @@ class ItemRecord:
         if not value.startswith(RECORD_PREFIX) or not value.endswith(b"}"):
             raise InvalidItem("", "not a catalogue record")
         return cls.from_json(value[len(RECORD_PREFIX) : -1])
+
+
+def _json_object(text: str | bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidItem("", f"not a JSON object: {type(e).__name__}") from e
+    if not isinstance(obj, dict):
+        raise InvalidItem("", "not a JSON object")
+    return obj
+
+
+def _attributes(raw: Any) -> dict[str, str]:
+    """A client's `attributes` (string to string, at most MAX_ATTRIBUTES), or InvalidItem."""
+    attributes = raw or {}
+    if not isinstance(attributes, Mapping):
+        raise InvalidItem("attributes", f"must be an object, got {type(attributes).__name__}")
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidItem("attributes", f"must have at most {MAX_ATTRIBUTES} entries")
+    for key, value in attributes.items():
+        _string(key, "attributes")
+        if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
+            raise InvalidItem(f"attributes.{key}", f"must be a string of at most {MAX_ID_LENGTH} characters")
+    return dict(attributes)
 
 
 def is_catalogue_record(value: bytes) -> bool:
@@ -125,11 +144,8 @@ def is_erase_record(value: bytes) -> bool:
 
 def erased_user(value: bytes) -> str:
     """The user id of an erasure record; InvalidItem if it is not one."""
-    try:
-        obj = json.loads(value)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InvalidItem("", f"not a JSON object: {type(e).__name__}") from e
-    if not isinstance(obj, dict) or set(obj) != {"erase_user"}:
+    obj = _json_object(value)
+    if set(obj) != {"erase_user"}:
         raise InvalidItem("", "not an erasure record")
     return validate_user_id(obj["erase_user"])
 
@@ -168,15 +184,7 @@ def parse_item(item_id: str, obj: Any, updated_ms: int) -> ItemRecord:
     unknown = sorted(set(obj) - _FIELDS)
     if unknown:
         raise InvalidItem(str(unknown[0])[:64], "unknown field")
-    attributes = obj.get("attributes") or {}
-    if not isinstance(attributes, Mapping):
-        raise InvalidItem("attributes", f"must be an object, got {type(attributes).__name__}")
-    if len(attributes) > MAX_ATTRIBUTES:
-        raise InvalidItem("attributes", f"must have at most {MAX_ATTRIBUTES} entries")
-    for key, value in attributes.items():
-        _string(key, "attributes")
-        if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
-            raise InvalidItem(f"attributes.{key}", f"must be a string of at most {MAX_ID_LENGTH} characters")
+    attributes = _attributes(obj.get("attributes"))
     categories = obj.get("categories") or []
     if not isinstance(categories, list):
         raise InvalidItem("categories", f"must be a list of strings, got {type(categories).__name__}")
@@ -191,7 +199,7 @@ def parse_item(item_id: str, obj: Any, updated_ms: int) -> ItemRecord:
     until = obj.get("available_until_ms")
     if until is not None and (isinstance(until, bool) or not isinstance(until, int) or not 0 < until < 1 << 53):
         raise InvalidItem("available_until_ms", "must be positive milliseconds since the epoch, or null")
-    return ItemRecord(item_id, dict(attributes), cats, hidden, until, updated_ms)
+    return ItemRecord(item_id, attributes, cats, hidden, until, updated_ms)
 
 
 USER_PREFIX = b'{"user_record":'
@@ -218,12 +226,7 @@ class UserRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> UserRecord:
-        try:
-            obj = json.loads(text)
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise InvalidItem("", f"not a JSON object: {type(e).__name__}") from e
-        if not isinstance(obj, dict):
-            raise InvalidItem("", "not a JSON object")
+        obj = _json_object(text)
         updated = obj.get("updated_ms", 0)
         if isinstance(updated, bool) or not isinstance(updated, int):
             raise InvalidItem("updated_ms", "must be an integer")
@@ -244,13 +247,5 @@ def parse_user(user_id: Any, obj: Any, updated_ms: int) -> UserRecord:
     unknown = sorted(set(obj) - {"attributes"})
     if unknown:
         raise InvalidItem(str(unknown[0])[:64], "unknown field")
-    attributes = obj.get("attributes") or {}
-    if not isinstance(attributes, Mapping):
-        raise InvalidItem("attributes", f"must be an object, got {type(attributes).__name__}")
-    if len(attributes) > MAX_ATTRIBUTES:
-        raise InvalidItem("attributes", f"must have at most {MAX_ATTRIBUTES} entries")
-    for key, value in attributes.items():
-        _string(key, "attributes")
-        if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
-            raise InvalidItem(f"attributes.{key}", f"must be a string of at most {MAX_ID_LENGTH} characters")
-    return UserRecord(user_id, dict(attributes), updated_ms)
+    attributes = _attributes(obj.get("attributes"))
+    return UserRecord(user_id, attributes, updated_ms)
