@@ -8,11 +8,11 @@ Configured as JSON in `server.experiments` (env FRESHREC_EXPERIMENTS), for examp
 
 A call that names an experiment (`"experiment": "ranking-2026-12"`) is answered as its user's
 arm says, and the answer names the arm. A user's arm depends only on the experiment's name,
-the user id and the arms' weights (BLAKE2b of the two ids, not Python's salted `hash`), so every
-gateway puts a user in the same arm. The impressions written back carry the experiment and the
-arm in their context; the trainer counts, per arm, the impressions the joiner labelled and the
-clicks among them (`freshrec_experiment_impressions_total`, `freshrec_experiment_clicks_total`):
-their ratio is the arm's click-through rate.
+the user id and the arms' weights (`embedding_store.keys.feature_key` of the two, not Python's
+salted `hash`), so every gateway puts a user in the same arm. The impressions written back
+carry the experiment and the arm in their context; the trainer counts, per arm, the
+impressions the joiner labelled and the clicks among them (`freshrec_experiment_impressions_total`,
+`freshrec_experiment_clicks_total`): their ratio is the arm's click-through rate.
 
 An arm may set `ranking` ("model", the default, or "trending": the trending list, the usual
 baseline) and `diversity` (0-1, as a request's own).
@@ -20,11 +20,12 @@ baseline) and `diversity` (0-1, as a request's own).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from embedding_store.keys import feature_key
 
 ARM_FIELDS = frozenset({"weight", "ranking", "diversity"})
 RANKINGS = ("model", "trending")
@@ -79,8 +80,7 @@ class Experiments:
     def arm(self, experiment: str, user_id: str) -> Arm:
         """The user's arm of `experiment` (KeyError if there is no such experiment)."""
         arms = self._arms[experiment]
-        digest = hashlib.blake2b(f"{experiment}\x1f{user_id}".encode(), digest_size=8).digest()
-        point = int.from_bytes(digest, "little") / 2**64 * sum(a.weight for a in arms)
+        point = feature_key(f"experiment:{experiment}", user_id) / 2**64 * sum(a.weight for a in arms)
         for arm in arms:
             point -= arm.weight
             if point < 0:

@@ -17,7 +17,7 @@ from embedding_store.keys import feature_key, feature_keys
 from embedding_store.row_map import RowMap
 from ranking.base import Ranker
 from ranking.dot import DotProductRanker
-from ranking.explore import ITEM_FEEDBACK, thompson
+from ranking.explore import ITEM_FEEDBACK, MAX_IMPRESSIONS, thompson
 from ranking.scorer import (
     ITEM_ATTRS,
     ITEM_COUNTS,
@@ -152,6 +152,7 @@ class ServingReplica:
         # (catalogue version, categories, attributes) -> the filter's allowed keys
         self._allowed_cache: dict[tuple[int, tuple[str, ...], tuple[tuple[str, str], ...]], np.ndarray] = {}
         self._rng_lock = threading.Lock()
+        self._explore_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None  # (versions, pool, rows)
 
     @property
     def version(self) -> int:
@@ -515,17 +516,12 @@ class ServingReplica:
         with little data (`ranking.explore`): catalogued items and items with few labelled
         impressions, that the request may hold and the list does not hold already. Their score
         is their posterior mean click-through rate, their reason "exploration"."""
-        state = self._state
         slots = max(1, round(r.k * r.exploration))
-        table = state.tables.get(ITEM_FEEDBACK)
-        pool = state.catalogued() if table is None else np.union1d(state.catalogued(), table.items()[0])
-        pool = batch.keep(i, pool)
-        pool = pool[~np.isin(pool, keys)]
-        pool, _ = _named(state.names, pool, np.zeros(len(pool), np.float32))
+        pool, feedback = self._exploration_pool()
+        eligible = batch.may_hold(i, pool) & ~np.isin(pool, keys)
+        pool, feedback = pool[eligible], feedback[eligible]
         if not len(pool):
             return keys, scores, reasons
-        feedback = self._table_rows(ITEM_FEEDBACK, pool) if table is not None else np.zeros((len(pool), 2))
-        feedback = feedback if feedback.shape[1] == 2 else np.zeros((len(pool), 2))
         with self._rng_lock:
             picked = thompson(feedback, slots, self._rng)
         draws = (feedback[picked, 1] + 1) / (feedback[picked, 0] + 2)  # the posterior mean, as the score
@@ -535,6 +531,23 @@ class ServingReplica:
             np.concatenate([scores[:keep], draws.astype(np.float32)]),
             reasons[:keep] + ["exploration"] * len(picked),
         )
+
+    def _exploration_pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys [n], impressions and clicks [n, 2]) of the named items with little data —
+        catalogued, or with fewer than MAX_IMPRESSIONS labelled impressions —, computed once
+        per version (call under the lock), not once per request."""
+        state = self._state
+        if self._explore_cache is not None and self._explore_cache[0] == (state.version, state.catalogue_version):
+            return self._explore_cache[1], self._explore_cache[2]
+        table = state.tables.get(ITEM_FEEDBACK)
+        pool = state.catalogued()
+        if table is not None:
+            keys, rows = table.items()
+            pool = np.union1d(pool, keys[rows[:, 0] < MAX_IMPRESSIONS])
+        pool, _ = _named(state.names, pool, np.zeros(len(pool), np.float32))
+        feedback = self._table_rows(ITEM_FEEDBACK, pool) if table is not None else np.zeros((len(pool), 2))
+        self._explore_cache = ((state.version, state.catalogue_version), pool, feedback)
+        return pool, feedback
 
     def _fill(
         self, batch: _Users, i: int, keys: np.ndarray, scores: np.ndarray, k: int
@@ -547,7 +560,7 @@ class ServingReplica:
         the items added."""
         state = self._state
         popular, counts = _named(state.names, state.popular_keys, state.popular_scores)
-        eligible = np.isin(popular, batch.keep(i, popular)) & ~np.isin(popular, keys)
+        eligible = batch.may_hold(i, popular) & ~np.isin(popular, keys)
         popular, counts = popular[eligible], counts[eligible]
         total = float(state.popular_scores.sum()) or 1.0
         extra = k - len(keys)
@@ -557,8 +570,7 @@ class ServingReplica:
         allowed = batch.allowed[i]
         if len(keys) < k and (allowed is not None or state.records):
             rest = batch.keep(i, allowed if allowed is not None else state.catalogued())
-            rest = rest[~np.isin(rest, keys)]
-            rest, _ = _named(state.names, rest, np.zeros(len(rest), np.float32))
+            rest = rest[~np.isin(rest, keys)]  # catalogued items all have names (their records')
             order = np.argsort(-self._table_rows(ITEM_COUNTS, rest)[:, 0], kind="stable")
             rest = rest[order][: k - len(keys)]
             keys = np.concatenate([keys, rest])
@@ -644,13 +656,15 @@ class _Users:
     left_out: list[np.ndarray]  # `seen`, sorted and distinct (what `keep` searches)
 
     def keep(self, i: int, items: np.ndarray) -> np.ndarray:
-        """`items` without request `i`'s left-out ones, and only its allowed ones (binary
-        searches in the sorted arrays: no hashing of a large allowed list on every call)."""
-        left_out = self.left_out[i]
-        if len(left_out):
-            items = items[~_member(items, left_out)]
+        """`items` without request `i`'s left-out ones, and only its allowed ones."""
+        return items[self.may_hold(i, items)]
+
+    def may_hold(self, i: int, items: np.ndarray) -> np.ndarray:
+        """bool [n]: which of `items` request `i`'s list may hold (binary searches in the
+        sorted arrays: no hashing of a large allowed list on every call)."""
+        mask = ~_member(items, self.left_out[i])
         allowed = self.allowed[i]
-        return items if allowed is None else items[_member(items, allowed)]
+        return mask if allowed is None else mask & _member(items, allowed)
 
 
 @dataclass(frozen=True)
@@ -697,7 +711,3 @@ def _member(items: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
         return np.zeros(len(items), bool)
     at = np.minimum(np.searchsorted(sorted_keys, items), len(sorted_keys) - 1)
     return sorted_keys[at] == items
-
-
-def _unseen(items: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    return items[~np.isin(items, seen)] if len(seen) else items

@@ -49,7 +49,6 @@ class ImpressionWriter:
         self._cond = threading.Condition()
         self._closed = False
         self._busy = False  # a batch is being written
-        self.written = 0
         self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
         self._thread.start()
 
@@ -89,7 +88,6 @@ class ImpressionWriter:
             shown = sum(len(rec.items) for _, rec, _, _ in batch)
             try:
                 self._log.append_keyed(records)
-                self.written += shown
                 metrics.IMPRESSIONS_WRITTEN.inc(shown)
             except LogUnavailable as e:
                 log.warning("impressions not written (%s); retrying in %.0f s", e, self._retry_s)
