@@ -56,7 +56,7 @@ DIVERSITY_POOL = 4
 class ScoredItem:
     item_id: str
     score: float
-    reason: str = ""  # the source that put it there: "covisit", "ann" or "trending"
+    reason: str = ""  # the source that put it there: "covisit", "ann", "trending", "content", ...
 
 
 @dataclass(frozen=True)
@@ -464,9 +464,18 @@ class ServingReplica:
         flat = cand.ravel()
         counts = self._table_rows(ITEM_COUNTS, flat)
         known = counts.any(axis=1)
-        trending = np.where(
+        trending: np.ndarray = np.where(
             known, ItemCatalog.trending_at(counts[:, 0], state.clock_s, state.trending_half_life_s), 0.0
-        )
+        ).reshape(cand.shape)
+        total: np.ndarray = counts[:, 1].reshape(cand.shape)
+        if ITEM_COUNTS in state.tables and not known.all():
+            # an item no one has acted on yet (found by its content row) is ranked as if as
+            # popular as the user's median candidate: no counts is no evidence, not no interest
+            # (log 0 would bury it); the ranker and its attribute affinity tell it apart
+            seen: np.ndarray = np.asarray(known).reshape(cand.shape)
+            for row in np.flatnonzero(~seen.all(axis=1) & seen.any(axis=1)).tolist():
+                trending[row, ~seen[row]] = np.median(trending[row, seen[row]])
+                total[row, ~seen[row]] = np.median(total[row, seen[row]])
         item_rows = state.items.get(flat)[0].reshape(*cand.shape, state.items.dim)
         item_attrs = self._table_rows(ITEM_ATTRS, flat)
         history_attrs = self._table_rows(ITEM_ATTRS, history.ravel()).reshape(*history.shape, item_attrs.shape[1])
@@ -476,8 +485,8 @@ class ServingReplica:
             history,
             cand,
             item_attrs,
-            trending.reshape(cand.shape),
-            counts[:, 1].reshape(cand.shape),
+            trending,
+            total,
             np.einsum("ucd,ud->uc", item_rows, queries),
             covisit,
             attribute_affinity(history_attrs, item_attrs.reshape(*cand.shape, -1)),
@@ -500,13 +509,18 @@ class ServingReplica:
     def _reasons(self, batch: _Users, i: int, keys: np.ndarray) -> list[str]:
         """The source of each of user `i`'s ranked items (from the candidate sources): an item
         the user's recent items co-visit is "covisit" (the explanation a user can check), else
-        "trending" if it is among the trending candidates, else "ann". Derived from the state,
-        so a ranking stage that got its candidates from another process names them the same way."""
+        "trending" if it is among the trending candidates, else "content" if nobody has acted
+        on it yet (the index found it by the row its attributes gave it), else "ann". Derived
+        from the state, so a ranking stage that got its candidates from another process names
+        them the same way."""
         covisited = batch.covisit.of(i, keys) > 0 if batch.covisit else np.zeros(len(keys), bool)
         trending = np.isin(keys, self._trending_candidates(batch.seen[i]))
+        untouched: np.ndarray = np.zeros(len(keys), bool)
+        if ITEM_COUNTS in self._state.tables:
+            untouched = self._table_rows(ITEM_COUNTS, keys).sum(axis=1) == 0
         return [
-            "covisit" if c else "trending" if t else "ann"
-            for c, t in zip(covisited.tolist(), trending.tolist(), strict=True)
+            "covisit" if c else "trending" if t else "content" if u else "ann"
+            for c, t, u in zip(covisited.tolist(), trending.tolist(), untouched.tolist(), strict=True)
         ]
 
     def _explore(

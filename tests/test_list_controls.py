@@ -16,7 +16,7 @@ from ranking.explore import thompson
 from services.config import ServerConfig
 from services.errors import InvalidArgument
 from services.gateway.core import Gateway
-from services.serving import Recommendation, ServingReplica
+from services.serving import Recommendation, Request, ServingReplica
 from services.serving_store.memory import MemoryServingStore
 from tests.test_catalogue import World
 from tests.test_covisit import events_of
@@ -235,3 +235,40 @@ def test_a_served_list_record_round_trips_and_a_bad_one_is_refused() -> None:
     for bad in (SERVED_PREFIX + b"[]}", SERVED_PREFIX + b'{"items": 3}}', served_record("", "r1", ["a"], 5)):
         with pytest.raises(InvalidEvent):
             served_events(bad)
+
+
+class Clustered(World):
+    """40 users x 30 items in two tastes: even users pick 6 of the 15 even items (category
+    "even"), odd users 6 of the odd ones; each pick three times."""
+
+    def __init__(self) -> None:
+        self.log = MemoryLog()
+        self.trainer = Trainer(TrainerConfig(batch_size=64, min_count=1), self.log.consumer("g"))
+        rng = np.random.default_rng(0)
+        picks = [rng.choice(np.arange(u % 2, 30, 2), 6, replace=False).tolist() for u in range(40)]
+        pairs = [(f"u{u}", f"i{i}") for u, items in enumerate(picks) for i in items]
+        self.trainer.train_events(events_of(pairs * 3))
+        self.store = MemoryServingStore()
+        self.replica = ServingReplica(self.store, candidates=10)
+        self.put(*(parse_item(f"i{i}", {"categories": [("odd", "even")[i % 2 == 0]]}, 1) for i in range(30)))
+
+
+def test_a_new_item_is_listed_for_the_users_its_content_fits_and_explored_for_the_others() -> None:
+    world = Clustered()
+    world.put(parse_item("new", {"categories": ["even"]}, 2))  # no event yet: a content row only
+    lists = world.replica.recommend_batch([Request(f"u{u}", 10) for u in range(40)])
+    listed = [[(i.item_id, i.reason) for i in rec.items if i.item_id == "new"] for rec in lists]
+    fans, others = listed[0::2], listed[1::2]
+    assert sum(bool(x) for x in fans) >= 10  # of the 20 users who pick even items
+    assert all(x == [("new", "content")] for x in fans if x)
+    assert not any(others)
+    explored = world.replica.recommend_batch([Request(f"u{u}", 10, exploration=0.1) for u in range(1, 40, 2)])
+    for rec in explored:  # for the others it may only take an exploration slot
+        assert all(i.reason == "exploration" for i in rec.items if i.item_id == "new")
+    similar = [i.item_id for i in world.replica.similar_items("new", 5)[1]]
+    assert len(similar) == 5 and all(int(i[1:]) % 2 == 0 for i in similar)  # near its kind
+    world.log.append(events_of([("u0", "new"), ("u2", "new")], start_ms=1_700_000_900_000))
+    world.put(parse_item("new", {"categories": ["even"]}, 3))  # trains the events, syncs
+    key = feature_keys("item", ["new"])
+    assert world.trainer.models.items.get(key)[1].all()  # its own row now, trained from here on
+    assert int(key[0]) not in world.trainer._content  # and no content row computed for it again

@@ -58,6 +58,9 @@ class TrainerConfig:
         covisit_half_life_s: model time after which a co-visited pair counts half.
         covisit_max_items: items with co-visitation counts (the least counted go first); each
             holds at most 4 x `covisit_neighbours` partners (about 90 bytes each in memory).
+        content_basis: trending items whose rows give a catalogued item without a trained row
+            its retrieval row (`OnlineModels.content_rows`: the mean row of the items that
+            share its attributes).
         seed: seed of row initialisation and negative sampling.
         dedup_window: distinct event ids remembered to drop redelivered copies
             (`trainer.dedup`); a copy arriving after that many other events is trained again.
@@ -117,6 +120,7 @@ class TrainerConfig:
     covisit_neighbours: int = 50
     covisit_half_life_s: float = 7 * 86400.0
     covisit_max_items: int = 100_000
+    content_basis: int = 2000
     seed: int = 0
     dedup_window: int = 200_000
     checkpoint_dir: str = ""
@@ -161,6 +165,7 @@ class TrainerConfig:
             "covisit_neighbours": 1 <= self.covisit_neighbours <= 10_000,
             "covisit_half_life_s": self.covisit_half_life_s > 0,
             "covisit_max_items": self.covisit_max_items >= 1,
+            "content_basis": 1 <= self.content_basis <= 1_000_000,
             "checkpoint_interval_s": self.checkpoint_interval_s > 0,
             "dedup_window": self.dedup_window >= 1,
             "checkpoints_kept": self.checkpoints_kept >= 1,

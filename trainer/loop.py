@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from trainer.sync import SyncMessage, now_ms
 
 log = logging.getLogger(__name__)
 LAG_INTERVAL_S = 5.0  # how often the trainer asks the log for its consumer lag
+CONTENT_REFRESH = 30  # every how many syncs all content rows are computed again
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,10 @@ class Trainer:
         self._held: tuple[list[LogRecord], list[Event], list[LogRecord | None]] | None = None
         self._unsent: SyncMessage | None = None  # drained by a `collect_sync` that failed
         self._catalogue: dict[str, ItemRecord] = {}  # catalogue records read since the last sync
+        # keys of catalogued items with attributes and no trained row: served by content rows
+        # (`OnlineModels.content_rows`), True while the next sync has not sent theirs yet
+        self._content: OrderedDict[int, bool] = OrderedDict()
+        self._syncs = 0  # sync messages collected (content rows are refreshed every CONTENT_REFRESH)
         self._erased: list[np.ndarray] = []  # keys of users erased since the last sync
         self._erase_later: list[str] = []  # erasures read while a store shard was away
         self._user_records: dict[str, UserRecord] = {}  # user records read since the last sync
@@ -322,6 +328,7 @@ class Trainer:
             "trained_users": list(self._trained_users),
             "rng": self._rng.bit_generator.state,
             "catalogue": {**(self._unsent.catalogue if self._unsent else {}), **self._catalogue},
+            "content": dict(self._content),
             "experiment_counts": {k: list(v) for k, v in self.experiment_counts.items()},
             "feedback": self.feedback,
             "erase_later": list(self._erase_later),
@@ -345,6 +352,7 @@ class Trainer:
         self._trained_users = list(state.get("trained_users", []))  # absent from older checkpoints
         self._rng.bit_generator.state = state["rng"]
         self._catalogue = dict(state.get("catalogue", {}))  # absent from older checkpoints
+        self._content = OrderedDict(state.get("content", {}))
         self._erased = list(state.get("erased", []))
         self._erase_later = list(state.get("erase_later", []))
         self._user_records = dict(state.get("user_records", {}))
@@ -385,10 +393,17 @@ class Trainer:
                     item = ItemRecord.from_log(record.value)
                     with self._lock:
                         self._catalogue[item.item_id] = item
+                        key = int(feature_keys("item", [item.item_id])[0])
                         if not item.deleted and (item.attributes or item.categories):
                             categories = {"category": "|".join(item.categories)} if item.categories else {}
                             attributes = {**item.attributes, **categories}
-                            self.features.set_item_attributes(int(feature_keys("item", [item.item_id])[0]), attributes)
+                            self.features.set_item_attributes(key, attributes)
+                            self._content[key] = True
+                            self._content.move_to_end(key)
+                            while len(self._content) > self.config.max_feature_entities:
+                                self._content.popitem(last=False)
+                        else:
+                            self._content.pop(key, None)
                     continue
                 if record.value.startswith(USER_PREFIX):  # a user's attributes: features now, serving next sync
                     user = UserRecord.from_log(record.value)
@@ -656,7 +671,7 @@ class Trainer:
             )
             try:
                 partial.users = self._serving_users(trained_users)
-                partial.items = self.items.drain_delta()
+                partial.items = self._with_content(self.items.drain_delta())
                 for table in self.models.ranking_deltas():
                     partial.tables[table.table] = table
                 partial.tables[ITEM_FEEDBACK] = TableDelta(ITEM_FEEDBACK, *self.feedback.drain())
@@ -673,6 +688,35 @@ class Trainer:
             message = partial if self._unsent is None else self._unsent.then(partial)
             self._unsent = None
         return None if message.is_empty() else message
+
+    def _with_content(self, items: TableDelta) -> TableDelta:
+        """`items` (the drained item rows) plus the content rows of catalogued items that have
+        attributes and still no trained row: of those new since the last sync every time, of
+        all of them every CONTENT_REFRESH syncs (the rows they are the mean of move as the model
+        learns). An item that got its own row leaves the set: its row goes out as any other."""
+        self._syncs += 1
+        if not self._content:
+            return items
+        keys = np.fromiter(self._content, np.uint64, len(self._content))
+        trained = self.items.get(keys)[1] | np.isin(keys, items.keys)
+        for key in keys[trained].tolist():
+            del self._content[key]
+        keys = keys[~trained & ~np.isin(keys, items.evicted)]
+        if self._syncs % CONTENT_REFRESH:
+            keys = keys[np.fromiter((self._content[k] for k in keys.tolist()), bool, len(keys))]
+        content, rows = self.models.content_rows(keys)
+        for key in keys.tolist():
+            self._content[key] = False
+        if not len(content):
+            return items
+        rows = rows.astype(items.rows.dtype if len(items.keys) else rows.dtype)
+        return TableDelta(
+            items.table,
+            np.concatenate([items.keys, content]),
+            np.concatenate([items.rows.reshape(-1, rows.shape[1]), rows]),
+            items.evicted,
+            items.version,
+        )
 
     def _serving_users(self, trained: list[np.ndarray]) -> TableDelta:
         """The serving vectors of the users trained on since the last sync (those admitted), and

@@ -212,6 +212,37 @@ class OnlineModels:
             items.step(now)
         return float(loss.item()) / len(user_keys)
 
+    def content_rows(self, item_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Retrieval rows for items that have attributes but no trained row (catalogued before
+        their first event), so that the index finds them for the users whose taste they fit:
+        the mean, over the item's attribute keys, of the mean row of the `content_basis` most
+        trending items that carry that key (bias column included: a new item starts as a
+        typical item of its kind). Returns (keys that got a row, float32 rows); an item none
+        of whose attributes a basis item shares gets none."""
+        none = np.zeros(0, np.uint64), np.zeros((0, self.two_tower.item_dim), np.float32)
+        attrs = self.features.item_attributes(np.asarray(item_keys, np.uint64))
+        basis = self.catalog.popular(self.config.content_basis)[0]
+        if not len(item_keys) or not attrs.any() or not len(basis):
+            return none
+        rows, found = self.items.get(basis)
+        basis_rows, basis_attrs = rows[found].astype(np.float64), self.features.item_attributes(basis[found])
+        wanted = np.unique(attrs[attrs != 0])
+        sums = np.zeros((len(wanted), rows.shape[1]))
+        counts = np.zeros(len(wanted))
+        for j, attribute in enumerate(wanted.tolist()):  # the distinct attribute values: few
+            has = (basis_attrs == attribute).any(axis=1)
+            counts[j] = has.sum()
+            sums[j] = basis_rows[has].sum(axis=0)
+        at = np.searchsorted(wanted, attrs)  # [n, b] each attribute's prototype (padding: masked)
+        usable = (attrs != 0) & (counts[np.minimum(at, len(wanted) - 1)] > 0)
+        prototypes = sums / np.maximum(counts, 1)[:, None]
+        weight = usable.sum(axis=1)
+        vectors = (prototypes[np.minimum(at, len(wanted) - 1)] * usable[..., None]).sum(axis=1)
+        got = weight > 0
+        if not got.any():
+            return none
+        return np.asarray(item_keys, np.uint64)[got], (vectors[got] / weight[got, None]).astype(np.float32)
+
     def serving_users(self, delta: TableDelta) -> TableDelta:
         """The user rows serving searches with: each changed user's tower output (id row + history)."""
         if not len(delta.keys):

@@ -140,7 +140,9 @@ class RecommendRequest(BaseModel):
 class ScoredItemBody(BaseModel):
     item_id: str
     score: float
-    reason: str = Field(description="the source that put the item there: covisit, ann, trending or catalogue")
+    reason: str = Field(
+        description="the source that put the item there: covisit, ann, trending, content, exploration or catalogue"
+    )
 
 
 class RecommendResponse(BaseModel):
