@@ -15,7 +15,8 @@ Rows, all on the same split:
   history through `POST /v1/events` with its own timestamps, in order; once it has trained on
   all of it and a dense sync (every `trainer.dense_sync_interval_s`, 60 s) has carried the
   ranker and blend trained on it, each user's list comes from `POST /v1/recommendations`
-  (seen items excluded), the way a client sees it;
+  (seen items excluded), the way a client sees it; the same server's lists with `diversity`
+  0.5 and 1 are the rows "freshrec live, diversity ..." (what spreading a list costs in recall);
 - recent popularity: the most rated items among the last N ratings of the history;
 - EASE (closed form, Steck 2019), popularity + EASE (a tuned sum of the two), item-kNN
   (cosine, top-k neighbours), ALS and BPR from
@@ -25,6 +26,10 @@ Rows, all on the same split:
 Every peer's hyperparameters are chosen on an inner split of the history alone (its first 80%
 against the rest, the same protocol), by recall@20; the chosen setting is then fitted on the
 whole history. freshrec runs with its shipped configuration: nothing of it is tuned here.
+
+Every row also reports `genre_similarity`: the mean, over users, of the mean pairwise Jaccard
+similarity of the genre sets of the items in their list (lower: a more varied list), a
+measure no row's model sees.
 
 The online progressive protocol of `bench.quality` (the trainer learns as the stream goes;
 recall@10 at each tenth on the next tenth) runs too and gives `online_recall10_vs_popularity`.
@@ -56,6 +61,7 @@ from services.datasets import Dataset, load_dataset
 from services.replay import replay
 
 K = 20
+DIVERSITIES = (0.5, 1.0)  # the live rows besides the default list (diversity 0)
 SEGMENTS = {"new": (1, 5), "returning": (5, 200), "heavy": (200, 1 << 62)}
 
 
@@ -121,6 +127,27 @@ def evaluate(lists: Mapping[int, Sequence[int]], split: Split) -> dict[str, Any]
         name: summary([u for u in per_user if lo <= counts[u] < hi]) for name, (lo, hi) in SEGMENTS.items()
     }
     return out
+
+
+def genre_similarity(lists: Mapping[int, Sequence[int]], genres: Sequence[frozenset[str]]) -> float:
+    """Mean over lists (of 2 items or more) of the mean pairwise Jaccard similarity of their
+    items' genre sets; NaN when there is no such list.
+
+    Example:
+        >>> genres = [frozenset({"a"}), frozenset({"a", "b"}), frozenset({"c"})]
+        >>> round(genre_similarity({0: [0, 1], 1: [0, 2]}, genres), 3)
+        0.25
+    """
+
+    def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+        return len(a & b) / len(a | b) if a | b else 0.0
+
+    means = [
+        float(np.mean([jaccard(genres[i], genres[j]) for i, j in itertools.combinations(got[:K], 2)]))
+        for got in (list(x) for x in lists.values())
+        if len(got) >= 2
+    ]
+    return float(np.mean(means)) if means else float("nan")
 
 
 def top_unseen(scores: np.ndarray, split: Split, users: Sequence[int]) -> dict[int, list[int]]:
@@ -255,7 +282,8 @@ PEERS = [
 
 
 def tune_and_fit(peer: Peer, inner: Split, outer: Split, quick: bool) -> dict[str, Any]:
-    """Choose the peer's setting by recall@K on `inner`, then fit it on `outer`'s history."""
+    """Choose the peer's setting by recall@K on `inner`, then fit it on `outer`'s history
+    (`lists` in the result: its lists, by user index)."""
     grid = peer.quick_grid if quick else peer.grid
     started = time.perf_counter()
     inner_users = sorted(inner.truth)
@@ -266,8 +294,9 @@ def tune_and_fit(peer: Peer, inner: Split, outer: Split, quick: bool) -> dict[st
         tried.append((evaluate(lists, inner)["recall20"], params))
     inner_recall, best = max(tried, key=lambda t: t[0])
     users = sorted(outer.truth)
-    result = evaluate(top_unseen(peer.fit(outer, users, **best), outer, users), outer)
-    result.update(params=best, inner_recall20=inner_recall, settings_tried=len(tried))
+    lists = top_unseen(peer.fit(outer, users, **best), outer, users)
+    result = evaluate(lists, outer)
+    result.update(params=best, inner_recall20=inner_recall, settings_tried=len(tried), lists=lists)
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -275,9 +304,12 @@ def tune_and_fit(peer: Peer, inner: Split, outer: Split, quick: bool) -> dict[st
 # --- freshrec, live, through its public API ---------------------------------------------------
 
 
-def live(dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, int], split: Split) -> dict[str, Any]:
+def live(
+    dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, int], split: Split
+) -> dict[float, dict[str, Any]]:
     """Replay the history into a fresh `freshrec up` process over REST; fetch every truth user's
-    list over REST; evaluate it."""
+    list over REST, with diversity 0 and each of `DIVERSITIES`; evaluate each. Returns the rows
+    by diversity (`lists` in each: the lists, by user index)."""
     started = time.perf_counter()
     port, grpc_port = local_servers.free_port(), local_servers.free_port()
     base = f"http://127.0.0.1:{port}"
@@ -296,22 +328,23 @@ def live(dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, 
             # a trainer with nothing new publishes nothing more)
             time.sleep(load_config().trainer.dense_sync_interval_s + 1.0)
             _wait_quiet(client, quiet_s=3.0, timeout_s=30.0)
-            lists: dict[int, list[int]] = {}
-            for u in sorted(split.truth):
+            lists: dict[float, dict[int, list[int]]] = {d: {} for d in (0.0, *DIVERSITIES)}
+            for (diversity, got), u in itertools.product(lists.items(), sorted(split.truth)):
                 # not written back as impressions: nobody was shown these lists, and the
                 # trainer must not learn "shown and not clicked" of the truth users' items
-                response = client.post(
-                    "/v1/recommendations", json={"user_id": user_ids[u], "k": K, "write_back": False}
-                )
+                body = {"user_id": user_ids[u], "k": K, "write_back": False, "diversity": diversity}
+                response = client.post("/v1/recommendations", json=body)
                 response.raise_for_status()
-                lists[u] = [item_index[i["item_id"]] for i in response.json()["items"] if i["item_id"] in item_index]
+                got[u] = [item_index[i["item_id"]] for i in response.json()["items"] if i["item_id"] in item_index]
     finally:
         server.terminate()
         server.wait(30)
-    result = evaluate(lists, split)
-    result.update(params={"configuration": "shipped defaults"}, seconds=time.perf_counter() - started)
-    result["replay_events_per_s"] = report.events_per_s
-    return result
+    rows = {}
+    for diversity, got in lists.items():
+        rows[diversity] = result = evaluate(got, split)
+        result.update(params={"configuration": "shipped defaults", "diversity": diversity}, lists=got)
+        result.update(seconds=time.perf_counter() - started, replay_events_per_s=report.events_per_s)
+    return rows
 
 
 def _wait_quiet(client: httpx.Client, quiet_s: float, timeout_s: float) -> None:
@@ -388,11 +421,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     inner = make_split(users[:cut], items[:cut], len(user_ids), len(item_ids), args.share)
     print(f"history {cut:,} ratings, {len(outer.truth)} users with truth; inner split {len(inner.truth)} users")
 
+    genres: list[frozenset[str]] = [frozenset() for _ in item_ids]
+    for e in dataset.events:
+        genres[item_index[e["item_id"]]] = frozenset(e.get("context", {}).get("item.genres", "").split("|")) - {""}
+
     rows: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for peer in PEERS:
-        rows[peer.name] = tune_and_fit(peer, inner, outer, args.quick)
-        r = rows[peer.name]
+        rows[peer.name] = r = tune_and_fit(peer, inner, outer, args.quick)
+        r["genre_similarity"] = genre_similarity(r.pop("lists"), genres)
         print(f"{peer.name:20} recall@20 {r['recall20']:.4f}  NDCG@20 {r['ndcg20']:.4f}  {r['params']}", flush=True)
     if args.recbole_python:
         skipped["SASRec (RecBole)"] = "not run: the RecBole row is not built yet"
@@ -403,9 +440,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best_peer = max(rows, key=lambda name: rows[name]["recall20"])
     figures: dict[str, Any] = {"dataset": dataset.name, "history_share": args.share, "k": K, "quick": args.quick}
     if not args.no_live:
-        rows["freshrec live"] = live(dataset, cut, user_ids, item_index, outer)
+        for diversity, r in live(dataset, cut, user_ids, item_index, outer).items():
+            name = "freshrec live" + (f", diversity {diversity:g}" if diversity else "")
+            rows[name] = r
+            r["genre_similarity"] = genre_similarity(r.pop("lists"), genres)
+            print(f"{name:20} recall@20 {r['recall20']:.4f}  NDCG@20 {r['ndcg20']:.4f}", flush=True)
         r = rows["freshrec live"]
-        print(f"{'freshrec live':20} recall@20 {r['recall20']:.4f}  NDCG@20 {r['ndcg20']:.4f}", flush=True)
         figures["live_recall20"] = r["recall20"]
         figures["live_ndcg20"] = r["ndcg20"]
         figures["live_vs_best_peer"] = r["recall20"] / rows[best_peer]["recall20"]
@@ -415,10 +455,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures["online"] = online
         figures["online_recall10_vs_popularity"] = online["online_recall10"] / online["popularity_recall10"]
 
-    print(f"\n{'':22}{'recall@20':>10}{'NDCG@20':>9}" + "".join(f"{s + ' r@20':>16}" for s in SEGMENTS))
+    header = f"\n{'':30}{'recall@20':>10}{'NDCG@20':>9}{'genre sim':>10}"
+    print(header + "".join(f"{s + ' r@20':>16}" for s in SEGMENTS))
     for name, r in rows.items():
         segs = "".join(f"{r['segments'][s]['recall20']:>16.4f}" for s in SEGMENTS)
-        print(f"{name:22}{r['recall20']:>10.4f}{r['ndcg20']:>9.4f}{segs}")
+        print(f"{name:30}{r['recall20']:>10.4f}{r['ndcg20']:>9.4f}{r['genre_similarity']:>10.3f}{segs}")
     figures["plot"] = str(_plot(rows, args.quick).relative_to(RESULTS_DIR.parent.parent))
     path = write(f"peers{'_quick' if args.quick else ''}", figures)
     print(f"written to {path} and {figures['plot']}")
