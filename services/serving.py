@@ -408,17 +408,15 @@ class ServingReplica:
 
     def _diversify(self, keys: np.ndarray, scores: np.ndarray, k: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
         """`k` of the ranked `keys` by maximal marginal relevance: each next item maximises
-        (1 - weight) x its score (scaled to [0, 1] over the pool) - weight x its largest cosine
-        with the items already chosen (item vectors). Scores stay the ranker's."""
+        (1 - weight) x its score (scaled to [0, 1] over the pool) - weight x its largest
+        similarity with the items already chosen. Scores stay the ranker's."""
         if len(keys) <= 1 or self._state.items is None:
             return keys[:k], scores[:k]
-        rows, _ = self._state.items.get(keys)
-        vectors = rows.astype(np.float32)
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        similarity = self._similarity(keys)
         span = float(scores.max() - scores.min())
         relevance = (scores - scores.min()) / span if span > 0 else np.ones(len(scores), np.float32)
         chosen = [int(np.argmax(scores))]
-        nearest = vectors @ vectors[chosen[0]]  # each item's largest cosine with the chosen ones
+        nearest = similarity[chosen[0]].copy()  # each item's largest similarity with the chosen ones
         left = np.ones(len(keys), bool)
         left[chosen[0]] = False
         while len(chosen) < min(k, len(keys)):
@@ -426,8 +424,29 @@ class ServingReplica:
             pick = int(np.argmax(gain))
             chosen.append(pick)
             left[pick] = False
-            nearest = np.maximum(nearest, vectors @ vectors[pick])
+            nearest = np.maximum(nearest, similarity[pick])
         return keys[chosen], scores[chosen]
+
+    def _similarity(self, keys: np.ndarray) -> np.ndarray:
+        """Pairwise similarity [n, n] of items: the cosine of their vectors, averaged with the
+        Jaccard similarity of their attribute sets (categories, genres, ...) where either has
+        attributes: what a user calls "more of the same" is both."""
+        assert self._state.items is not None
+        vectors = self._state.items.get(keys)[0].astype(np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        cosine = vectors @ vectors.T
+        attrs = self._table_rows(ITEM_ATTRS, keys)
+        values, at = np.unique(attrs, return_inverse=True)
+        onehot = np.zeros((len(keys), len(values)), np.float32)
+        np.put_along_axis(onehot, at.reshape(attrs.shape), 1.0, axis=1)
+        onehot[:, values == 0] = 0.0  # padding
+        shared = onehot @ onehot.T
+        sizes = onehot.sum(axis=1)
+        union = sizes[:, None] + sizes[None, :] - shared
+        if not union.any():
+            return cosine
+        jaccard = np.divide(shared, union, out=np.zeros_like(shared), where=union > 0)
+        return np.where(union > 0, (cosine + jaccard) / 2, cosine)
 
     def _ranked(
         self, batch: _Users, candidates: list[np.ndarray], ks: list[int]
