@@ -77,6 +77,10 @@ class Experiments:
     def names(self) -> list[str]:
         return sorted(self._arms)
 
+    def arms(self, experiment: str) -> list[Arm]:
+        """The arms of `experiment`, by name (KeyError if there is no such experiment)."""
+        return list(self._arms[experiment])
+
     def arm(self, experiment: str, user_id: str) -> Arm:
         """The user's arm of `experiment` (KeyError if there is no such experiment)."""
         arms = self._arms[experiment]

@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 from embedding_store import TableStats
 from services import metrics
 from services.config import Config
+from services.experiments import Experiments
 from services.gateway.core import ComponentHealth, Gateway
 from services.gateway.grpc_server import GrpcEdge
 from services.gateway.rest import create_app
@@ -127,6 +128,11 @@ class Node:
                 dead_letter=self.log.dead_letter,
             )
             self._refuse_a_mix(config)
+            experiments = Experiments(config.server.experiments)
+            for experiment in experiments.names():  # each configured arm's series, from 0
+                for arm in experiments.arms(experiment):
+                    metrics.EXPERIMENT_IMPRESSIONS.labels(experiment, arm.name)
+                    metrics.EXPERIMENT_CLICKS.labels(experiment, arm.name)
             if isinstance(self.store, MemoryServingStore) and checkpoints is not None:
                 store = self.store
                 self.trainer.checkpoint_extras = lambda: {

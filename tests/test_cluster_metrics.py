@@ -33,6 +33,7 @@ SELECTOR = re.compile(r"(freshrec_[a-z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'\s*([a-z_]+)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*')
 
 Sample = tuple[str, dict[str, str], float]
+EXPERIMENTS = '{"cluster-test": {"a": {"weight": 1}, "b": {"weight": 1, "ranking": "trending"}}}'
 
 
 def dashboard_selectors() -> list[tuple[str, str, str]]:
@@ -120,12 +121,14 @@ def cluster(
         env["FRESHREC_GROUP_ID"] = "trainer-cluster-test"
         env["FRESHREC_CHECKPOINT_DIR"] = str(checkpoints)
         env["FRESHREC_CHECKPOINT_INTERVAL_S"] = "2"
+        env["FRESHREC_EXPERIMENTS"] = EXPERIMENTS  # each arm's series exported from the start
         for name, port in shard_ports.items():
             env["FRESHREC_STORE_URL"] = env["FRESHREC_STORE_URL"].replace(f"{name}:7070", f"127.0.0.1:{port}")
         argv = command(trainer, {}, kafka_broker, redis_server)
         start("trainer", [topic if a == kafka_broker else a for a in argv], env)
         gateway = services["gateway"]
         gateway_env = {k: expand(str(v)) for k, v in gateway.get("environment", {}).items()}
+        gateway_env["FRESHREC_EXPERIMENTS"] = EXPERIMENTS
         for stage in ("retrieval", "ranking"):
             stage_port, metrics_ports[stage] = free_port(), free_port()
             ports = {"--grpc-port": stage_port, "--metrics-port": metrics_ports[stage]}
