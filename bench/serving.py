@@ -21,7 +21,12 @@
    the same item vectors: recall@100 and queries/s of single queries (the serving path),
    in this process.
 
-The last line printed is JSON: p99 at 200 req/s per transport, `errors` (failed calls at
+5. Capacity: for REST and for gRPC, the highest rate at which p99 <= 25 ms with no error
+   (`capacity`: rates rising by 1.5x from 25 req/s, then bisected; `--probe-seconds` each),
+   beside the floor it would reach with no transport: `in_process_ms`, the in-process cost of
+   one recommendation answered in a batch of 8 (`in_process_single_ms`: alone).
+
+The last line printed is JSON: the capacities and the floor, p99 at 200 req/s per transport, `errors` (failed calls at
 200 req/s, the rate the targets are set for), `errors_all_rates` (every rate, 400 req/s
 overloading two cores included), recall@100 and speed-up over exact search per ANN kind, and
 the filtered-to-unfiltered latency ratio.
@@ -64,6 +69,7 @@ from trainer.loop import Trainer
 from trainer.sync import SyncMessage
 
 USERS = 10_000
+BATCH = 8  # requests per ranker pass for the in-process floor (the gateway batches what queues up)
 
 
 def build_model(items: int, seed: int = 0) -> tuple[SyncMessage, list[str]]:
@@ -189,6 +195,35 @@ def run_load(
     return figures
 
 
+def capacity(transport: str, address: str, users: list[str], seconds: float, p99_ms: float = 25.0) -> dict[str, Any]:
+    """The highest request rate at which `transport` answers with p99 <= `p99_ms` and no
+    error: rates rise by 1.5x from 25 req/s until one fails, then three bisections between
+    the last that passed and the first that failed (each probe `seconds` of open-loop load
+    from its own process, as `run_load`). Returns the rate and every probe."""
+    probes: dict[str, dict[str, float]] = {}
+
+    def passes(rate: float) -> bool:
+        result = run_load(transport, address, users, rate, seconds, quiet=True)
+        probes[f"{rate:.0f}"] = result
+        ok = result["errors"] == 0 and result["p99_ms"] <= p99_ms
+        print(
+            f"  {transport:5} {rate:6.0f} req/s: p99 {result['p99_ms']:7.1f} ms, errors {result['errors']}"
+            f" -> {'pass' if ok else 'fail'}",
+            flush=True,
+        )
+        return ok
+
+    good, bad = 0.0, 25.0
+    while bad <= 20_000 and passes(bad):
+        good, bad = bad, bad * 1.5
+    for _ in range(3):
+        if bad - good < 10:
+            break
+        middle = round((good + bad) / 2)
+        good, bad = (middle, bad) if passes(middle) else (good, middle)
+    return {"max_rps": good, "p99_limit_ms": p99_ms, "probe_seconds": seconds, "probes": probes}
+
+
 def _replica(message: SyncMessage, index: str) -> ServingReplica:
     store = MemoryServingStore()
     store.publish(message)
@@ -198,17 +233,19 @@ def _replica(message: SyncMessage, index: str) -> ServingReplica:
     return replica
 
 
-def in_process_ms(message: SyncMessage, users: list[str], index: str, calls: int = 300) -> float:
-    """The baseline: median ms of one recommendation called directly on a replica in this
-    process (same model, same index kind as the gateway), no transport and no concurrency."""
+def in_process_ms(message: SyncMessage, users: list[str], index: str, calls: int = 320, batch: int = 1) -> float:
+    """The floor: median ms per recommendation called directly on a replica in this process
+    (same model, same index kind as the gateway), no transport, `batch` requests per call of
+    `recommend_batch` (as the gateway's model thread batches the calls that queue up)."""
     replica = _replica(message, index)
     times = []
-    for user in users[:calls]:
+    for b in range(0, calls, batch):
+        requests = [Request(user, 10) for user in users[b : b + batch]]
         started = time.perf_counter()
-        replica.recommend(user, 10)
-        times.append(time.perf_counter() - started)
-    ms = float(np.median(times[10:]) * 1000)  # the first calls compile kernels
-    print(f"in process: {ms:.1f} ms per recommendation (median of {len(times) - 10})", flush=True)
+        replica.recommend_batch(requests)
+        times.append((time.perf_counter() - started) / len(requests))
+    ms = float(np.median(times[max(1, 10 // batch) :]) * 1000)  # the first calls compile kernels
+    print(f"in process: {ms:.2f} ms per recommendation in batches of {batch}", flush=True)
     return ms
 
 
@@ -281,9 +318,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rates", default="100,200,400", help="requests per second, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of load per rate and transport")
     parser.add_argument("--index", default="ivf", help="the gateway's index kind (FRESHREC_INDEX)")
+    parser.add_argument("--probe-seconds", type=float, default=10.0, help="seconds of load per capacity probe")
     args = parser.parse_args(argv)
     if args.quick:
-        args.items, args.rates, args.seconds = 100_000, "200", 10.0
+        args.items, args.rates, args.seconds, args.probe_seconds = 100_000, "200", 10.0, 5.0
     rates = [float(r) for r in args.rates.split(",")]
 
     started = time.perf_counter()
@@ -334,7 +372,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
                 print(f"      mean calls per ranker pass {result['mean_batch']:.2f}", flush=True)
                 figures["load"][f"{transport}_{rate:.0f}"] = result
-    figures["in_process_ms"] = in_process_ms(message, users, args.index)
+        figures["capacity"] = {}
+        for transport, address in transports.items():
+            figures["capacity"][transport] = found = capacity(transport, address, users, args.probe_seconds)
+            print(f"{transport}: {found['max_rps']:.0f} req/s at p99 <= 25 ms with no error", flush=True)
+    figures["in_process_ms"] = in_process_ms(message, users, args.index, batch=BATCH)
+    figures["in_process_single_ms"] = in_process_ms(message, users, args.index)
     figures["filter_10pct"] = filter_cost(message, users, args.index)
     for figures_at_rate in figures["load"].values():
         figures_at_rate["p50_vs_in_process"] = figures_at_rate["p50_ms"] / figures["in_process_ms"]
@@ -343,6 +386,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures["ann"] = ann_figures(message.items.rows.astype(np.float32), queries)
     load = figures["load"]
     summary = {
+        "max_rps_p99_25ms_rest": figures["capacity"]["rest"]["max_rps"],
+        "max_rps_p99_25ms_grpc": figures["capacity"]["grpc"]["max_rps"],
+        "in_process_ms": figures["in_process_ms"],
+        "in_process_single_ms": figures["in_process_single_ms"],
         "rest_p99_ms_200qps": load.get("rest_200", {}).get("p99_ms"),
         "grpc_p99_ms_200qps": load.get("grpc_200", {}).get("p99_ms"),
         "errors": sum(v["errors"] for name, v in load.items() if name.endswith("_200")),
