@@ -181,6 +181,7 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_NEGATIVES": "trainer.negatives",
     "FRESHREC_BATCH_SIZE": "trainer.batch_size",
     "FRESHREC_SPARSE_SYNC_INTERVAL_S": "trainer.sparse_sync_interval_s",
+    "FRESHREC_SPARSE_SYNC_MIN_INTERVAL_S": "trainer.sparse_sync_min_interval_s",
     "FRESHREC_DENSE_SYNC_INTERVAL_S": "trainer.dense_sync_interval_s",
     "FRESHREC_GROUP_ID": "trainer.group_id",
     "FRESHREC_STORE_URL": "trainer.store_url",

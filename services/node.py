@@ -145,6 +145,7 @@ class Node:
                 config.trainer.sparse_sync_interval_s,
                 on_publish=self._on_publish,
                 stall_after_s=config.trainer.stall_after_s,
+                min_interval_s=config.trainer.sparse_sync_min_interval_s,
             )
         self.replica: ServingReplica | None = None
         self.gateway: Gateway | None = None
@@ -213,6 +214,8 @@ class Node:
 
     def _on_step(self, step: StepResult) -> None:
         assert self.trainer is not None
+        if step.events and self.publisher is not None:
+            self.publisher.nudge()  # its rows go out once the least sync interval allows
         metrics.TRAINER_EVENTS.inc(step.events)
         metrics.TRAINER_INVALID.inc(step.invalid)
         metrics.TRAINER_DUPLICATES.inc(step.duplicates)

@@ -41,7 +41,11 @@ class TrainerConfig:
             apart; the final blend with trending counts keeps rare items from the top of lists).
         batch_size: most events per training step.
         poll_timeout_s: how long one poll of the log waits for events.
-        sparse_sync_interval_s: how often changed rows are published to the serving store.
+        sparse_sync_interval_s: the most time between publishes of changed rows to the serving
+            store.
+        sparse_sync_min_interval_s: the least time between them: a step that trained rows is
+            published as soon as this much has passed since the previous publish
+            (`trainer.sync.SyncPublisher`).
         dense_sync_interval_s: how often the ranker's dense parameters go with them (the first
             sync always carries them).
         freshness_samples: most acceptance times of trained events one sync message carries
@@ -110,6 +114,7 @@ class TrainerConfig:
     batch_size: int = 512
     poll_timeout_s: float = 0.2
     sparse_sync_interval_s: float = 1.0
+    sparse_sync_min_interval_s: float = 0.2
     dense_sync_interval_s: float = 60.0
     freshness_samples: int = 1000
     group_id: str = "freshrec-trainer"
@@ -155,6 +160,7 @@ class TrainerConfig:
             "batch_size": self.batch_size >= 1,
             "poll_timeout_s": self.poll_timeout_s >= 0,
             "sparse_sync_interval_s": self.sparse_sync_interval_s > 0,
+            "sparse_sync_min_interval_s": self.sparse_sync_min_interval_s >= 0,
             "dense_sync_interval_s": self.dense_sync_interval_s > 0,
             "freshness_samples": self.freshness_samples >= 0,
             "group_id": bool(self.group_id),

@@ -14,6 +14,7 @@ loss is a sum over examples, so a row gets the same step whatever the batch size
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,7 @@ class OnlineModels:
         self._rng = np.random.default_rng(config.seed)
         self.users, self.items = store.table("user"), store.table("item")
         self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
+        self._next_covisit_drain = 0.0  # monotonic time the next sync may drain neighbour lists
         self.covisit = CoVisitation(
             window=config.covisit_window,
             neighbours=config.covisit_neighbours,
@@ -477,7 +479,7 @@ class OnlineModels:
         """What changed for the ranking service since the previous call, one table at a time
         (a drain that fails leaves those before it with the caller): the ranker's rows, the
         attributes and histories of changed users and items, changed item counts and changed
-        co-visitation neighbour lists."""
+        co-visitation neighbour lists (those at most once per `sparse_sync_interval_s`)."""
         yield self.rank_ids.drain_delta()
         yield self.rank_attrs.drain_delta()
         users, items = self.features.drain_changed()
@@ -487,6 +489,11 @@ class OnlineModels:
         yield TableDelta(USER_HISTORY, users, self.features.histories(users, self.config.history_length))
         yield TableDelta(ITEM_ATTRS, items, self.features.item_attributes(items, width))
         yield TableDelta(ITEM_COUNTS, count_keys, counts)
-        items, neighbours, scores, forgotten = self.covisit.drain()
-        yield TableDelta(COVISIT_ITEMS, items, neighbours, forgotten)
-        yield TableDelta(COVISIT_SCORES, items, scores, forgotten)
+        # neighbour lists are recomputed per changed item (the costliest part of a sync), so at
+        # most once per `sparse_sync_interval_s` however often rows are published: a user's
+        # new history goes out with every sync, the lists of the items in it change slowly
+        if time.monotonic() >= self._next_covisit_drain:
+            self._next_covisit_drain = time.monotonic() + self.config.sparse_sync_interval_s
+            items, neighbours, scores, forgotten = self.covisit.drain()
+            yield TableDelta(COVISIT_ITEMS, items, neighbours, forgotten)
+            yield TableDelta(COVISIT_SCORES, items, scores, forgotten)

@@ -142,7 +142,13 @@ class SyncSink(Protocol):
 
 
 class SyncPublisher:
-    """Publish the trainer's changes every `interval_s` seconds, in order, never dropping one.
+    """Publish the trainer's changes in order, never dropping one: as soon as a training step
+    has new rows (`nudge`) once `min_interval_s` has passed since the previous publish, and
+    every `interval_s` anyway.
+
+    An event then waits for its step and at most `min_interval_s`, not for a fixed timer:
+    under steady traffic publishes follow one another `min_interval_s` apart; when traffic is
+    sparse a step's rows go out at once.
 
     A message whose publish fails is kept and sent again before anything newer, so the
     serving side sees every change exactly in training order.
@@ -150,7 +156,8 @@ class SyncPublisher:
     Args:
         collect: returns the changes since the previous call (None when nothing changed).
         sink: the serving store.
-        interval_s: seconds between publishes.
+        interval_s: the most time between publishes.
+        min_interval_s: the least time between publishes (a nudge waits for it; at most `interval_s`).
         on_publish: called with each published message (metrics).
         max_pending: most messages kept while the sink is down; past it each new message is
             merged into the newest pending one (`SyncMessage.then`), so an outage holds at
@@ -166,10 +173,12 @@ class SyncPublisher:
         on_publish: Callable[[SyncMessage], None] | None = None,
         max_pending: int = 8,
         stall_after_s: float = 60.0,
+        min_interval_s: float | None = None,
     ) -> None:
         self._collect = collect
         self._sink = sink
         self._interval_s = interval_s
+        self._min_interval_s = interval_s if min_interval_s is None else min(min_interval_s, interval_s)
         self._on_publish = on_publish
         self._max_pending = max_pending
         self._stall_after_s = stall_after_s
@@ -177,6 +186,12 @@ class SyncPublisher:
         self._lock = threading.Lock()
         self._caught_up_at = time.monotonic()  # when a publish last went through
         self._failing = False  # the last attempt raised
+        self._nudged = threading.Event()  # a step has trained rows since the last publish
+        self._last_attempt = 0.0  # monotonic time of the last publish attempt
+
+    def nudge(self) -> None:
+        """A training step has new rows: publish them once the interval allows."""
+        self._nudged.set()
 
     @property
     def pending(self) -> int:
@@ -211,7 +226,16 @@ class SyncPublisher:
         return ""
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.wait(self._interval_s):
+        self._last_attempt = time.monotonic()
+        while not stop.is_set():
+            due = self._last_attempt + self._interval_s
+            while not stop.is_set() and not self._nudged.wait(min(0.05, max(0.0, due - time.monotonic()))):
+                if time.monotonic() >= due:
+                    break
+            if stop.wait(max(0.0, self._last_attempt + self._min_interval_s - time.monotonic())):
+                break
+            self._nudged.clear()
+            self._last_attempt = time.monotonic()
             try:
                 self.publish_now()
                 self._failing = False
