@@ -132,7 +132,7 @@ def replay(
             if read_consumed(client, metrics_url) - trained_before >= accepted:
                 trained = True
                 break
-            time.sleep(0.05)
+            time.sleep(0.25)  # a scrape of /metrics costs the node: not more often
         trained_s = time.perf_counter() - start
         auc = read_metric(client, metrics_url, "freshrec_trainer_progressive_auc")
         if watch_user:

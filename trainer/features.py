@@ -13,14 +13,16 @@ seen are forgotten first).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_store import feature_keys
+from embedding_store import feature_key, feature_keys
 from trainer.events import Event
 
+TOKEN_CACHE = 50_000  # attribute values whose feature keys FeatureState keeps (then starts afresh)
 PAD = np.uint64(0)
 
 
@@ -61,11 +63,23 @@ class Features:
 
 
 def _pad(rows: list[list[int]], width: int | None = None) -> np.ndarray:
-    """Rows as uint64 [n, width] (default: the longest row's length), 0-padded."""
-    width = max((len(r) for r in rows), default=0) if width is None else width
+    """Rows as uint64 [n, width] (default: the longest row's length), 0-padded; a row longer
+    than `width` keeps its first `width` keys.
+
+    Example:
+        >>> _pad([[1, 2], [], [3]]).tolist(), _pad([[1, 2, 3]], 2).tolist()
+        ([[1, 2], [0, 0], [3, 0]], [[1, 2]])
+    """
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max(initial=0)) if width is None else width
+    if int(lengths.max(initial=0)) > width:  # cut the long rows first (rare)
+        rows = [r[:width] for r in rows]
+        lengths = np.minimum(lengths, width)
     out = np.zeros((len(rows), max(width, 1)), dtype=np.uint64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
+    total = int(lengths.sum())
+    if total:
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint64, count=total)
+        out[np.arange(out.shape[1]) < lengths[:, None]] = flat  # row-major: each row's keys in order
     return out
 
 
@@ -108,6 +122,7 @@ class FeatureState:
         self._history: OrderedDict[int, deque[int]] = OrderedDict()
         self._changed_users: set[int] = set()  # since the last `drain_changed`
         self._changed_items: set[int] = set()
+        self._token_keys: dict[tuple[str, str], int] = {}  # (slot, value) -> key, `_token_key`
 
     def observe(self, events: list[Event], user_keys: np.ndarray, item_keys: np.ndarray) -> None:
         """Take the attributes carried by the events' contexts (`user_keys`/`item_keys`: their feature keys)."""
@@ -120,10 +135,20 @@ class FeatureState:
             ):
                 tokens = [(k, t) for k, v in e.context.items() if k.startswith(prefix) for t in v.split("|") if t]
                 if tokens:
-                    keys = [int(feature_keys(k, [t])[0]) for k, t in tokens[: self.config.max_attributes]]
+                    keys = [self._token_key(k, t) for k, t in tokens[: self.config.max_attributes]]
                     if store.get(owner) != keys:
                         changed.add(owner)
                     store.put(owner, keys)
+
+    def _token_key(self, slot: str, value: str) -> int:
+        """The feature key of one attribute value, from a bounded cache: the same few values
+        (genres, ages, ...) come with event after event, and each hash costs a BLAKE2b."""
+        key = self._token_keys.get((slot, value))
+        if key is None:
+            if len(self._token_keys) >= TOKEN_CACHE:
+                self._token_keys.clear()
+            key = self._token_keys[(slot, value)] = feature_key(slot, value)
+        return key
 
     def batch(self, user_keys: np.ndarray, item_keys: np.ndarray) -> Features:
         """Feature keys of aligned (user, item) pairs, as they stand now (before this batch's history)."""
