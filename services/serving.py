@@ -487,14 +487,16 @@ class ServingReplica:
             known, ItemCatalog.trending_at(counts[:, 0], state.clock_s, state.trending_half_life_s), 0.0
         ).reshape(cand.shape)
         total: np.ndarray = counts[:, 1].reshape(cand.shape)
-        if ITEM_COUNTS in state.tables and not known.all():
-            # an item no one has acted on yet (found by its content row) is ranked as if as
-            # popular as the user's median candidate: no counts is no evidence, not no interest
-            # (log 0 would bury it); the ranker and its attribute affinity tell it apart
-            seen: np.ndarray = np.asarray(known).reshape(cand.shape)
-            for row in np.flatnonzero(~seen.all(axis=1) & seen.any(axis=1)).tolist():
-                trending[row, ~seen[row]] = np.median(trending[row, seen[row]])
-                total[row, ~seen[row]] = np.median(total[row, seen[row]])
+        if ITEM_COUNTS in state.tables and state.records and not known.all():
+            # a catalogued item no one has acted on yet (found by its content row) is ranked as
+            # if as popular as the user's median candidate: no counts is no evidence, not no
+            # interest (log 0 would bury it); the ranker and its attribute affinity tell it
+            # apart. An uncatalogued item with events but no positive one keeps its zero count.
+            new: np.ndarray = np.asarray(~known & _member(flat, state.catalogued())).reshape(cand.shape)
+            counted: np.ndarray = np.asarray(known).reshape(cand.shape)
+            for row in np.flatnonzero(new.any(axis=1) & counted.any(axis=1)).tolist():
+                trending[row, new[row]] = np.median(trending[row, counted[row]])
+                total[row, new[row]] = np.median(total[row, counted[row]])
         item_rows = state.items.get(flat)[0].reshape(*cand.shape, state.items.dim)
         item_attrs = self._table_rows(ITEM_ATTRS, flat)
         history_attrs = self._table_rows(ITEM_ATTRS, history.ravel()).reshape(*history.shape, item_attrs.shape[1])
@@ -528,15 +530,16 @@ class ServingReplica:
     def _reasons(self, batch: _Users, i: int, keys: np.ndarray) -> list[str]:
         """The source of each of user `i`'s ranked items (from the candidate sources): an item
         the user's recent items co-visit is "covisit" (the explanation a user can check), else
-        "trending" if it is among the trending candidates, else "content" if nobody has acted
-        on it yet (the index found it by the row its attributes gave it), else "ann". Derived
+        "trending" if it is among the trending candidates, else "content" if it is catalogued
+        and nobody has acted on it yet (the index found it by the row its attributes gave
+        it), else "ann". Derived
         from the state, so a ranking stage that got its candidates from another process names
         them the same way."""
         covisited = batch.covisit.of(i, keys) > 0 if batch.covisit else np.zeros(len(keys), bool)
         trending = np.isin(keys, self._trending_candidates(batch.seen[i]))
         untouched: np.ndarray = np.zeros(len(keys), bool)
-        if ITEM_COUNTS in self._state.tables:
-            untouched = self._table_rows(ITEM_COUNTS, keys).sum(axis=1) == 0
+        if ITEM_COUNTS in self._state.tables and self._state.records:
+            untouched = (self._table_rows(ITEM_COUNTS, keys).sum(axis=1) == 0) & _member(keys, self._state.catalogued())
         return [
             "covisit" if c else "trending" if t else "content" if u else "ann"
             for c, t, u in zip(covisited.tolist(), trending.tolist(), untouched.tolist(), strict=True)
