@@ -531,10 +531,9 @@ class ServingReplica:
         """The source of each of user `i`'s ranked items (from the candidate sources): an item
         the user's recent items co-visit is "covisit" (the explanation a user can check), else
         "trending" if it is among the trending candidates, else "content" if it is catalogued
-        and nobody has acted on it yet (the index found it by the row its attributes gave
-        it), else "ann". Derived
-        from the state, so a ranking stage that got its candidates from another process names
-        them the same way."""
+        and nobody has acted on it yet (the index found it by the row its attributes gave it),
+        else "ann". Derived from the state, so a ranking stage that got its candidates from
+        another process names them the same way."""
         covisited = batch.covisit.of(i, keys) > 0 if batch.covisit else np.zeros(len(keys), bool)
         trending = np.isin(keys, self._trending_candidates(batch.seen[i]))
         untouched: np.ndarray = np.zeros(len(keys), bool)

@@ -188,3 +188,37 @@ def test_a_sync_that_fails_midway_loses_nothing_it_drained() -> None:
     assert len(message.users.keys) == len(users) and len(message.items.keys) > 0
     assert len(message.tables["rank_id"].keys) > 0 and len(message.seen_users) > 0
     assert trainer.collect_sync() is None  # and nothing twice
+
+
+def test_a_nudge_publishes_after_the_least_interval_and_a_failing_store_is_retried_per_interval() -> None:
+    published: list[float] = []
+    sink = FlakySink()
+    sink.up = True
+
+    def collect() -> SyncMessage:
+        published.append(time.monotonic())
+        return SyncMessage(TableDelta.empty("user"), TableDelta.empty("item"), catalogue={})
+
+    publisher = SyncPublisher(collect, sink, interval_s=30.0, min_interval_s=0.1)
+    stop = threading.Event()
+    thread = threading.Thread(target=publisher.run, args=(stop,), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        time.sleep(0.5)
+        assert published == []  # no nudge, a 30 s interval: nothing yet
+        for n in range(1, 4):  # each step's nudge goes out within a few hundredths past the 0.1 s
+            publisher.nudge()
+            wait_until(partial(lambda n: len(published) >= n, n), 2.0, "a nudged publish")
+        gaps = np.diff([started + 0.5, *published])
+        assert all(gap < 1.0 for gap in gaps)
+        sink.up = False  # now every publish fails: retried once per interval, not per nudge
+        publisher.nudge()
+        wait_until(lambda: len(published) == 4, 2.0, "the failing publish")
+        for _ in range(10):
+            publisher.nudge()
+            time.sleep(0.05)
+        assert len(published) == 4
+    finally:
+        stop.set()
+        thread.join(5)

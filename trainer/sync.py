@@ -229,10 +229,13 @@ class SyncPublisher:
         self._last_attempt = time.monotonic()
         while not stop.is_set():
             due = self._last_attempt + self._interval_s
-            while not stop.is_set() and not self._nudged.wait(min(0.05, max(0.0, due - time.monotonic()))):
-                if time.monotonic() >= due:
-                    break
-            if stop.wait(max(0.0, self._last_attempt + self._min_interval_s - time.monotonic())):
+            earliest = due  # after a failure: retry once per interval, nudged or not
+            if not self._failing:
+                while not stop.is_set() and not self._nudged.wait(min(0.05, max(0.0, due - time.monotonic()))):
+                    if time.monotonic() >= due:
+                        break
+                earliest = self._last_attempt + self._min_interval_s
+            if stop.wait(max(0.0, earliest - time.monotonic())):
                 break
             self._nudged.clear()
             self._last_attempt = time.monotonic()
