@@ -36,6 +36,8 @@ class ServerConfig:
             process (0 keeps torch's and Faiss' defaults): the model thread's small batches
             gain less from more threads than the REST and gRPC event loops lose to them.
             An all-in-one process leaves them to the trainer.
+        candidates: items each candidate source (index, co-visitation, trending) hands to
+            ranking; the ranker scores up to twice as many per call, and its cost grows with them.
         recommend_batch: most recommendation calls answered by one ranker forward pass (calls
             that queue up while the model thread is busy are batched, up to this many).
         recommend_queue: most recommendation calls waiting for the model thread; more are
@@ -62,6 +64,7 @@ class ServerConfig:
     max_k: int = 500
     default_k: int = 10
     torch_threads: int = 1
+    candidates: int = 100
     recommend_batch: int = 8
     recommend_queue: int = 512
     request_timeout_s: float = 2.0
@@ -74,7 +77,7 @@ class ServerConfig:
     max_clock_skew_s: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("recommend_batch", "recommend_queue"):
+        for name in ("recommend_batch", "recommend_queue", "candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"server.{name}: must be >= 1, got {getattr(self, name)}")
         if not self.request_timeout_s > 0:
@@ -161,6 +164,7 @@ ENV_VARS: dict[str, str] = {
     "FRESHREC_API_KEYS": "server.api_keys",
     "FRESHREC_RATE_LIMIT_PER_S": "server.rate_limit_per_s",
     "FRESHREC_EXPERIMENTS": "server.experiments",
+    "FRESHREC_CANDIDATES": "server.candidates",
     "FRESHREC_MAX_BODY_BYTES": "server.max_body_bytes",
     "FRESHREC_MAX_CLOCK_SKEW_S": "server.max_clock_skew_s",
     "FRESHREC_TRAINER_MAX_CLOCK_SKEW_S": "trainer.max_clock_skew_s",

@@ -152,7 +152,9 @@ class Node:
         self.remote: RemoteStages | None = None
         self._stage_server: grpc.Server | None = None
         if self.stage or ("gateway" in self.roles and not config.server.remote_stages):
-            self.replica = ServingReplica(self.store, on_apply=self._on_apply, index=config.index)
+            self.replica = ServingReplica(
+                self.store, candidates=config.server.candidates, on_apply=self._on_apply, index=config.index
+            )
             if "trainer" not in self.roles and config.server.torch_threads:
                 # small batches: one thread per forward pass and per search beats threads that
                 # wake, spin and take the cores from the REST and gRPC event loops
