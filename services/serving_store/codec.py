@@ -59,6 +59,8 @@ def unpack(data: bytes) -> dict[str, np.ndarray]:
     out = {}
     for name, (dtype, shape, offset) in header.items():
         dt = np.dtype(dtype)
+        if dt.hasobject:  # never from `pack`: refused, as pickles are
+            raise ValueError(f"{name}: object arrays cannot be decoded")
         count = int(np.prod(shape, dtype=np.int64))
         out[name] = np.frombuffer(body, dtype=dt, count=count, offset=offset).reshape(shape)
     return out
