@@ -97,8 +97,11 @@ def build_model(items: int, seed: int = 0) -> tuple[SyncMessage, list[str]]:
     return message, users
 
 
-def _load(transport: str, address: str, users: list[str], rate: float, seconds: float, out: Any) -> None:
-    """Open-loop load (runs in its own process); sends (latencies in s, errors) to `out`."""
+def _load(
+    transport: str, address: str, users: list[str], rate: float, seconds: float, out: Any, write_back: bool = True
+) -> None:
+    """Open-loop load (runs in its own process); sends (latencies in s, errors) to `out`.
+    `write_back` False: the calls opt out of writing their lists back as impressions."""
     import grpc
 
     from proto import freshrec_pb2 as pb
@@ -118,7 +121,7 @@ def _load(transport: str, address: str, users: list[str], rate: float, seconds: 
             # next to the server on a 2-core machine (an httpx client costs more CPU than the call)
             if not hasattr(local, "conn"):
                 local.conn = http.client.HTTPConnection(host, int(port), timeout=5)
-            body = json.dumps({"user_id": user, "k": 10, "exclude_seen": True})
+            body = json.dumps({"user_id": user, "k": 10, "exclude_seen": True, "write_back": write_back})
             local.conn.request("POST", "/v1/recommendations", body, {"Content-Type": "application/json"})
             response = local.conn.getresponse()
             response.read()
@@ -126,7 +129,7 @@ def _load(transport: str, address: str, users: list[str], rate: float, seconds: 
                 raise RuntimeError(f"HTTP {response.status}")
     else:  # gRPC: asynchronous calls sent from this thread at their due times (no thread per call)
         stub = pb_grpc.GatewayStub(grpc.insecure_channel(address))
-        stub.Recommend(pb.RecommendRequest(user_id=users[0], k=10, exclude_seen=True), timeout=5)  # connect
+        stub.Recommend(pb.RecommendRequest(user_id=users[0], k=10, exclude_seen=True, write_back=False), timeout=5)
         finished, lock = threading.Semaphore(0), threading.Lock()
 
         def on_done(i: int, due: float) -> Callable[[grpc.Future], None]:
@@ -144,7 +147,7 @@ def _load(transport: str, address: str, users: list[str], rate: float, seconds: 
         for i in range(n):
             due = start + i / rate
             time.sleep(max(0.0, due - time.perf_counter()))
-            request = pb.RecommendRequest(user_id=chosen[i], k=10, exclude_seen=True)
+            request = pb.RecommendRequest(user_id=chosen[i], k=10, exclude_seen=True, write_back=write_back)
             stub.Recommend.future(request, timeout=5).add_done_callback(on_done(i, due))
         for _ in range(n):
             finished.acquire()
@@ -169,11 +172,17 @@ def _load(transport: str, address: str, users: list[str], rate: float, seconds: 
 
 
 def run_load(
-    transport: str, address: str, users: list[str], rate: float, seconds: float, quiet: bool = False
+    transport: str,
+    address: str,
+    users: list[str],
+    rate: float,
+    seconds: float,
+    quiet: bool = False,
+    write_back: bool = True,
 ) -> dict[str, float]:
     parent, child = multiprocessing.get_context("spawn").Pipe()
     proc = multiprocessing.get_context("spawn").Process(
-        target=_load, args=(transport, address, users, rate, seconds, child)
+        target=_load, args=(transport, address, users, rate, seconds, child, write_back)
     )
     proc.start()
     latencies, errors = parent.recv()
