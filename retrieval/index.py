@@ -255,9 +255,11 @@ class ItemIndex:
             if self._snapshot is None:  # no snapshot yet: exact over the rows
                 keys, vectors = self._rows.items()
                 return [top_k(_ids(keys), scores, k) for scores in q @ vectors.T]
-            # 2k deep: items changed since the snapshot are dropped from its answer and scored
-            # exactly below, so the snapshot must still yield ~k unchanged items
-            depth = max(min(2 * k, int(self._snapshot.ntotal)), 1)
+            # items changed (or removed) since the snapshot are dropped from its answer and
+            # scored exactly below: k + their number deep, the snapshot still yields k unchanged
+            # items when there are k (2k at least; the changed count stays under
+            # `rebuild_fraction` of the items, plus what changes during a rebuild)
+            depth = max(min(max(2 * k, k + len(self._changed)), int(self._snapshot.ntotal)), 1)
             snapshot_q = np.hstack([q, np.zeros((len(q), 1), np.float32)]) if self.config.kind != "flat" else q
             _, found = self._snapshot.search(snapshot_q, depth)  # [u, depth], -1 padded
             # exact scores of the current rows: the snapshot's unchanged finds, then the changed items
