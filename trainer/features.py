@@ -124,6 +124,13 @@ class FeatureState:
         self._changed_items: set[int] = set()
         self._token_keys: dict[tuple[str, str], int] = {}  # (slot, value) -> key, `_token_key`
 
+    def __getstate__(self) -> dict[str, object]:  # checkpoints: the token cache is not state
+        return {k: v for k, v in vars(self).items() if k != "_token_keys"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        vars(self).update(state)
+        self._token_keys = {}
+
     def observe(self, events: list[Event], user_keys: np.ndarray, item_keys: np.ndarray) -> None:
         """Take the attributes carried by the events' contexts (`user_keys`/`item_keys`: their feature keys)."""
         for e, user, item in zip(events, user_keys.tolist(), item_keys.tolist(), strict=True):

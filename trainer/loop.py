@@ -207,8 +207,9 @@ class Trainer:
         self._unsent: SyncMessage | None = None  # drained by a `collect_sync` that failed
         self._catalogue: dict[str, ItemRecord] = {}  # catalogue records read since the last sync
         # keys of catalogued items with attributes and no trained row: served by content rows
-        # (`OnlineModels.content_rows`), True while the next sync has not sent theirs yet
-        self._content: OrderedDict[int, bool] = OrderedDict()
+        # (`OnlineModels.content_rows`); those whose row no sync has sent yet
+        self._content: OrderedDict[int, None] = OrderedDict()
+        self._content_new: set[int] = set()
         self._syncs = 0  # sync messages collected (content rows are refreshed every CONTENT_REFRESH)
         self._erased: list[np.ndarray] = []  # keys of users erased since the last sync
         self._erase_later: list[str] = []  # erasures read while a store shard was away
@@ -329,6 +330,7 @@ class Trainer:
             "rng": self._rng.bit_generator.state,
             "catalogue": {**(self._unsent.catalogue if self._unsent else {}), **self._catalogue},
             "content": dict(self._content),
+            "content_new": list(self._content_new),
             "experiment_counts": {k: list(v) for k, v in self.experiment_counts.items()},
             "feedback": self.feedback,
             "erase_later": list(self._erase_later),
@@ -352,7 +354,8 @@ class Trainer:
         self._trained_users = list(state.get("trained_users", []))  # absent from older checkpoints
         self._rng.bit_generator.state = state["rng"]
         self._catalogue = dict(state.get("catalogue", {}))  # absent from older checkpoints
-        self._content = OrderedDict(state.get("content", {}))
+        self._content = OrderedDict.fromkeys(state.get("content", {}))
+        self._content_new = set(state.get("content_new", []))
         self._erased = list(state.get("erased", []))
         self._erase_later = list(state.get("erase_later", []))
         self._user_records = dict(state.get("user_records", {}))
@@ -398,12 +401,14 @@ class Trainer:
                             categories = {"category": "|".join(item.categories)} if item.categories else {}
                             attributes = {**item.attributes, **categories}
                             self.features.set_item_attributes(key, attributes)
-                            self._content[key] = True
+                            self._content[key] = None
                             self._content.move_to_end(key)
+                            self._content_new.add(key)
                             while len(self._content) > self.config.max_feature_entities:
-                                self._content.popitem(last=False)
+                                self._content_new.discard(self._content.popitem(last=False)[0])
                         else:
                             self._content.pop(key, None)
+                            self._content_new.discard(key)
                     continue
                 if record.value.startswith(USER_PREFIX):  # a user's attributes: features now, serving next sync
                     user = UserRecord.from_log(record.value)
@@ -693,20 +698,20 @@ class Trainer:
         """`items` (the drained item rows) plus the content rows of catalogued items that have
         attributes and still no trained row: of those new since the last sync every time, of
         all of them every CONTENT_REFRESH syncs (the rows they are the mean of move as the model
-        learns). An item that got its own row leaves the set: its row goes out as any other."""
+        learns). An item found with a row of its own leaves the set: its row goes out as any
+        other's. Between refreshes only the new items are looked at, not the whole set."""
         self._syncs += 1
-        if not self._content:
+        if self._syncs % CONTENT_REFRESH == 0:
+            keys = np.fromiter(self._content, np.uint64, len(self._content))
+        else:
+            keys = np.fromiter(self._content_new, np.uint64, len(self._content_new))
+        self._content_new = set()
+        if not len(keys):
             return items
-        keys = np.fromiter(self._content, np.uint64, len(self._content))
-        trained = self.items.get(keys)[1] | np.isin(keys, items.keys)
+        trained = self.items.get(keys)[1]
         for key in keys[trained].tolist():
-            del self._content[key]
-        keys = keys[~trained & ~np.isin(keys, items.evicted)]
-        if self._syncs % CONTENT_REFRESH:
-            keys = keys[np.fromiter((self._content[k] for k in keys.tolist()), bool, len(keys))]
-        content, rows = self.models.content_rows(keys)
-        for key in keys.tolist():
-            self._content[key] = False
+            self._content.pop(key, None)
+        content, rows = self.models.content_rows(keys[~trained & ~np.isin(keys, items.evicted)])
         if not len(content):
             return items
         rows = rows.astype(items.rows.dtype if len(items.keys) else rows.dtype)

@@ -229,12 +229,14 @@ class OnlineModels:
         rows, found = self.items.get(basis)
         basis_rows, basis_attrs = rows[found].astype(np.float64), self.features.item_attributes(basis[found])
         wanted = np.unique(attrs[attrs != 0])
+        # every (basis item, attribute value) pair whose value is wanted, summed per value
+        owner = np.repeat(np.arange(len(basis_attrs)), basis_attrs.shape[1])
+        flat = basis_attrs.ravel()
+        pick = np.isin(flat, wanted)
+        slot = np.searchsorted(wanted, flat[pick])
         sums = np.zeros((len(wanted), rows.shape[1]))
-        counts = np.zeros(len(wanted))
-        for j, attribute in enumerate(wanted.tolist()):  # the distinct attribute values: few
-            has = (basis_attrs == attribute).any(axis=1)
-            counts[j] = has.sum()
-            sums[j] = basis_rows[has].sum(axis=0)
+        np.add.at(sums, slot, basis_rows[owner[pick]])
+        counts = np.bincount(slot, minlength=len(wanted)).astype(np.float64)
         at = np.searchsorted(wanted, attrs)  # [n, b] each attribute's prototype (padding: masked)
         usable = (attrs != 0) & (counts[np.minimum(at, len(wanted) - 1)] > 0)
         prototypes = sums / np.maximum(counts, 1)[:, None]
