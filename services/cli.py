@@ -19,7 +19,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import RedisClusterException
 
 from services import metrics
-from services.config import Config, load_config
+from services.config import Config, load_config, load_config_with_sources, show
 from services.datasets import DATASETS, DatasetUnavailable, load_dataset
 from services.node import Node
 from services.replay import replay
@@ -111,19 +111,31 @@ def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "train
     return _serve(node)
 
 
+def _shard_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"shard.host": args.host, "shard.port": args.port, "shard.metrics_port": args.metrics_port}
+
+
 def cmd_store_shard(args: argparse.Namespace) -> int:
     from embedding_store.remote import serve_shard
 
-    server, port, servicer = serve_shard(f"{args.host}:{args.port}", interceptors=[metrics.GrpcObserver("store")])
+    shard = load_config(args.config, overrides=_shard_overrides(args)).shard
+    server, port, servicer = serve_shard(f"{shard.host}:{shard.port}", interceptors=[metrics.GrpcObserver("store")])
     metrics.STORE.watch(servicer.stats)
-    if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.host)
-    print(f"freshrec store-shard: gRPC on {args.host}:{port}, metrics on :{args.metrics_port}", flush=True)
+    if shard.metrics_port:
+        start_http_server(shard.metrics_port, addr=shard.host)
+    print(f"freshrec store-shard: gRPC on {shard.host}:{port}, metrics on :{shard.metrics_port}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
     server.stop(grace=2.0).wait()
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the effective config of `freshrec up` given these flags, each value's source beside it."""
+    for line in show(*load_config_with_sources(args.config, overrides=_overrides(args))):
+        print(line)
     return 0
 
 
@@ -187,10 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
         role.set_defaults(func=lambda a, stage=stage: cmd_up(a, (stage,)))
 
     shard = sub.add_parser("store-shard", help="cluster role: one embedding-store shard served over gRPC")
-    shard.add_argument("--host", default="0.0.0.0", help="interface to bind")
-    shard.add_argument("--port", type=int, default=7070, help="gRPC port (0: any free port)")
-    shard.add_argument("--metrics-port", type=int, default=9101, help="Prometheus /metrics port (0: none)")
+    shard.add_argument(
+        "--config", help="TOML config file (its [shard] table; env FRESHREC_SHARD__* and flags override it)"
+    )
+    shard.add_argument("--host", help="interface to bind (default 0.0.0.0)")
+    shard.add_argument("--port", type=int, help="gRPC port (default 7070, 0: any free port)")
+    shard.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9101, 0: none)")
     shard.set_defaults(func=cmd_store_shard)
+
+    config = sub.add_parser("config", help="the effective configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_show = config_sub.add_parser(
+        "show", help="print every setting, its value and its source (default, file, env, flag); secrets masked"
+    )
+    _server_flags(config_show)
+    config_show.add_argument("--metrics-port", type=int, help="as for the roles")
+    config_show.set_defaults(func=cmd_config_show)
 
     rp = sub.add_parser("replay", help="stream a data set through the REST API")
     rp.add_argument("dataset", choices=DATASETS)

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from embedding_store import feature_keys
 from proto import freshrec_pb2 as pb
 from proto import freshrec_pb2_grpc as pb_grpc
+from services.local_servers import wait_until
 from services.node import Node
 from tests.nodes import rest, running_node, wait_trained_and_served
 
@@ -171,6 +172,30 @@ def test_similar_items_and_unknown_item(node: Node, stub: pb_grpc.GatewayStub) -
     with pytest.raises(grpc.RpcError) as info:
         stub.SimilarItems(pb.SimilarItemsRequest(item_id="no-such-item", k=5))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_items_and_users_whose_ids_contain_a_slash_are_reachable(node: Node) -> None:
+    """A client percent-encodes `/` in a path segment (`a%2Fb`); the gateway decodes it and
+    routes the whole id, for similar items, the catalogue and users alike."""
+    assert node.trainer is not None
+    before = node.trainer.events_trained
+    slashed = "films/horror/it"
+    events = [event(n, f"slash-{n % 3}", item_id=slashed if n % 2 else f"films/{n}") for n in range(30)]
+    quoted = "films%2Fhorror%2Fit"
+    with rest(node) as client:
+        assert client.post("/v1/events", json={"events": events}).json()["accepted"] == 30
+        wait_trained_and_served(node, before + 30)
+        similar = client.get(f"/v1/items/{quoted}/similar", params={"k": 3})
+        assert client.put(f"/v1/items/{quoted}", json={"attributes": {"genre": "horror"}}).status_code == 202
+        assert client.put("/v1/users/u%2F1", json={"attributes": {"country": "fr"}}).status_code == 202
+        wait_until(lambda: client.get(f"/v1/items/{quoted}").status_code == 200, 10, "the item in the catalogue")
+        item = client.get(f"/v1/items/{quoted}").json()
+        wait_until(lambda: client.get("/v1/users/u%2F1").status_code == 200, 10, "the user's attributes")
+        user = client.get("/v1/users/u%2F1").json()
+    assert similar.status_code == 200, similar.text
+    assert len(similar.json()["items"]) == 3 and slashed not in [i["item_id"] for i in similar.json()["items"]]
+    assert item["item_id"] == slashed and item["attributes"] == {"genre": "horror"}
+    assert user["user_id"] == "u/1"
 
 
 def test_cold_user_gets_popular_items(node: Node, stub: pb_grpc.GatewayStub) -> None:

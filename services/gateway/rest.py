@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -259,7 +260,11 @@ class _LimitBody:
 
 def create_app(gateway: Gateway) -> FastAPI:
     """The REST application for `gateway`."""
-    app = FastAPI(title="freshrec", version="0.1.0", description="Online-training recommendations.")
+    about: dict[str, Any] = {"title": "freshrec", "version": "0.1.0", "description": "Online-training recommendations."}
+    if gateway.config.docs:  # Swagger UI at /docs and ReDoc at /redoc from fastapi-offline's assets, no CDN
+        app = FastAPIOffline(**about, static_url="/docs-assets")
+    else:
+        app = FastAPI(**about, openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.exception_handler(FreshrecError)
     async def _freshrec_error(request: Request, exc: FreshrecError) -> JSONResponse:
@@ -322,7 +327,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         # serialised here: FastAPI would validate the model a second time (the hot path's CPU)
         return Response(answer.model_dump_json(), media_type="application/json")
 
-    @app.get("/v1/items/{item_id}/similar", response_model=SimilarResponse)
+    @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse)
     def similar(request: Request, item_id: str, k: int | None = Query(default=None, ge=1)) -> SimilarResponse:
         authorize(request, "recommend")
         version, items = gateway.similar_items(item_id, k)
@@ -331,7 +336,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             items=[ScoredItemBody(item_id=i.item_id, score=i.score, reason=i.reason) for i in items],
         )
 
-    @app.put("/v1/items/{item_id}", response_model=Accepted, status_code=202)
+    @app.put("/v1/items/{item_id:path}", response_model=Accepted, status_code=202)
     def put_item(item_id: ItemId, body: ItemBody, request: Request) -> Accepted:
         authorize(request, "catalogue")
         record = gateway.put_item(item_id, body.model_dump())
@@ -344,7 +349,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         accepted = sum(r.accepted for r in results)
         return EventsResponse(accepted=accepted, rejected=len(results) - accepted, results=_results(results))
 
-    @app.get("/v1/items/{item_id}", response_model=ItemResponse)
+    @app.get("/v1/items/{item_id:path}", response_model=ItemResponse)
     def get_item(item_id: ItemId, request: Request) -> ItemResponse:
         authorize(request, "recommend")
         _, record = gateway.get_item(item_id)
@@ -358,23 +363,23 @@ def create_app(gateway: Gateway) -> FastAPI:
         records, after = gateway.list_items(cursor, limit)
         return ItemPage(items=[ItemResponse(**r.to_dict()) for r in records], next_cursor=after or None)
 
-    @app.delete("/v1/items/{item_id}", response_model=Accepted, status_code=202)
+    @app.delete("/v1/items/{item_id:path}", response_model=Accepted, status_code=202)
     def delete_item(item_id: ItemId, request: Request) -> Accepted:
         authorize(request, "catalogue")
         return Accepted(item_id=gateway.delete_item(item_id).item_id, status="accepted")
 
-    @app.put("/v1/users/{user_id}", status_code=202)
+    @app.put("/v1/users/{user_id:path}", status_code=202)
     def put_user(user_id: UserId, body: UserBody, request: Request) -> dict[str, str]:
         authorize(request, "catalogue")
         return {"user_id": gateway.put_user(user_id, body.model_dump()).user_id, "status": "accepted"}
 
-    @app.get("/v1/users/{user_id}")
+    @app.get("/v1/users/{user_id:path}")
     def get_user(user_id: UserId, request: Request) -> dict[str, Any]:
         authorize(request, "recommend")
         _, record = gateway.get_user(user_id)
         return record.to_dict()
 
-    @app.delete("/v1/users/{user_id}", status_code=202)
+    @app.delete("/v1/users/{user_id:path}", status_code=202)
     def delete_user(user_id: UserId, request: Request) -> dict[str, str]:
         authorize(request, "catalogue")
         gateway.delete_user(user_id)
