@@ -38,14 +38,15 @@ class Stopwatch:
 
 
 def commit() -> dict[str, Any]:
-    """The commit the working tree is at, and whether tracked files differ from it (what a
-    result measured)."""
+    """The commit the working tree is at, and whether tracked files other than the results
+    themselves differ from it (what a result measured: a benchmark run after another has
+    rewritten a result file still measured the commit)."""
 
     def git(*args: str) -> str:
         run = subprocess.run(["git", *args], cwd=RESULTS_DIR.parent, capture_output=True, text=True, check=False)
         return run.stdout.strip()
 
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"))
     return {"sha": git("rev-parse", "HEAD") or None, "dirty": dirty}
 
 
