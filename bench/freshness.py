@@ -45,9 +45,10 @@ import numpy as np
 from prometheus_client import REGISTRY
 
 from bench.results import write
-from services import local_servers, metrics
+from services import metrics
 from services.datasets import synthetic
 from services.serving_store import codec
+from tests import local_servers
 
 PARTS = ("trainer", "sync", "replica")  # the node's threads whose CPU is reported one by one
 BASELINE_INTERVAL_S = 1.0  # the baseline publishes once a second, as before steps nudged the sync

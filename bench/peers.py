@@ -55,10 +55,10 @@ import httpx
 import numpy as np
 
 from bench.results import RESULTS_DIR, write
-from services import local_servers
 from services.config import load_config
 from services.datasets import Dataset, load_dataset
 from services.replay import replay
+from tests import local_servers
 
 K = 20
 DIVERSITIES = (0.5, 1.0)  # the live rows besides the default list (diversity 0)

@@ -46,7 +46,7 @@ def commit() -> dict[str, Any]:
         run = subprocess.run(["git", *args], cwd=RESULTS_DIR.parent, capture_output=True, text=True, check=False)
         return run.stdout.strip()
 
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"))
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)bench/results"))
     return {"sha": git("rev-parse", "HEAD") or None, "dirty": dirty}
 
 

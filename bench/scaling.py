@@ -39,9 +39,9 @@ import numpy as np
 
 from bench.results import write
 from embedding_store.remote import RemoteDense
-from services import local_servers
 from services.datasets import synthetic
-from services.local_servers import Shard, free_port, freshrec_process, metric, store_shards, wait_until
+from tests import local_servers
+from tests.local_servers import Shard, free_port, freshrec_process, metric, store_shards, wait_until
 from trainer.eventlog import open_log
 from trainer.events import parse_event
 

@@ -52,16 +52,16 @@ from typing import Any
 
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.results import write
 from embedding_store import TableDelta, feature_keys
 from retrieval.index import IndexConfig, ItemIndex
 from retrieval.two_tower import TwoTower
-from services import local_servers
+from services import scrape
 from services.datasets import synthetic
 from services.serving import FILTER_EXACT_ITEMS, Request, ServingReplica
 from services.serving_store import MemoryServingStore, open_serving_store
+from tests import local_servers
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
 from trainer.events import parse_event
@@ -424,14 +424,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _batch_counts(port: int) -> tuple[float, float]:
     """(calls, ranker passes) so far, from the gateway's freshrec_recommend_batch_size histogram."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    values = {
-        s.name: s.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "freshrec_recommend_batch_size"
-        for s in family.samples
-    }
-    return values.get("freshrec_recommend_batch_size_sum", 0.0), values.get("freshrec_recommend_batch_size_count", 0.0)
+    text = scrape.fetch(f"http://127.0.0.1:{port}/metrics")
+    calls, passes = (scrape.values(text, f"freshrec_recommend_batch_size_{part}") for part in ("sum", "count"))
+    return sum(calls), sum(passes)
 
 
 def _model_version(port: int) -> int:

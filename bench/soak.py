@@ -38,10 +38,10 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.results import write
-from services import local_servers
+from services import scrape
+from tests import local_servers
 
 USERS, ITEMS, BATCH = 5_000, 2_000, 20
 
@@ -56,9 +56,8 @@ def rss_mb(pid: int) -> float:
 
 def consumed(client: httpx.Client) -> float:
     """Events the trainer took from the log: trained, or dropped as copies."""
-    text = client.get("/metrics").text
     names = ("freshrec_trainer_events_total", "freshrec_trainer_duplicate_events_total")
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name in names)
+    return sum(scrape.values(scrape.fetch("/metrics", client), names))
 
 
 class Load:

@@ -50,9 +50,9 @@ import torch
 
 from bench.results import Stopwatch, interleaved_medians, write
 from embedding_store import TableConfig, TableDelta, TableStats
-from services import local_servers
 from services.datasets import load_dataset
 from services.replay import replay
+from tests import local_servers
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
 from trainer.events import Event, parse_event

@@ -145,7 +145,7 @@ class Config:
     """Everything one freshrec process needs.
 
     Args:
-        log_url: event log, `memory://` or `kafka://HOST:PORT[/TOPIC]`.
+        log_url: event log, `memory://`, `file://DIR` (embedded, durable) or `kafka://HOST:PORT[/TOPIC]`.
         serving_store_url: serving store, `memory://`, `redis://HOST:PORT[/DB]` or
             `redis-cluster://HOST:PORT[,HOST:PORT...]` (`services.serving_store`).
         log_partitions: partitions of the events topic when freshrec creates it.

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+from services import scrape
 from services.datasets import Dataset
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ class ReplayReport:
 
 def read_metric(client: httpx.Client, metrics_url: str, name: str) -> float:
     """Sum of all samples of one Prometheus series at `metrics_url` (NaN if absent)."""
-    text = client.get(metrics_url).raise_for_status().text
-    values = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name]
+    values = scrape.values(scrape.fetch(metrics_url, client), name)
     return float(sum(values)) if values else float("nan")
 
 

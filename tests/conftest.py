@@ -1,4 +1,4 @@
-"""Fixtures that start real services on free loopback ports (`services.local_servers`):
+"""Fixtures that start real services on free loopback ports (`tests.local_servers`):
 redis-server (alone and as a Redis Cluster) and a Kafka-protocol broker. `scripts/test.sh`
 installs both; a missing one fails the tests that need it rather than skipping them."""
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services import local_servers
+from tests import local_servers
 from trainer.eventlog import EventLog, open_log
 
 

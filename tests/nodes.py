@@ -7,9 +7,9 @@ from contextlib import contextmanager
 
 import httpx
 
-from services import local_servers
-from services.local_servers import wait_until
 from services.node import Node
+from tests import local_servers
+from tests.local_servers import wait_until
 
 
 @contextmanager

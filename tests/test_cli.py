@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.local_servers import free_port, wait_until
+from services import scrape
+from tests.local_servers import free_port, wait_until
 
 FRESHREC = [sys.executable, "-m", "services.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,10 +91,9 @@ def test_cluster_roles_on_kafka_and_redis(kafka_broker: str, redis_url: str) -> 
 
 
 def _series(metrics_text: str, name: str, table: str) -> float:
-    for line in metrics_text.splitlines():
-        if line.startswith(f'{name}{{table="{table}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} for table {table} in scrape")
+    found = scrape.values(metrics_text, name, table=table)
+    assert found, f"no {name} for table {table} in scrape"
+    return sum(found)
 
 
 def test_trainer_on_two_store_shard_processes() -> None:

@@ -21,18 +21,18 @@ import grpc
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from proto import freshrec_pb2 as pb
 from proto import freshrec_pb2_grpc as pb_grpc
-from services.local_servers import free_port, wait_until
+from services import scrape
+from services.scrape import Sample
+from tests.local_servers import free_port, wait_until
 from tests.test_compose import expand, freshrec_services
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECTOR = re.compile(r"(freshrec_[a-z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'\s*([a-z_]+)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*')
 
-Sample = tuple[str, dict[str, str], float]
 EXPERIMENTS = '{"cluster-test": {"a": {"weight": 1}, "b": {"weight": 1, "ranking": "trending"}}}'
 
 
@@ -144,16 +144,15 @@ def cluster(
         )
         start("gateway", [topic if a == kafka_broker else a for a in argv], gateway_env)
         for name in ("store-0", "store-1", "trainer", "retrieval", "ranking", "gateway"):
-            wait_until(partial(scrape, metrics_ports[name]), 90, f"{name} to serve /metrics")
+            wait_until(partial(scrape_port, metrics_ports[name]), 90, f"{name} to serve /metrics")
         yield metrics_ports
 
 
-def scrape(port: int) -> list[Sample]:
+def scrape_port(port: int) -> list[Sample]:
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return scrape.samples(scrape.fetch(f"http://127.0.0.1:{port}/metrics"))
     except httpx.HTTPError:
         return []
-    return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
 
 
 def value(samples: list[Sample], name: str, **labels: str) -> float:
@@ -179,9 +178,11 @@ def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, in
         for b in range(0, len(events), 200):
             assert client.post("/v1/events", json={"events": events[b : b + 200]}).status_code == 200
         assert client.post("/v1/recommendations", json={"user_id": "", "k": 5}).status_code == 422
-        wait_until(lambda: value(scrape(cluster["trainer"]), "freshrec_trainer_events_total") >= 1200, 120, "training")
+        wait_until(
+            lambda: value(scrape_port(cluster["trainer"]), "freshrec_trainer_events_total") >= 1200, 120, "training"
+        )
         for stage in ("retrieval", "ranking"):
-            version = partial(lambda port: value(scrape(port), "freshrec_serving_version") >= 2, cluster[stage])
+            version = partial(lambda port: value(scrape_port(port), "freshrec_serving_version") >= 2, cluster[stage])
             wait_until(version, 60, f"{stage} to serve a version")
         ready = client.get("/readyz")  # ready once both stages are
         assert ready.status_code == 200 and ready.json()["model_version"] >= 2
@@ -192,7 +193,7 @@ def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, in
     with grpc.insecure_channel(f"127.0.0.1:{cluster['grpc']}") as channel:
         pb_grpc.GatewayStub(channel).Recommend(pb.RecommendRequest(user_id="u2", k=5), timeout=10)
 
-    scrapes = {name: scrape(port) for name, port in cluster.items() if name not in ("http", "grpc")}
+    scrapes = {name: scrape_port(port) for name, port in cluster.items() if name not in ("http", "grpc")}
     samples = [s for found in scrapes.values() for s in found]
     missing = [
         f"{board} / {panel}: {selector}"
@@ -211,7 +212,9 @@ def test_every_dashboard_series_is_exported_by_the_cluster(cluster: dict[str, in
     assert value(scrapes["gateway"], "freshrec_requests_total", transport="grpc", method="Recommend", code="OK") == 1
     assert value(scrapes["trainer"], "freshrec_trainer_progressive_auc") > 0
     # checkpoints: the trainer's state and both shards' tables in one complete checkpoint
-    wait_until(lambda: value(scrape(cluster["trainer"]), "freshrec_trainer_checkpoints_total") >= 1, 30, "a checkpoint")
-    assert 0 <= value(scrape(cluster["trainer"]), "freshrec_trainer_checkpoint_age_seconds") < 30
+    wait_until(
+        lambda: value(scrape_port(cluster["trainer"]), "freshrec_trainer_checkpoints_total") >= 1, 30, "a checkpoint"
+    )
+    assert 0 <= value(scrape_port(cluster["trainer"]), "freshrec_trainer_checkpoint_age_seconds") < 30
     newest = max(p for p in checkpoints.iterdir() if (p / "trainer.pt").is_file())
     assert sorted(p.name for p in (newest / "store").iterdir()) == ["shard-0-of-2", "shard-1-of-2"]

@@ -17,8 +17,8 @@ from services.config import (
     load_config_with_sources,
     settings,
 )
-from services.local_servers import free_port, wait_until
 from services.node import Node
+from tests.local_servers import free_port, wait_until
 from trainer.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parent.parent

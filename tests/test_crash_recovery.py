@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from services.local_servers import free_port, freshrec_process, metric, wait_until
+from tests.local_servers import free_port, freshrec_process, metric, wait_until
 from tests.test_ranking import events
 from trainer.eventlog import open_log
 from trainer.events import Event

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import time
 
-from services.local_servers import free_port, wait_until
+from tests.local_servers import free_port, wait_until
 from tests.nodes import rest, running_node
 
 

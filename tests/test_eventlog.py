@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.local_servers import wait_until
+from tests.local_servers import wait_until
 from trainer.config import TrainerConfig
 from trainer.eventlog import EventLog, LogConsumer, LogRecord, LogUnavailable, MemoryLog, open_log
 from trainer.eventlog.file import FileLog

@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from embedding_store import feature_keys
 from proto import freshrec_pb2 as pb
 from proto import freshrec_pb2_grpc as pb_grpc
-from services.local_servers import wait_until
 from services.node import Node
+from tests.local_servers import wait_until
 from tests.nodes import rest, running_node, wait_trained_and_served
 
 

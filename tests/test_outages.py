@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from services import local_servers
-from services.local_servers import free_port, wait_until
+from tests import local_servers
+from tests.local_servers import free_port, wait_until
 from tests.nodes import rest, running_node
 
 

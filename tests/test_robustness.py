@@ -32,8 +32,8 @@ from proto import freshrec_pb2_grpc as pb_grpc
 from services.cli import _default_checkpoint_dir
 from services.config import load_config
 from services.datasets import movielens_100k
-from services.local_servers import wait_until
 from services.node import Node
+from tests.local_servers import wait_until
 from tests.nodes import rest, running_node, wait_trained_and_served
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog

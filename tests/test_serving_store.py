@@ -12,10 +12,10 @@ import pytest
 import redis
 
 from embedding_store.base import TableDelta
-from services.local_servers import wait_until
 from services.serving_store import MemoryServingStore, ServingStore, VersionGap, codec, open_serving_store
 from services.serving_store.redis import RedisServingStore
 from services.serving_store.state import ServingState
+from tests.local_servers import wait_until
 from trainer.sync import SyncMessage
 
 

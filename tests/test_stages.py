@@ -13,10 +13,10 @@ from embedding_store import feature_keys
 from proto import serving_pb2 as spb
 from proto import serving_pb2_grpc as spb_grpc
 from services.errors import InvalidArgument, NotFound, Unavailable
-from services.local_servers import free_port
 from services.serving import Request, ServingReplica
 from services.serving_store import MemoryServingStore
 from services.stages import RemoteStages, serve_stage
+from tests.local_servers import free_port
 from tests.test_ranking import trained
 
 

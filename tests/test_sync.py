@@ -15,10 +15,10 @@ import pytest
 
 from embedding_store import feature_key
 from embedding_store.base import TableDelta
-from services.local_servers import wait_until
 from services.serving import ServingReplica
 from services.serving_store import open_serving_store
 from services.serving_store.state import ServingState
+from tests.local_servers import wait_until
 from tests.test_serving_store import same_state
 from trainer.config import TrainerConfig
 from trainer.eventlog import open_log

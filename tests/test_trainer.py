@@ -10,7 +10,7 @@ import numpy as np
 
 from embedding_store import feature_keys, open_store
 from embedding_store.dense import LocalDense
-from services.local_servers import wait_until
+from tests.local_servers import wait_until
 from trainer.config import TrainerConfig
 from trainer.eventlog import EventLog, MemoryLog, open_log
 from trainer.eventlog.base import partition_for

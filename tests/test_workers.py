@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from embedding_store import ShardedStore, feature_keys, open_store
-from services.local_servers import free_port, freshrec_process, metric, store_shards, wait_until
 from services.serving_store import open_serving_store
+from tests.local_servers import free_port, freshrec_process, metric, store_shards, wait_until
 from trainer.config import TrainerConfig
 from trainer.eventlog import open_log
 from trainer.events import Event

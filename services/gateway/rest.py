@@ -295,12 +295,17 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/events", response_model=EventsResponse)
     def ingest(body: EventsRequest, request: Request) -> EventsResponse:
+        """Append a batch of events (scope ingest). Each event is validated alone: bad ones are rejected with the
+        field named, the good ones of the batch kept; 503 with Retry-After when the log cannot take the batch."""
         authorize(request, "ingest")
         result = gateway.ingest(body.events, transport="rest")
         return EventsResponse(accepted=result.accepted, rejected=result.rejected, results=_results(result.results))
 
     @app.post("/v1/recommendations", response_model=RecommendResponse)
     async def recommend(body: RecommendRequest, request: Request) -> Response:
+        """The user's top k (scope recommend), with filters, paging, diversity, exploration and an A/B arm; each
+        item names the source that put it there. The list is written back as impressions unless write_back is
+        false."""
         authorize(request, "recommend")
         f = body.filter
         rec = await gateway.recommend(
@@ -329,6 +334,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse)
     def similar(request: Request, item_id: str, k: int | None = Query(default=None, ge=1)) -> SimilarResponse:
+        """Items like this one (scope recommend): its co-visited items first, then its neighbours in the item index."""
         authorize(request, "recommend")
         version, items = gateway.similar_items(item_id, k)
         return SimilarResponse(
@@ -338,12 +344,14 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.put("/v1/items/{item_id:path}", response_model=Accepted, status_code=202)
     def put_item(item_id: ItemId, body: ItemBody, request: Request) -> Accepted:
+        """Create or replace an item in the catalogue (scope catalogue); served everywhere from the next sync."""
         authorize(request, "catalogue")
         record = gateway.put_item(item_id, body.model_dump())
         return Accepted(item_id=record.item_id, status="accepted")
 
     @app.post("/v1/items:batch", response_model=EventsResponse, status_code=202)
     def put_items(body: ItemsBatchRequest, request: Request) -> EventsResponse:
+        """Put up to 1,000 items (scope catalogue), each validated alone as events are."""
         authorize(request, "catalogue")
         results = gateway.put_items(body.items)
         accepted = sum(r.accepted for r in results)
@@ -351,6 +359,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/v1/items/{item_id:path}", response_model=ItemResponse)
     def get_item(item_id: ItemId, request: Request) -> ItemResponse:
+        """The item as serving holds it (404 before the sync that brings it)."""
         authorize(request, "recommend")
         _, record = gateway.get_item(item_id)
         return ItemResponse(**record.to_dict())
@@ -359,43 +368,53 @@ def create_app(gateway: Gateway) -> FastAPI:
     def list_items(
         request: Request, cursor: str = "", limit: int | None = Query(default=None, ge=1, le=1000)
     ) -> ItemPage:
+        """The catalogue in item-id order, a page at a time (next_cursor)."""
         authorize(request, "recommend")
         records, after = gateway.list_items(cursor, limit)
         return ItemPage(items=[ItemResponse(**r.to_dict()) for r in records], next_cursor=after or None)
 
     @app.delete("/v1/items/{item_id:path}", response_model=Accepted, status_code=202)
     def delete_item(item_id: ItemId, request: Request) -> Accepted:
+        """Remove an item from the index and every list (scope catalogue)."""
         authorize(request, "catalogue")
         return Accepted(item_id=gateway.delete_item(item_id).item_id, status="accepted")
 
     @app.put("/v1/users/{user_id:path}", status_code=202)
     def put_user(user_id: UserId, body: UserBody, request: Request) -> dict[str, str]:
+        """Set a user's attributes (scope catalogue): their features from the trainer's next read."""
         authorize(request, "catalogue")
         return {"user_id": gateway.put_user(user_id, body.model_dump()).user_id, "status": "accepted"}
 
     @app.get("/v1/users/{user_id:path}")
     def get_user(user_id: UserId, request: Request) -> dict[str, Any]:
+        """The user's record as serving holds it (404 without one)."""
         authorize(request, "recommend")
         _, record = gateway.get_user(user_id)
         return record.to_dict()
 
     @app.delete("/v1/users/{user_id:path}", status_code=202)
     def delete_user(user_id: UserId, request: Request) -> dict[str, str]:
+        """Erase a user (scope catalogue): the trainer deletes their rows, history and attributes; their next
+        list is a cold user's."""
         authorize(request, "catalogue")
         gateway.delete_user(user_id)
         return {"user_id": user_id, "status": "accepted"}
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
         return {"status": "ok"}
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
+        """Readiness: 503 with a reason until a model version exists, or while the trainer, the sync publisher or
+        the serving store is not doing its job."""
         ready, body = gateway.readiness()
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
+        """Prometheus metrics of this process."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
+from services import scrape
 from services.config import load_config
 from services.node import Node
 
@@ -246,15 +246,10 @@ def metric(port: int, name: str, **labels: str) -> float:
     """The sum of the samples named `name` (with these label values) on the /metrics page at
     `port` (-1 when unreachable)."""
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        text = scrape.fetch(f"http://127.0.0.1:{port}/metrics", timeout_s=2)
     except httpx.HTTPError:
         return -1.0
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
+    return sum(scrape.values(text, name, **labels))
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
