@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from services.cli import build_parser
+from services.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,3 +157,17 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboards(compose: dict
     dashboards = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
     titles = {json.loads(d.read_text())["title"] for d in dashboards}
     assert titles == {f"freshrec / {t}" for t in ("Overview", "Training", "Embedding store", "Serving and sync")}
+
+
+def test_every_service_environment_is_a_valid_config(compose: dict[str, Any]) -> None:
+    """An unknown `FRESHREC_*` variable stops a role at start: each service's environment (with
+    the compose defaults filled in) loads, and sets what it means to."""
+    for name, service in freshrec_services(compose).items():
+        env = {key: expand(str(value)) for key, value in (service.get("environment") or {}).items()}
+        config = load_config(env=env)  # raises naming a misspelt variable
+        if "FRESHREC_METRICS_PORT" in env:
+            assert config.metrics_port == int(env["FRESHREC_METRICS_PORT"]), name
+    trainer = load_config(env={k: expand(str(v)) for k, v in compose["services"]["trainer"]["environment"].items()})
+    assert trainer.trainer.store_url == "grpc://store-0:7070,store-1:7070"
+    with pytest.raises(ValueError, match="FRESHREC_STORE_ULR"):
+        load_config(env={"FRESHREC_STORE_ULR": "grpc://store-0:7070"})
