@@ -9,8 +9,8 @@ synthetic events (batches of 20, unique event ids, 5% of them invalid on purpose
 recommendation calls for known users, each open loop at a fixed rate, for `--minutes`.
 Afterwards it waits for the trainer to take every acknowledged event.
 
-- `lost_events`: events the gateway acknowledged that the trainer never took (trained or, as
-  copies, dropped) — must be 0.
+- `lost_events`: events the gateway acknowledged, and impressions it wrote back for the lists
+  it served, that the trainer never took (trained or, as copies, dropped) — must be 0.
 - `errors_5xx`: answers with a 5xx status (or no answer at all) — must be 0.
 - `rss_growth_mb`: the process' resident memory at the end minus when the load started.
 - `rss_growth_after_warmup_mb`: at the end minus after the warm-up (the first two minutes, or
@@ -52,6 +52,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def written_back(client: httpx.Client) -> float:
+    """Impressions the gateway wrote to the log for the lists it served: they reach the trainer
+    beside the posted events."""
+    return sum(scrape.values(scrape.fetch("/metrics", client), "freshrec_impressions_written_total"))
 
 
 def consumed(client: httpx.Client) -> float:
@@ -174,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             load.join()
         print(f"after {time.perf_counter() - started:.0f} s: RSS {rss_end:.0f} MB; waiting for the trainer", flush=True)
         deadline = time.monotonic() + 120
-        while consumed(client) < acknowledged and time.monotonic() < deadline:
+        while consumed(client) < acknowledged + written_back(client) and time.monotonic() < deadline:
             time.sleep(0.5)
+        impressions = written_back(client)
         taken = consumed(client)
         readiness = client.get("/readyz").json()
 
@@ -185,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "events_per_s": args.events_per_s,
         "recommend_per_s": args.recommend_per_s,
         "acknowledged_events": acknowledged,
+        "impressions_written": impressions,
         "consumed_events": taken,
         "codes": {load.name: dict(load.codes) for load in loads},
         "rss_start_mb": rss_start,
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{load.name:9} {sum(load.codes.values()):6,} calls, codes {dict(load.codes)}, p99 {p99:.1f} ms")
         figures[f"{load.name}_p99_ms"] = p99
     summary = {
-        "lost_events": int(max(acknowledged - taken, 0)),
+        "lost_events": int(max(acknowledged + impressions - taken, 0)),
         "errors_5xx": errors_5xx,
         "rss_growth_mb": round(rss_end - rss_start, 1),
         "rss_growth_after_warmup_mb": round(rss_end - rss_warm, 1),
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ready": bool(readiness.get("ready")),
     }
     figures.update(summary)
-    print(f"acknowledged {acknowledged:,} events, the trainer took {taken:,.0f}")
+    print(f"acknowledged {acknowledged:,} events, wrote {impressions:,.0f} impressions; the trainer took {taken:,.0f}")
     print(f"written to {write('soak', figures)}")
     print(json.dumps(summary))
     return figures

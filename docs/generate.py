@@ -517,7 +517,10 @@ def _soak(r: Mapping[str, Any]) -> str:
             f"{r['minutes']:.0f} minutes",
         ],
         ["answers", codes],
-        ["events acknowledged / trained", f"{r['acknowledged_events']:,} / {r['consumed_events']:,.0f}"],
+        [
+            "events acknowledged + impressions written back / taken by the trainer",
+            f"{r['acknowledged_events']:,} + {r['impressions_written']:,.0f} / {r['consumed_events']:,.0f}",
+        ],
         [
             "p99 ingest / recommend (from when each call was due)",
             f"{r['ingest_p99_ms']:,.0f} ms / {r['recommend_p99_ms']:,.0f} ms",
