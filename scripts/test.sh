@@ -7,5 +7,5 @@ scripts/setup.sh --dev
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/python -m docs.generate --check
-.venv/bin/mkdocs build --strict --quiet
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
 .venv/bin/python -m pytest -q "$@"
