@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import grpc
@@ -263,3 +264,21 @@ def test_exclude_seen_defaults_to_true_on_both_transports(node: Node, stub: pb_g
     grpc_everything = stub.Recommend(pb.RecommendRequest(user_id="seer", k=50, exclude_seen=False)).items
     assert [i.item_id for i in grpc_default] == [i["item_id"] for i in default]
     assert [i.item_id for i in grpc_everything] == [i["item_id"] for i in everything]
+
+
+def test_the_spec_declares_the_error_bodies_the_gateway_sends(node: Node) -> None:
+    """/openapi.json names `ErrorResponse` for each /v1 error status, and the answers are of
+    that shape (not FastAPI's default validation-error body)."""
+    with rest(node) as client:
+        spec = client.get("/openapi.json").json()
+        bad = client.post("/v1/recommendations", json={"user_id": "u1", "k": -1})
+        missing = client.get("/v1/items/never-catalogued")
+    declared = spec["paths"]["/v1/recommendations"]["post"]["responses"]["422"]["content"]["application/json"]
+    assert declared["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "HTTPValidationError" not in json.dumps(spec)
+    shape = spec["components"]["schemas"]["ErrorDetail"]["required"]
+    for answer, status, code in ((bad, 422, "InvalidArgument"), (missing, 404, "NotFound")):
+        assert answer.status_code == status, answer.text
+        assert set(answer.json()) == {"error"} and set(answer.json()["error"]) == set(shape)
+        assert answer.json()["error"]["code"] == code
+    assert "k" in bad.json()["error"]["message"]

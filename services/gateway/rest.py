@@ -159,6 +159,35 @@ class SimilarResponse(BaseModel):
     items: list[ScoredItemBody]
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(
+        description="InvalidArgument, NotFound, Unauthenticated, PermissionDenied, ResourceExhausted, ..."
+    )
+    message: str = Field(description="what is wrong, naming the field or argument")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer of the REST API."""
+
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in {
+        401: "no API key, or an unknown one (when keys are on)",
+        403: "the key lacks the call's scope",
+        404: "no such item or user (similar items, the catalogue, users)",
+        413: "the body is over server.max_body_bytes",
+        422: "a bad argument or body, named in the message",
+        429: "over server.rate_limit_per_s for this key (Retry-After)",
+        503: "the event log or the model cannot take the call now (Retry-After)",
+    }.items()
+}
+"""The error answers every /v1 operation may give, declared in the OpenAPI spec (FastAPI would
+otherwise declare its own validation-error body, which this app never sends)."""
+
+
 def _results(results: list[EventResult]) -> list[EventResultBody]:
     return [
         EventResultBody(index=r.index, status="accepted")
@@ -260,7 +289,11 @@ class _LimitBody:
 
 def create_app(gateway: Gateway) -> FastAPI:
     """The REST application for `gateway`."""
-    about: dict[str, Any] = {"title": "freshrec", "version": "0.1.0", "description": "Online-training recommendations."}
+    about: dict[str, Any] = {
+        "title": "freshrec",
+        "version": "0.1.0",
+        "description": "Online-training recommendations.",
+    }
     if gateway.config.docs:  # Swagger UI at /docs and ReDoc at /redoc from fastapi-offline's assets, no CDN
         app = FastAPIOffline(**about, static_url="/docs-assets")
     else:
@@ -293,7 +326,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         presented = bearer(request.headers.get("authorization"), request.headers.get("x-api-key"))
         gateway.guard.check(presented, scope)
 
-    @app.post("/v1/events", response_model=EventsResponse)
+    @app.post("/v1/events", responses=ERRORS, response_model=EventsResponse)
     def ingest(body: EventsRequest, request: Request) -> EventsResponse:
         """Append a batch of events (scope ingest). Each event is validated alone: bad ones are rejected with the
         field named, the good ones of the batch kept; 503 with Retry-After when the log cannot take the batch."""
@@ -301,7 +334,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         result = gateway.ingest(body.events, transport="rest")
         return EventsResponse(accepted=result.accepted, rejected=result.rejected, results=_results(result.results))
 
-    @app.post("/v1/recommendations", response_model=RecommendResponse)
+    @app.post("/v1/recommendations", responses=ERRORS, response_model=RecommendResponse)
     async def recommend(body: RecommendRequest, request: Request) -> Response:
         """The user's top k (scope recommend), with filters, paging, diversity, exploration and an A/B arm; each
         item names the source that put it there. The list is written back as impressions unless write_back is
@@ -332,7 +365,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         # serialised here: FastAPI would validate the model a second time (the hot path's CPU)
         return Response(answer.model_dump_json(), media_type="application/json")
 
-    @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse)
+    @app.get("/v1/items/{item_id:path}/similar", responses=ERRORS, response_model=SimilarResponse)
     def similar(request: Request, item_id: str, k: int | None = Query(default=None, ge=1)) -> SimilarResponse:
         """Items like this one (scope recommend): its co-visited items first, then its neighbours in the item index."""
         authorize(request, "recommend")
@@ -342,14 +375,14 @@ def create_app(gateway: Gateway) -> FastAPI:
             items=[ScoredItemBody(item_id=i.item_id, score=i.score, reason=i.reason) for i in items],
         )
 
-    @app.put("/v1/items/{item_id:path}", response_model=Accepted, status_code=202)
+    @app.put("/v1/items/{item_id:path}", responses=ERRORS, response_model=Accepted, status_code=202)
     def put_item(item_id: ItemId, body: ItemBody, request: Request) -> Accepted:
         """Create or replace an item in the catalogue (scope catalogue); served everywhere from the next sync."""
         authorize(request, "catalogue")
         record = gateway.put_item(item_id, body.model_dump())
         return Accepted(item_id=record.item_id, status="accepted")
 
-    @app.post("/v1/items:batch", response_model=EventsResponse, status_code=202)
+    @app.post("/v1/items:batch", responses=ERRORS, response_model=EventsResponse, status_code=202)
     def put_items(body: ItemsBatchRequest, request: Request) -> EventsResponse:
         """Put up to 1,000 items (scope catalogue), each validated alone as events are."""
         authorize(request, "catalogue")
@@ -357,14 +390,14 @@ def create_app(gateway: Gateway) -> FastAPI:
         accepted = sum(r.accepted for r in results)
         return EventsResponse(accepted=accepted, rejected=len(results) - accepted, results=_results(results))
 
-    @app.get("/v1/items/{item_id:path}", response_model=ItemResponse)
+    @app.get("/v1/items/{item_id:path}", responses=ERRORS, response_model=ItemResponse)
     def get_item(item_id: ItemId, request: Request) -> ItemResponse:
         """The item as serving holds it (404 before the sync that brings it)."""
         authorize(request, "recommend")
         _, record = gateway.get_item(item_id)
         return ItemResponse(**record.to_dict())
 
-    @app.get("/v1/items", response_model=ItemPage)
+    @app.get("/v1/items", responses=ERRORS, response_model=ItemPage)
     def list_items(
         request: Request, cursor: str = "", limit: int | None = Query(default=None, ge=1, le=1000)
     ) -> ItemPage:
@@ -373,26 +406,26 @@ def create_app(gateway: Gateway) -> FastAPI:
         records, after = gateway.list_items(cursor, limit)
         return ItemPage(items=[ItemResponse(**r.to_dict()) for r in records], next_cursor=after or None)
 
-    @app.delete("/v1/items/{item_id:path}", response_model=Accepted, status_code=202)
+    @app.delete("/v1/items/{item_id:path}", responses=ERRORS, response_model=Accepted, status_code=202)
     def delete_item(item_id: ItemId, request: Request) -> Accepted:
         """Remove an item from the index and every list (scope catalogue)."""
         authorize(request, "catalogue")
         return Accepted(item_id=gateway.delete_item(item_id).item_id, status="accepted")
 
-    @app.put("/v1/users/{user_id:path}", status_code=202)
+    @app.put("/v1/users/{user_id:path}", responses=ERRORS, status_code=202)
     def put_user(user_id: UserId, body: UserBody, request: Request) -> dict[str, str]:
         """Set a user's attributes (scope catalogue): their features from the trainer's next read."""
         authorize(request, "catalogue")
         return {"user_id": gateway.put_user(user_id, body.model_dump()).user_id, "status": "accepted"}
 
-    @app.get("/v1/users/{user_id:path}")
+    @app.get("/v1/users/{user_id:path}", responses=ERRORS)
     def get_user(user_id: UserId, request: Request) -> dict[str, Any]:
         """The user's record as serving holds it (404 without one)."""
         authorize(request, "recommend")
         _, record = gateway.get_user(user_id)
         return record.to_dict()
 
-    @app.delete("/v1/users/{user_id:path}", status_code=202)
+    @app.delete("/v1/users/{user_id:path}", responses=ERRORS, status_code=202)
     def delete_user(user_id: UserId, request: Request) -> dict[str, str]:
         """Erase a user (scope catalogue): the trainer deletes their rows, history and attributes; their next
         list is a cold user's."""
