@@ -218,3 +218,25 @@ def test_blend_recovers_the_weights_that_generated_the_choices() -> None:
         optimizer.step()
     a, b, c, d = blend.weights.detach().numpy()
     assert abs(a - 0.5) < 0.2 and abs(b - 2.0) < 0.3 and abs(c - 3.0) < 0.5 and abs(d + 1.0) < 0.5, (a, b, c, d)
+
+
+def test_the_trainers_evaluation_lists_are_servings_lists() -> None:
+    """`OnlineModels.recommend` (what bench.quality measures) takes serving's candidates — each
+    source's best, taken in turn up to twice `candidates` — and orders them with the same scorer:
+    on an exact index its lists are the replica's, up to fp16 rounding of the synced rows."""
+    trainer = trained()
+    store = MemoryServingStore()
+    replica = ServingReplica(store, candidates=5, index=IndexConfig(kind="flat"))
+    message = trainer.collect_sync()
+    assert message is not None
+    store.publish(message)
+    replica.catch_up()
+    names = [f"u{u}" for u in range(0, 60, 3)]
+    keys = feature_keys("user", names)
+    evaluated = trainer.models.recommend(keys, 10, [set() for _ in names], candidates=5)
+    same = 0
+    for name, items in zip(names, evaluated, strict=True):
+        served = feature_keys("item", [i.item_id for i in replica.recommend(name, k=10, exclude_seen=False).items])
+        assert len(items) == len(served) == 10
+        same += len(set(items.tolist()) & set(served.tolist()))
+    assert same >= 0.9 * 10 * len(names), same

@@ -40,7 +40,7 @@ from ranking.scorer import (
     dense_features,
     ranker_logits,
 )
-from retrieval.candidates import distinct
+from retrieval.candidates import distinct, interleave
 from retrieval.covisit import COVISIT_ITEMS, COVISIT_SCORES, CoVisitation, HistoryScores
 from retrieval.two_tower import TwoTower, in_batch_softmax_loss
 from trainer.catalog import ItemCatalog
@@ -404,14 +404,16 @@ class OnlineModels:
     ) -> list[np.ndarray]:
         """Top-k item keys per user, leaving out `exclude`, as serving would order them (for evaluation).
 
-        "ranked": the two-tower's best `candidates` over every known item plus the `candidates`
-        trending ones and the `candidates` best co-visited ones, ordered by `CandidateScorer`
-        (ranker, then blend); users the model knows nothing of (no row, no history) get the
-        trending list. "two_tower": the two-tower's own top k.
-        "trending": the trending list for everyone.
+        "ranked": serving's candidates — each user's best `candidates` unseen items of the
+        two-tower (exact, over every known item), of co-visitation and of the trending list,
+        taken in turn up to 2 x `candidates` (`retrieval.candidates.interleave`, as
+        `services.serving` merges them) — ordered by `CandidateScorer` (ranker, then blend);
+        users the model knows nothing of (no row, no history) get the trending list.
+        "two_tower": the two-tower's own top k. "trending": the trending list for everyone.
         """
         trending = self.catalog.popular(candidates + max((len(s) for s in exclude), default=0))[0]
-        trending_lists = [np.array([i for i in trending.tolist() if i not in s][:k], np.uint64) for s in exclude]
+        unseen_trending = [np.array([i for i in trending.tolist() if i not in s], np.uint64) for s in exclude]
+        trending_lists = [t[:k] for t in unseen_trending]
         if mode == "trending":
             return trending_lists
         items = self.catalog.all_items()
@@ -425,15 +427,24 @@ class OnlineModels:
         scores[seen_rows[known], seen_cols[known]] = -np.inf
         if mode == "two_tower":
             return [items[t] for t in np.argsort(-scores, axis=1)[:, :k]]
-        trending_cols, known = _columns(items, trending[:candidates])
-        trending_cols = trending_cols[known]
-        scores[:, trending_cols] = np.where(np.isfinite(scores[:, trending_cols]), np.inf, -np.inf)
+        best = np.argsort(-scores, axis=1)[:, :candidates]  # [u, candidates]
+        has_row = self.users.get(user_keys)[1]  # as in serving, a user without a row searches nothing
         covisit = HistoryScores(self.covisit.neighbour_rows, history)
-        for r in range(len(user_keys)):
-            cols, known = _columns(items, covisit.top(r, candidates)[0])
-            scores[r, cols[known]] = np.where(scores[r, cols[known]] > -np.inf, np.inf, -np.inf)  # seen stay out
-        top = np.argsort(-scores, axis=1)[:, : 2 * candidates + len(trending_cols)]  # [u, c]
-        cand = items[top]
+        lists = []
+        for r, left_out in enumerate(exclude):
+            ann = items[best[r][np.isfinite(scores[r, best[r]])]] if has_row[r] else items[:0]
+            near = covisit.top(r, candidates + len(left_out))[0].tolist()
+            covisited = np.fromiter((i for i in near if i not in left_out), dtype=np.uint64)[:candidates]
+            sources = [ann, covisited, unseen_trending[r][:candidates]]
+            lists.append(interleave(sources, 2 * candidates))
+        width = max(1, *(len(c) for c in lists))
+        cand = np.zeros((len(lists), width), np.uint64)  # [u, c], padded past each user's list
+        valid = np.zeros(cand.shape, bool)
+        for r, c in enumerate(lists):
+            cand[r, : len(c)], valid[r, : len(c)] = c, True
+        cols, in_catalog = _columns(items, cand.ravel())
+        rows = np.repeat(np.arange(len(lists)), width)
+        pair_scores = np.where(in_catalog, retrieval[rows, cols], 0.0).reshape(cand.shape).astype(np.float32)
         counts, totals = self.catalog.counts(cand.ravel())
         cand_attrs = self.features.item_attributes(cand.ravel())
         batch = Candidates(
@@ -444,15 +455,18 @@ class OnlineModels:
             cand_attrs,
             counts.reshape(cand.shape),
             totals.reshape(cand.shape),
-            np.take_along_axis(retrieval, top, 1),
+            pair_scores,
             covisit.matrix(cand),
             attribute_affinity(self._history_attributes(history), cand_attrs.reshape(*cand.shape, -1)),
         )
         logits = CandidateScorer(self.ranker, self.blend).score(self.rank_ids, self.rank_attrs, batch)
-        logits[np.take_along_axis(scores, top, 1) == -np.inf] = -np.inf  # excluded items stay out
+        logits[~valid] = -np.inf  # the padding never ranks
         order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        cold = ~self.users.get(user_keys)[1] & (history == 0).all(axis=1)
-        return [trending_lists[r] if cold[r] else c[o] for r, (c, o) in enumerate(zip(cand, order, strict=True))]
+        cold = ~has_row & (history == 0).all(axis=1)
+        return [
+            trending_lists[r] if cold[r] else c[o][valid[r, o]]
+            for r, (c, o) in enumerate(zip(cand, order, strict=True))
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         """Dense parameters with their optimizer state (in-process ones; a remote dense
