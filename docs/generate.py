@@ -484,10 +484,13 @@ def _scaling(r: Mapping[str, Any]) -> str:
     p = r["projection"]
     first = r["runs"][0]
     examples_per_event = first["examples_per_s"] / first["events_per_s"]
+    from trainer.config import TrainerConfig
+
+    step = TrainerConfig().batch_size  # the workers run the shipped trainer settings
     facts = [
         [
-            "shard RPCs per example (per step of 512 events)",
-            f"{p['shard_rpcs_per_example']:.4f} ({p['shard_rpcs_per_example'] * 512 * examples_per_event:.0f})",
+            f"shard RPCs per example (per step of {step} events)",
+            f"{p['shard_rpcs_per_example']:.4f} ({p['shard_rpcs_per_example'] * step * examples_per_event:.0f})",
         ],
         ["shard RPCs per second of one busy core", _n(p["shard_rpcs_per_core_s"])],
         [
