@@ -41,6 +41,7 @@ import httpx
 
 from bench.results import write
 from services import scrape
+from services.replay import read_consumed
 from tests import local_servers
 
 USERS, ITEMS, BATCH = 5_000, 2_000, 20
@@ -58,12 +59,6 @@ def written_back(client: httpx.Client) -> float:
     """Impressions the gateway wrote to the log for the lists it served: they reach the trainer
     beside the posted events."""
     return sum(scrape.values(scrape.fetch("/metrics", client), "freshrec_impressions_written_total"))
-
-
-def consumed(client: httpx.Client) -> float:
-    """Events the trainer took from the log: trained, or dropped as copies."""
-    names = ("freshrec_trainer_events_total", "freshrec_trainer_duplicate_events_total")
-    return sum(scrape.values(scrape.fetch("/metrics", client), names))
 
 
 class Load:
@@ -180,10 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             load.join()
         print(f"after {time.perf_counter() - started:.0f} s: RSS {rss_end:.0f} MB; waiting for the trainer", flush=True)
         deadline = time.monotonic() + 120
-        while consumed(client) < acknowledged + written_back(client) and time.monotonic() < deadline:
+        while read_consumed(client, "/metrics") < acknowledged + written_back(client) and time.monotonic() < deadline:
             time.sleep(0.5)
         impressions = written_back(client)
-        taken = consumed(client)
+        taken = read_consumed(client, "/metrics")
         readiness = client.get("/readyz").json()
 
     errors_5xx = sum(n for load in loads for code, n in load.codes.items() if not code.isdigit() or int(code) >= 500)

@@ -98,9 +98,7 @@ def render_configuration() -> str:
     docs = {section: field_docs(cls) for section, cls in owners.items()}
     for path, f, kind in cfg.settings():
         section = path.split(".")[0] if "." in path else ""
-        value: Any = defaults
-        for part in path.split("."):
-            value = getattr(value, part)
+        value = cfg.value_at(defaults, path)
         shown = (
             "(secret)" if cfg.is_secret(f) and value else json.dumps(list(value) if isinstance(value, tuple) else value)
         )

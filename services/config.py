@@ -264,6 +264,18 @@ def settings(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, datacl
             yield f"{prefix}{f.name}", f, kind
 
 
+def value_at(config: Any, path: str) -> Any:
+    """The value of the setting at dotted `path` in `config`.
+
+    Example:
+        >>> value_at(Config(), "server.http_port")
+        8000
+    """
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def is_secret(f: dataclasses.Field[Any]) -> bool:
     """A setting kept out of reprs (`field(repr=False)`) is a secret: `config show` masks it."""
     return not f.repr
@@ -427,9 +439,7 @@ def show(config: Config, sources: Mapping[str, str]) -> list[str]:
     """`freshrec config show`'s lines: every setting, its effective value and its source."""
     lines = []
     for key, f, _kind in settings():
-        value: Any = config
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = value_at(config, key)
         text = json.dumps(mask(str(value)) if is_secret(f) else value)
         lines.append(f"{key} = {text}  # {sources.get(key, 'default')}")
     return lines

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +48,7 @@ def read_consumed(client: httpx.Client, metrics_url: str) -> float:
     """Events the trainer has taken from the log: trained on, or dropped as copies of events
     it had trained on (a replay of the same data again)."""
     names = ("freshrec_trainer_events_total", "freshrec_trainer_duplicate_events_total")
-    values = [read_metric(client, metrics_url, name) for name in names]
-    return sum(0.0 if math.isnan(v) else v for v in values)
+    return sum(scrape.values(scrape.fetch(metrics_url, client), names))  # one read of the page
 
 
 def show_recommendations(

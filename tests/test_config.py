@@ -16,6 +16,7 @@ from services.config import (
     load_config,
     load_config_with_sources,
     settings,
+    value_at,
 )
 from services.node import Node
 from tests.local_servers import free_port, wait_until
@@ -109,9 +110,7 @@ def test_every_setting_is_reachable_by_its_derived_environment_variable() -> Non
     """Each leaf of the config tree, set by FRESHREC_<PATH with __ between levels>, reports that
     variable as its source; changed values take effect (a float and an int checked)."""
     for path, _f, kind in settings():
-        default = load_config(env={})
-        for part in path.split("."):
-            default = getattr(default, part)
+        default = value_at(load_config(env={}), path)
         var = env_name(path)
         _config, sources = load_config_with_sources(env={var: _sample(kind, default)})
         assert sources[path] == f"env {var}", path
