@@ -14,8 +14,18 @@ Afterwards it waits for the trainer to take every acknowledged event.
 - `errors_5xx`: answers with a 5xx status (or no answer at all) — must be 0.
 - `rss_growth_mb`: the process' resident memory at the end minus when the load started.
 - `rss_growth_after_warmup_mb`: at the end minus after the warm-up (the first two minutes, or
-  the first fifth of a shorter run), once caches, seen sets and the model have filled in:
-  growth under steady load. `rss_mb_every_10s` has the whole curve.
+  the first fifth of a shorter run): growth under steady load.
+- `rss_growth_after_join_window_mb`: at the end minus one minute after the trainer's join
+  window (`trainer.join_window_s`, 300 s) first filled. Impressions wait in that window for an
+  action, so the joiner's working set grows for its whole length (every impression of the last
+  300 s of event time, written-back ones included) and only then levels off; growth after it is
+  what a leak would show. Absent when the run is too short for that.
+- `rss_slope_mb_per_min`: least-squares slope of the RSS over that same stretch.
+
+RSS is sampled every 2 s; "at" a time means the median of the samples in the minute around it
+("at the end": the last minute), because single samples swing by up to 100 MB as training
+steps, syncs and checkpoints allocate and free. `rss_mb_every_10s` has the whole curve, and
+`joiner` the impressions pending and closed at the end.
 - `trainer_alive`, `step_failures`, `ready`: the trainer's state at the end (from /readyz).
 
 The last line printed is JSON; the figures go to bench/results/soak.json.
@@ -26,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -41,10 +52,13 @@ import httpx
 
 from bench.results import write
 from services import scrape
+from services.config import load_config
 from services.replay import read_consumed
 from tests import local_servers
 
 USERS, ITEMS, BATCH = 5_000, 2_000, 20
+SAMPLE_S = 2.0  # RSS sampling period
+LEVEL_S = 60.0  # the RSS "at" a time: the median of the samples in this long a span around it
 
 
 def rss_mb(pid: int) -> float:
@@ -53,6 +67,20 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def level(samples: list[tuple[float, float]], at_s: float) -> float:
+    """The median RSS of (seconds, MB) samples within LEVEL_S / 2 of `at_s`."""
+    near = [mb for t, mb in samples if abs(t - at_s) <= LEVEL_S / 2]
+    return float(statistics.median(near)) if near else float("nan")
+
+
+def slope_mb_per_min(samples: list[tuple[float, float]], from_s: float) -> float:
+    """Least-squares slope of the RSS samples taken from `from_s` on, in MB per minute."""
+    after = [(t, mb) for t, mb in samples if t >= from_s]
+    if len(after) < 2:
+        return float("nan")
+    return statistics.linear_regression([t for t, _ in after], [mb for _, mb in after]).slope * 60
 
 
 def written_back(client: httpx.Client) -> float:
@@ -156,20 +184,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         stop = threading.Event()
         rss_start = rss_mb(server.pid)
-        curve = [rss_start]
+        samples = [(0.0, rss_start)]
         started = time.perf_counter()
         for load in loads:
             load.start(stop)
         warmup_s = min(120.0, seconds / 5)
-        rss_warm = float("nan")
+        join_window_s = load_config(env=env).trainer.join_window_s
+        settled_s = join_window_s + LEVEL_S  # the join window has filled, a minute ago
+        warm_reported = False
         while (elapsed := time.perf_counter() - started) < seconds:
-            time.sleep(min(10.0 - elapsed % 10.0, seconds - elapsed))
+            time.sleep(min(SAMPLE_S - elapsed % SAMPLE_S, seconds - elapsed))
             elapsed = time.perf_counter() - started
-            curve.append(rss_mb(server.pid))
-            if rss_warm != rss_warm and elapsed >= warmup_s - 1e-3:  # NaN until the warm-up ends
-                rss_warm = curve[-1]
-                print(f"after {elapsed:.0f} s (warm-up): RSS {rss_warm:.0f} MB", flush=True)
-        rss_end = rss_mb(server.pid)
+            samples.append((elapsed, rss_mb(server.pid)))
+            if not warm_reported and elapsed >= warmup_s + LEVEL_S / 2:
+                warm_reported = True
+                print(f"after {warmup_s:.0f} s (warm-up): RSS {level(samples, warmup_s):.0f} MB", flush=True)
+        end_s = samples[-1][0]
+        rss_end = float(statistics.median(mb for t, mb in samples if t >= end_s - LEVEL_S))
+        rss_warm = level(samples, warmup_s)
+        rss_settled = level(samples, settled_s) if settled_s <= end_s - LEVEL_S else float("nan")
         stop.set()
         for load in loads:
             load.join()
@@ -180,6 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         impressions = written_back(client)
         taken = read_consumed(client, "/metrics")
         readiness = client.get("/readyz").json()
+        page = scrape.fetch("/metrics", client)
+        joiner = {
+            "pending_impressions": sum(scrape.values(page, "freshrec_joiner_pending_impressions")),
+            "closed_impressions": sum(scrape.values(page, "freshrec_joiner_closed_impressions")),
+        }
 
     errors_5xx = sum(n for load in loads for code, n in load.codes.items() if not code.isdigit() or int(code) >= 500)
     figures: dict[str, Any] = {
@@ -193,7 +231,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rss_start_mb": rss_start,
         "rss_warm_mb": rss_warm,
         "rss_end_mb": rss_end,
-        "rss_mb_every_10s": [round(v, 1) for v in curve],
+        "rss_settled_mb": rss_settled,
+        "join_window_s": join_window_s,
+        "rss_mb_every_10s": [round(mb, 1) for t, mb in samples if round(t / SAMPLE_S) % round(10 / SAMPLE_S) == 0],
+        "joiner": joiner,
         "readiness": readiness,
     }
     for load in loads:
@@ -206,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "errors_5xx": errors_5xx,
         "rss_growth_mb": round(rss_end - rss_start, 1),
         "rss_growth_after_warmup_mb": round(rss_end - rss_warm, 1),
+        "rss_growth_after_join_window_mb": round(rss_end - rss_settled, 1) if rss_settled == rss_settled else None,
+        "rss_slope_mb_per_min": round(slope_mb_per_min(samples, settled_s), 2) if rss_settled == rss_settled else None,
         "trainer_alive": bool(readiness.get("trainer", {}).get("alive")),
         "step_failures": readiness.get("trainer", {}).get("step_failures"),
         "ready": bool(readiness.get("ready")),

@@ -267,7 +267,8 @@ class KeyIndex:
     def delete(self, keys: np.ndarray) -> np.ndarray:
         """Remove keys; return the row ids that were freed (absent keys are ignored)."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        self._free = grow_rows(self._free, int(self._counts[3]) + len(keys))
+        # room for every id this call could free: no more than have been handed out
+        self._free = grow_rows(self._free, min(int(self._counts[3]) + len(keys), int(self._counts[2])))
         freed = np.empty(len(keys), dtype=np.int64)
         n = _delete(self._slot_keys, self._slot_rows, self._row_live, self._free, self._counts, keys, freed)
         return freed[:n]
@@ -276,6 +277,12 @@ class KeyIndex:
         """All live (keys, rows), in row order."""
         rows = np.flatnonzero(self.live)
         return self._row_keys[rows], rows
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more keys now (row arrays sized for them, slots grown), so that
+        inserting them allocates nothing: for an owner that knows how many keys it will hold."""
+        self._reserve(extra)
+        self._free = grow_rows(self._free, len(self._row_keys))  # every row id could be freed at once
 
     def _reserve(self, extra: int) -> None:
         """Make room for `extra` more keys: row arrays sized for them, slots rehashed if too full."""

@@ -64,6 +64,12 @@ TRAINER_LAG = Gauge("freshrec_trainer_consumer_lag", "Records of the trainer's p
 TRAINER_PARTITIONS = Gauge(
     "freshrec_trainer_partitions", "Event-log partitions this trainer worker is assigned in its consumer group"
 )
+JOINER_PENDING = Gauge(
+    "freshrec_joiner_pending_impressions", "Impressions waiting in the join window for an action (bounded by time)"
+)
+JOINER_CLOSED = Gauge(
+    "freshrec_joiner_closed_impressions", "Closed impressions remembered to recognise late actions (at most 1,000,000)"
+)
 TRAINER_RETRIEVAL_LOSS = Gauge("freshrec_trainer_retrieval_loss", "In-batch softmax loss of the latest step")
 TRAINER_CHECKPOINT_AGE = Gauge(
     "freshrec_trainer_checkpoint_age_seconds",

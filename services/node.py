@@ -225,6 +225,8 @@ class Node:
         self._failures_counted = self.trainer.step_failures
         metrics.TRAINER_LAG.set(self.trainer.lag)
         metrics.TRAINER_PARTITIONS.set(len(self.trainer.partitions))
+        metrics.JOINER_PENDING.set(self.trainer.joiner.pending)
+        metrics.JOINER_CLOSED.set(self.trainer.joiner.closed)
         if self.config.trainer.checkpoint_dir:
             since = self.trainer.last_checkpoint_s or self._started_s
             metrics.TRAINER_CHECKPOINT_AGE.set(max(time.time() - since, 0.0))

@@ -46,3 +46,13 @@ def test_a_batch_sent_twice_is_trained_once() -> None:
     steps = [trainer.poll_and_train() for _ in range(6)]
     assert sum(s.events for s in steps) == trainer.events_trained == 350
     assert sum(s.duplicates for s in steps) == trainer.duplicates == 100
+
+
+def test_the_window_allocates_nothing_as_it_fills() -> None:
+    """The index is sized for the whole window up front: ids streaming through (and pushing
+    the oldest out) never grow it, so the trainer's memory is flat once it runs."""
+    recent = RecentEvents(window=5_000)
+    before = recent._index.nbytes
+    for start in range(0, 20_000, 500):  # four windows' worth, in trainer-sized batches
+        assert recent.first_seen([f"e{i}" for i in range(start, start + 500)]).all()
+    assert recent._index.nbytes == before

@@ -36,7 +36,10 @@ class RecentEvents:
         if window < 1:
             raise ValueError(f"window: must be >= 1, got {window}")
         self.window = window
-        self._index = KeyIndex(capacity=min(window, 1 << 16), parallel=False)
+        # sized for the whole window at once: it fills within the first `window` events, and
+        # growing by doublings on the way would leave the freed halves behind in the heap
+        self._index = KeyIndex(capacity=2 * window, parallel=False)
+        self._index.reserve(window)
         self._ring = np.zeros(window, dtype=np.uint64)
         self._total = 0  # distinct ids remembered so far (the ring's write position, unwrapped)
 
@@ -44,14 +47,16 @@ class RecentEvents:
         """bool [n]: True for an id not among the last `window` (nor earlier in `event_ids`);
         those are remembered from now on."""
         keys = feature_keys("event", event_ids)
-        _, created = self._index.insert(keys)
-        new = keys[created]
-        if len(new) > self.window:  # more new ids than the window: only the last ones stay
-            self._index.delete(new[: -self.window])
-            new = new[-self.window :]
+        unknown = np.flatnonzero(self._index.find(keys) < 0)
+        _, first = np.unique(keys[unknown], return_index=True)  # each new id's first occurrence
+        created = np.zeros(len(keys), dtype=bool)
+        created[unknown[np.sort(first)]] = True
+        new = keys[created][-self.window :]  # more new ids than the window: only the last ones stay
         at = self._total + np.arange(len(new))
         positions = at % self.window
-        self._index.delete(self._ring[positions[at >= self.window]])  # the oldest make room
+        # the oldest make room before the new are placed: the index never holds more than `window`
+        self._index.delete(self._ring[positions[at >= self.window]])
+        self._index.insert(new)
         self._ring[positions] = new
         self._total += len(new)
         return created
