@@ -527,8 +527,13 @@ def _soak(r: Mapping[str, Any]) -> str:
             f"{r['ingest_p99_ms']:,.0f} ms / {r['recommend_p99_ms']:,.0f} ms",
         ],
         [
-            "RSS at start / after warm-up / at end",
-            f"{r['rss_start_mb']:.0f} / {r['rss_warm_mb']:.0f} / {r['rss_end_mb']:.0f} MB",
+            "RSS at start / after warm-up / a minute after the join window filled / at end (medians over a minute)",
+            f"{r['rss_start_mb']:.0f} / {r['rss_warm_mb']:.0f} / {r['rss_settled_mb']:.0f} / {r['rss_end_mb']:.0f} MB",
+        ],
+        ["RSS slope after the join window filled", f"{r['rss_slope_mb_per_min']:+.2f} MB/min"],
+        [
+            "impressions waiting in the join window / closed ones remembered, at the end",
+            f"{r['joiner']['pending_impressions']:,.0f} / {r['joiner']['closed_impressions']:,.0f}",
         ],
     ]
     last = {
@@ -538,6 +543,8 @@ def _soak(r: Mapping[str, Any]) -> str:
             "errors_5xx",
             "rss_growth_mb",
             "rss_growth_after_warmup_mb",
+            "rss_growth_after_join_window_mb",
+            "rss_slope_mb_per_min",
             "trainer_alive",
             "step_failures",
             "ready",
