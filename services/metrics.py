@@ -68,7 +68,8 @@ JOINER_PENDING = Gauge(
     "freshrec_joiner_pending_impressions", "Impressions waiting in the join window for an action (bounded by time)"
 )
 JOINER_CLOSED = Gauge(
-    "freshrec_joiner_closed_impressions", "Closed impressions remembered to recognise late actions (at most 1,000,000)"
+    "freshrec_joiner_closed_impressions",
+    "Closed impressions remembered to recognise late actions (bounded by the joiner's max_closed)",
 )
 TRAINER_RETRIEVAL_LOSS = Gauge("freshrec_trainer_retrieval_loss", "In-batch softmax loss of the latest step")
 TRAINER_CHECKPOINT_AGE = Gauge(

@@ -59,3 +59,19 @@ def test_non_object_and_non_json_are_rejected() -> None:
         parse_event(["not", "an", "object"])
     with pytest.raises(InvalidEvent):
         Event.from_json(b"\xff\xfe not json")
+
+
+def test_decoded_events_share_their_ids_and_an_empty_context() -> None:
+    """Hundreds of thousands of events wait in the joiner's window: the same user or item id
+    decoded twice is one string, events without context share one empty mapping, and an event
+    with a context keeps its own."""
+    raw = [
+        Event(f"e{n}", "".join(["u", "7"]), "".join(["i", "3"]), "impression", 1).to_json() for n in range(2)
+    ]  # ids built at run time: distinct string objects before decoding
+    a, b = (Event.from_json(r) for r in raw)
+    assert a.user_id is b.user_id and a.item_id is b.item_id
+    assert a.context is b.context and dict(a.context) == {}
+    with_context = parse_event(
+        {"event_id": "c", "user_id": "u", "item_id": "i", "type": "click", "context": {"p": "x"}}
+    )
+    assert dict(with_context.context) == {"p": "x"} and with_context.context is not a.context

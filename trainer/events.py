@@ -247,7 +247,8 @@ def parse_event(obj: Any, now_ms: int | None = None, max_skew_ms: int | None = N
             raise InvalidEvent(f"context.{key}", f"must be a string of at most {MAX_ID_LENGTH} characters")
 
     # Events wait in the joiner's window by the hundred thousand: one string per distinct user
-    # and item id (interned) and one empty context for all cut each waiting impression by a third.
+    # and item id (interned) and one empty context for all cut each waiting impression by a quarter
+    # (482 -> 363 B, tracemalloc of a joiner holding 100,000 served impressions).
     return Event(
         event_id=event_id,
         user_id=sys.intern(user_id),
