@@ -21,7 +21,7 @@ from redis.exceptions import RedisClusterException
 from services import metrics
 from services.config import Config, load_config, load_config_with_sources, show
 from services.datasets import DATASETS, DatasetUnavailable, load_dataset
-from services.node import Node, limit_malloc_arenas
+from services.node import Node
 from services.replay import replay
 from trainer.eventlog import LogUnavailable
 
@@ -240,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    limit_malloc_arenas()  # before any of the roles' threads start
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -6,7 +6,6 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-import os
 import socket
 import threading
 import time
@@ -53,24 +52,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _malloc_trim()
-MALLOC_ARENAS = 2  # glibc heaps a freshrec process allocates from (`limit_malloc_arenas`)
-_M_ARENA_MAX = -8  # mallopt's parameter number for the arena limit (malloc.h)
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Let glibc's malloc use at most `arenas` heaps in this process (its default is 8 per
-    core), unless the environment sets MALLOC_ARENA_MAX itself; True if the limit was set.
-
-    Call it before the process' threads start allocating: heaps are made as threads contend.
-    Every thread of a node (trainer, sync, replica, REST, gRPC, Kafka clients, torch) would
-    otherwise get a heap of its own, each keeping its own freed pages; in bench.soak (one
-    pair of 7- and 10-minute runs) the RSS rose 89 MB after the first two minutes with two
-    heaps against 142 MB with glibc's default.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ or _MALLOC_TRIM is None:  # not glibc, or set by the operator
-        return False
-    mallopt = ctypes.CDLL(ctypes.util.find_library("c") or None).mallopt
-    return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 class Node:
