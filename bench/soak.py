@@ -1,7 +1,7 @@
 """Soak: steady ingest and recommend load on one freshrec process over Kafka + Redis; does it
 lose events, answer 5xx or grow?
 
-    python -m bench.soak [--minutes 10] [--events-per-s 400] [--recommend-per-s 50]
+    python -m bench.soak [--minutes 10] [--events-per-s 400] [--recommend-per-s 50] [--split]
 
 A `freshrec up --kafka … --redis …` process (gateway + trainer, checkpoints every 10 s) runs on
 a real Kafka-protocol broker and a real redis-server. From this process, sender threads post
@@ -27,6 +27,11 @@ RSS is sampled every 2 s; "at" a time means the median of the samples in the min
 steps, syncs and checkpoints allocate and free. `rss_mb_every_10s` has the whole curve, and
 `joiner` the impressions pending and closed at the end.
 - `trainer_alive`, `step_failures`, `ready`: the trainer's state at the end (from /readyz).
+
+With `--split` the same load goes to a `freshrec gateway` and a `freshrec trainer` process
+(the cluster roles) instead of one `up`: the RSS figures are of the two together, and
+`processes` has each one's, so that growth can be told apart between serving and training.
+Its figures go to bench/results/soak_split.json.
 
 The last line printed is JSON; the figures go to bench/results/soak.json.
 """
@@ -83,6 +88,13 @@ def slope_mb_per_min(samples: list[tuple[float, float]], from_s: float) -> float
     return statistics.linear_regression([t for t, _ in after], [mb for _, mb in after]).slope * 60
 
 
+def _answers(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def written_back(client: httpx.Client) -> float:
     """Impressions the gateway wrote to the log for the lists it served: they reach the trainer
     beside the posted events."""
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--events-per-s", type=float, default=400.0)
     parser.add_argument("--recommend-per-s", type=float, default=50.0)
+    parser.add_argument("--split", action="store_true", help="a gateway and a trainer process instead of one up")
     args = parser.parse_args(argv)
     seconds = args.minutes * 60
     run = uuid.uuid4().hex[:8]
@@ -165,26 +178,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         port, grpc_port = local_servers.free_port(), local_servers.free_port()
         base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "FRESHREC_CHECKPOINT_DIR": checkpoints, "FRESHREC_CHECKPOINT_INTERVAL_S": "10"}
-        argv_ = ["up", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)]
-        argv_ += ["--kafka", f"{broker}/soak-{run}", "--redis", redis_url]
-        server = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *argv_],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        stack.callback(server.wait, 30)
-        stack.callback(server.terminate)
+        cluster = ["--kafka", f"{broker}/soak-{run}", "--redis", redis_url]
+        serving = ["--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), *cluster]
+        metrics_url = "/metrics"  # where the trainer's series are
+        if args.split:
+            metrics_port = local_servers.free_port()
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            trainer_env = {**env, "FRESHREC_METRICS_PORT": str(metrics_port)}
+            commands = {"trainer": (["trainer", *cluster], trainer_env), "gateway": (["gateway", *serving], env)}
+        else:
+            commands = {"up": (["up", *serving], env)}
+        servers: dict[str, subprocess.Popen[bytes]] = {}
+        for name, (argv_, env_) in commands.items():
+            servers[name] = server = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *argv_],
+                env=env_,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            stack.callback(server.wait, 30)
+            stack.callback(server.terminate)
         client = stack.enter_context(httpx.Client(base_url=base, timeout=10))
 
         local_servers.wait_healthy(client)
+        if args.split:
+            local_servers.wait_until(lambda: _answers(client, metrics_url), 120, "the trainer's /metrics")
         loads = [
             Load("ingest", base, args.events_per_s / BATCH, 4, ingest),
             Load("recommend", base, args.recommend_per_s, 8, recommend),
         ]
         stop = threading.Event()
-        rss_start = rss_mb(server.pid)
-        samples = [(0.0, rss_start)]
+
+        def rss_now() -> dict[str, float]:
+            return {name: rss_mb(server.pid) for name, server in servers.items()}
+
+        by_process = [(0.0, rss_now())]
+        samples = [(0.0, sum(by_process[0][1].values()))]
+        rss_start = samples[0][1]
         started = time.perf_counter()
         for load in loads:
             load.start(stop)
@@ -195,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         while (elapsed := time.perf_counter() - started) < seconds:
             time.sleep(min(SAMPLE_S - elapsed % SAMPLE_S, seconds - elapsed))
             elapsed = time.perf_counter() - started
-            samples.append((elapsed, rss_mb(server.pid)))
+            by_process.append((elapsed, rss_now()))
+            samples.append((elapsed, sum(by_process[-1][1].values())))
             if not warm_reported and elapsed >= warmup_s + LEVEL_S / 2:
                 warm_reported = True
                 print(f"after {warmup_s:.0f} s (warm-up): RSS {level(samples, warmup_s):.0f} MB", flush=True)
@@ -208,16 +239,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             load.join()
         print(f"after {time.perf_counter() - started:.0f} s: RSS {rss_end:.0f} MB; waiting for the trainer", flush=True)
         deadline = time.monotonic() + 120
-        while read_consumed(client, "/metrics") < acknowledged + written_back(client) and time.monotonic() < deadline:
+        while read_consumed(client, metrics_url) < acknowledged + written_back(client) and time.monotonic() < deadline:
             time.sleep(0.5)
         impressions = written_back(client)
-        taken = read_consumed(client, "/metrics")
+        taken = read_consumed(client, metrics_url)
         readiness = client.get("/readyz").json()
-        page = scrape.fetch("/metrics", client)
+        page = scrape.fetch(metrics_url, client)
         joiner = {
             "pending_impressions": sum(scrape.values(page, "freshrec_joiner_pending_impressions")),
             "closed_impressions": sum(scrape.values(page, "freshrec_joiner_closed_impressions")),
         }
+        if args.split:  # the gateway's /readyz has no trainer block: the trainer process' own state
+            readiness["trainer"] = {
+                "alive": servers["trainer"].poll() is None,
+                "step_failures": int(sum(scrape.values(page, "freshrec_trainer_step_failures_total"))),
+            }
+        processes = {
+            name: {
+                "rss_warm_mb": level([(t, mb[name]) for t, mb in by_process], warmup_s),
+                "rss_end_mb": float(statistics.median(mb[name] for t, mb in by_process if t >= end_s - LEVEL_S)),
+            }
+            for name in servers
+        }
+        for figures_ in processes.values():
+            figures_["rss_growth_after_warmup_mb"] = round(figures_["rss_end_mb"] - figures_["rss_warm_mb"], 1)
 
     errors_5xx = sum(n for load in loads for code, n in load.codes.items() if not code.isdigit() or int(code) >= 500)
     figures: dict[str, Any] = {
@@ -235,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "join_window_s": join_window_s,
         "rss_mb_every_10s": [round(mb, 1) for t, mb in samples if round(t / SAMPLE_S) % round(10 / SAMPLE_S) == 0],
         "joiner": joiner,
+        "processes": processes,
         "readiness": readiness,
     }
     for load in loads:
@@ -255,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     figures.update(summary)
     print(f"acknowledged {acknowledged:,} events, wrote {impressions:,.0f} impressions; the trainer took {taken:,.0f}")
-    print(f"written to {write('soak', figures)}")
+    print(f"written to {write('soak_split' if args.split else 'soak', figures)}")
     print(json.dumps(summary))
     return figures
 
