@@ -531,6 +531,11 @@ def _soak(r: Mapping[str, Any]) -> str:
             f"{r['rss_start_mb']:.0f} / {r['rss_warm_mb']:.0f} / {r['rss_settled_mb']:.0f} / {r['rss_end_mb']:.0f} MB",
         ],
         ["RSS slope after the join window filled", f"{r['rss_slope_mb_per_min']:+.2f} MB/min"],
+        *(
+            [f"{name}: RSS after warm-up / at end", f"{p['rss_warm_mb']:.0f} / {p['rss_end_mb']:.0f} MB"]
+            for name, p in r.get("processes", {}).items()
+            if len(r["processes"]) > 1
+        ),
         [
             "impressions waiting in the join window / closed ones remembered, at the end",
             f"{r['joiner']['pending_impressions']:,.0f} / {r['joiner']['closed_impressions']:,.0f}",
@@ -661,6 +666,13 @@ BENCHMARKS: list[tuple[str, str, str, Callable[[Mapping[str, Any]], str]]] = [
         "One `freshrec up` process on a real broker and Redis (checkpoints every 10 s) under steady open-loop "
         "load, one invalid event in every fifth batch; then it waits for the trainer to take every "
         "acknowledged event and reads `/readyz`.",
+        _soak,
+    ),
+    (
+        "soak_split",
+        "python -m bench.soak --minutes 10 --split",
+        "The same soak on the cluster roles: a `freshrec gateway` and a `freshrec trainer` process on the "
+        "same broker and Redis; RSS of the two together, and of each.",
         _soak,
     ),
 ]
