@@ -280,7 +280,7 @@ class KeyIndex:
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more keys now (row arrays sized for them, slots grown), so that
-        inserting them allocates nothing: for an owner that knows how many keys it will hold."""
+        inserting them never grows the index: for an owner that knows how many keys it will hold."""
         self._reserve(extra)
         self._free = grow_rows(self._free, len(self._row_keys))  # every row id could be freed at once
 

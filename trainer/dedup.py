@@ -37,7 +37,7 @@ class RecentEvents:
             raise ValueError(f"window: must be >= 1, got {window}")
         self.window = window
         # sized for the whole window at once: it fills within the first `window` events, and
-        # growing by doublings on the way would leave the freed halves behind in the heap
+        # the trainer's memory is then flat instead of stepping up as the index doubles
         self._index = KeyIndex(capacity=2 * window, parallel=False)
         self._index.reserve(window)
         self._ring = np.zeros(window, dtype=np.uint64)
