@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -80,19 +81,30 @@ def level(samples: list[tuple[float, float]], at_s: float) -> float:
     return float(statistics.median(near)) if near else float("nan")
 
 
+def total(by_process: list[tuple[float, dict[str, float]]]) -> list[tuple[float, float]]:
+    """(seconds, MB of all the processes together) of per-process samples."""
+    return [(t, sum(mb.values())) for t, mb in by_process]
+
+
+def levels(samples: list[tuple[float, float]], warmup_s: float, settled_s: float) -> dict[str, float]:
+    """The RSS at the start (first sample), after the warm-up, a minute after the join window
+    filled (NaN when the run ends before a whole minute after that) and at the end (the
+    median of the last LEVEL_S)."""
+    end_s = samples[-1][0]
+    return {
+        "start": samples[0][1],
+        "warm": level(samples, warmup_s),
+        "settled": level(samples, settled_s) if settled_s <= end_s - LEVEL_S else float("nan"),
+        "end": float(statistics.median(mb for t, mb in samples if t >= end_s - LEVEL_S)),
+    }
+
+
 def slope_mb_per_min(samples: list[tuple[float, float]], from_s: float) -> float:
     """Least-squares slope of the RSS samples taken from `from_s` on, in MB per minute."""
     after = [(t, mb) for t, mb in samples if t >= from_s]
     if len(after) < 2:
         return float("nan")
     return statistics.linear_regression([t for t, _ in after], [mb for _, mb in after]).slope * 60
-
-
-def _answers(client: httpx.Client, url: str) -> bool:
-    try:
-        return client.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def written_back(client: httpx.Client) -> float:
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         local_servers.wait_healthy(client)
         if args.split:
-            local_servers.wait_until(lambda: _answers(client, metrics_url), 120, "the trainer's /metrics")
+            local_servers.wait_healthy(client, what="the trainer's /metrics", path=metrics_url)
         loads = [
             Load("ingest", base, args.events_per_s / BATCH, 4, ingest),
             Load("recommend", base, args.recommend_per_s, 8, recommend),
@@ -212,9 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def rss_now() -> dict[str, float]:
             return {name: rss_mb(server.pid) for name, server in servers.items()}
 
-        by_process = [(0.0, rss_now())]
-        samples = [(0.0, sum(by_process[0][1].values()))]
-        rss_start = samples[0][1]
+        by_process = [(0.0, rss_now())]  # (seconds, MB by process)
         started = time.perf_counter()
         for load in loads:
             load.start(stop)
@@ -226,14 +236,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             time.sleep(min(SAMPLE_S - elapsed % SAMPLE_S, seconds - elapsed))
             elapsed = time.perf_counter() - started
             by_process.append((elapsed, rss_now()))
-            samples.append((elapsed, sum(by_process[-1][1].values())))
             if not warm_reported and elapsed >= warmup_s + LEVEL_S / 2:
                 warm_reported = True
-                print(f"after {warmup_s:.0f} s (warm-up): RSS {level(samples, warmup_s):.0f} MB", flush=True)
-        end_s = samples[-1][0]
-        rss_end = float(statistics.median(mb for t, mb in samples if t >= end_s - LEVEL_S))
-        rss_warm = level(samples, warmup_s)
-        rss_settled = level(samples, settled_s) if settled_s <= end_s - LEVEL_S else float("nan")
+                print(f"after {warmup_s:.0f} s (warm-up): RSS {level(total(by_process), warmup_s):.0f} MB", flush=True)
+        samples = total(by_process)
+        rss = levels(samples, warmup_s, settled_s)
+        rss_start, rss_warm, rss_settled, rss_end = (rss[k] for k in ("start", "warm", "settled", "end"))
         stop.set()
         for load in loads:
             load.join()
@@ -254,15 +262,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "alive": servers["trainer"].poll() is None,
                 "step_failures": int(sum(scrape.values(page, "freshrec_trainer_step_failures_total"))),
             }
-        processes = {
-            name: {
-                "rss_warm_mb": level([(t, mb[name]) for t, mb in by_process], warmup_s),
-                "rss_end_mb": float(statistics.median(mb[name] for t, mb in by_process if t >= end_s - LEVEL_S)),
-            }
-            for name in servers
-        }
-        for figures_ in processes.values():
-            figures_["rss_growth_after_warmup_mb"] = round(figures_["rss_end_mb"] - figures_["rss_warm_mb"], 1)
+        processes = {}
+        for name in servers:
+            one = levels([(t, mb[name]) for t, mb in by_process], warmup_s, settled_s)
+            processes[name] = {f"rss_{k}_mb": v for k, v in one.items() if k in ("warm", "settled", "end")}
+            processes[name]["rss_growth_after_warmup_mb"] = round(one["end"] - one["warm"], 1)
 
     errors_5xx = sum(n for load in loads for code, n in load.codes.items() if not code.isdigit() or int(code) >= 500)
     figures: dict[str, Any] = {
@@ -293,8 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "errors_5xx": errors_5xx,
         "rss_growth_mb": round(rss_end - rss_start, 1),
         "rss_growth_after_warmup_mb": round(rss_end - rss_warm, 1),
-        "rss_growth_after_join_window_mb": round(rss_end - rss_settled, 1) if rss_settled == rss_settled else None,
-        "rss_slope_mb_per_min": round(slope_mb_per_min(samples, settled_s), 2) if rss_settled == rss_settled else None,
+        "rss_growth_after_join_window_mb": None if math.isnan(rss_settled) else round(rss_end - rss_settled, 1),
+        "rss_slope_mb_per_min": None if math.isnan(rss_settled) else round(slope_mb_per_min(samples, settled_s), 2),
         "trainer_alive": bool(readiness.get("trainer", {}).get("alive")),
         "step_failures": readiness.get("trainer", {}).get("step_failures"),
         "ready": bool(readiness.get("ready")),

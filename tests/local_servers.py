@@ -53,12 +53,15 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, int
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def wait_healthy(client: httpx.Client, timeout_s: float = 120, what: str = "freshrec up") -> None:
-    """Wait until `client`'s server answers `/healthz` with 200 (refused connections retried)."""
+def wait_healthy(
+    client: httpx.Client, timeout_s: float = 120, what: str = "freshrec up", path: str = "/healthz"
+) -> None:
+    """Wait until `client`'s server answers `path` (`/healthz`; or any URL) with 200 (refused
+    connections retried)."""
 
     def up() -> bool:
         try:
-            return client.get("/healthz").status_code == 200
+            return client.get(path).status_code == 200
         except httpx.HTTPError:
             return False
 
