@@ -32,6 +32,10 @@ class TrainerConfig:
         max_feature_entities: users (and, separately, items) whose attributes and history the
             trainer keeps; the least recently seen are forgotten first.
         join_window_s: how long an impression waits for an action before it is a negative.
+        join_max_pending: most impressions waiting in that window (about 110 bytes each,
+            reserved at start); past it the oldest close early as negatives.
+        join_max_closed: most closed impressions remembered to recognise a late action
+            (about 45 bytes each, reserved at start).
         trending_half_life_s: half-life (event time) of the trending score cold users get.
         retrieval_negatives: items drawn uniformly per step as extra negatives of the in-batch
             softmax (mixed negative sampling).
@@ -107,6 +111,8 @@ class TrainerConfig:
     history_length: int = 20
     max_feature_entities: int = 1_000_000
     join_window_s: float = 300.0
+    join_max_pending: int = 262_144
+    join_max_closed: int = 262_144
     trending_half_life_s: float = 7 * 86400.0
     retrieval_negatives: int = 128
     negatives: int = 4
@@ -153,6 +159,8 @@ class TrainerConfig:
             "history_length": 1 <= self.history_length <= 1000,
             "max_feature_entities": self.max_feature_entities >= 1,
             "join_window_s": self.join_window_s > 0,
+            "join_max_pending": self.join_max_pending >= 1,
+            "join_max_closed": self.join_max_closed >= 1,
             "trending_half_life_s": self.trending_half_life_s > 0,
             "retrieval_negatives": 0 <= self.retrieval_negatives <= 100_000,
             "negatives": 0 <= self.negatives <= 1000,

@@ -172,7 +172,7 @@ class Trainer:
         self.store = store or open_store(config.store_url, table_configs(config))
         self.catalog = ItemCatalog(config.seed, config.trending_half_life_s, traffic_share=1 / config.workers)
         self.features = FeatureState(FeatureConfig(config.history_length, config.max_feature_entities))
-        self.joiner = Joiner(JoinerConfig(window_s=config.join_window_s))
+        self.joiner = Joiner(JoinerConfig(config.join_window_s, config.join_max_pending, config.join_max_closed))
         self.models = OnlineModels(config, self.store, self.catalog, self.features, self.dense)
         self.users, self.items = self.models.users, self.models.items
         self.learning = True  # False: score and keep features, but change no parameter (a frozen model)
