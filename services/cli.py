@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -239,33 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 256 * 1024
-
-
-def release_large_blocks() -> bool:
-    """Have glibc's malloc give every block of 256 KiB or more back to the system when freed.
-
-    By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB),
-    after which the multi-megabyte buffers of checkpoints, syncs and training steps come from
-    the heap and their pages stay resident after they are freed: the process grows in steps that
-    never come back. A fixed threshold (what `MALLOC_MMAP_THRESHOLD_` in the environment also
-    sets, and which then wins) keeps them mmapped. `python -m bench.soak`: RSS growth after the
-    warm-up 121.5 MB with the default, 61.3 MB with the threshold fixed at 256 KiB (10 minutes,
-    before the joiner reserved its tables). False where there is no glibc `mallopt`.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    release_large_blocks()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

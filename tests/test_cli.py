@@ -143,30 +143,3 @@ def test_sigterm_stops_up_cleanly() -> None:
         wait_http(f"http://127.0.0.1:{port}/readyz", up)
         up.terminate()
         assert up.wait(20) == 0
-
-
-FREED_BLOCKS = """
-import os, sys
-from services.cli import release_large_blocks
-if sys.argv[1] == "fixed":
-    assert release_large_blocks()
-def rss_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-base = rss_mb()
-big = bytearray(8 << 20); del big  # one large block freed: glibc raises its mmap threshold to it
-blocks = [bytearray(1 << 20) for _ in range(64)]  # 64 MiB of 1 MiB blocks, then freed but the
-keep = blocks[-1]; del blocks  # last, which pins the top of the heap
-print(rss_mb() - base)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_freed_large_blocks_go_back_to_the_system() -> None:
-    """What `freshrec` sets at start: without it, 64 MiB of freed 1 MiB blocks stay resident."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    grown = {
-        mode: float(subprocess.run([sys.executable, "-c", FREED_BLOCKS, mode], env=env, capture_output=True,
-                                   text=True, check=True).stdout)
-        for mode in ("default", "fixed")
-    }  # fmt: skip
-    assert grown["default"] > 48 and grown["fixed"] < 8, grown

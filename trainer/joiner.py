@@ -27,6 +27,7 @@ compiled kernel (`_join`) that writes a log of what to store and what to emit, r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -333,6 +334,7 @@ class Joiner:
         self.config = config or JoinerConfig()
         self.stats = JoinerStats()
         self._reserve()
+        _compiled()
 
     def _reserve(self) -> None:
         n = self.config.max_pending
@@ -515,6 +517,22 @@ class Joiner:
         self._position[row] = -1 if event.position is None else event.position
         self._value[row] = np.nan if event.value is None else event.value
         self._replay([event], [_STORE], [0], [row], [0], [0], [0], [0.0], [])
+
+
+@functools.cache
+def _compiled() -> None:
+    """Run the kernels once, on a joiner of their own: compiling them (seconds, the first time
+    on a machine; numba caches them after) happens when a trainer is made, not in the middle of
+    its first step while the process serves."""
+    warm = Joiner.__new__(Joiner)
+    warm.config, warm.stats = JoinerConfig(max_pending=1, max_closed=1), JoinerStats()
+    warm._reserve()
+    warm.push(
+        [Event("a", "u", "i", "impression", 1), Event("b", "u", "i", "click", 2), Event("c", "u", "j", "dwell", 3)]
+    )
+    warm.forget_user("u")
+    pickle_state = warm.__getstate__()
+    warm.__setstate__(pickle_state)
 
 
 def _kind(event: Event) -> int:
