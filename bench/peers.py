@@ -16,7 +16,9 @@ Rows, all on the same split:
   all of it and a dense sync (every `trainer.dense_sync_interval_s`, 60 s) has carried the
   ranker and blend trained on it, each user's list comes from `POST /v1/recommendations`
   (seen items excluded), the way a client sees it; the same server's lists with `diversity`
-  0.5 and 1 are the rows "freshrec live, diversity ..." (what spreading a list costs in recall);
+  0.5 and 1 are the rows "freshrec live, diversity ..." (what spreading a list costs in recall),
+  and its trending list with each user's history items left out is "freshrec live, trending
+  list" (what the ranker and blend add to the counts they start from);
 - recent popularity: the most rated items among the last N ratings of the history;
 - EASE (closed form, Steck 2019), popularity + EASE (a tuned sum of the two), item-kNN
   (cosine, top-k neighbours), ALS and BPR from
@@ -306,10 +308,13 @@ def tune_and_fit(peer: Peer, inner: Split, outer: Split, quick: bool) -> dict[st
 
 def live(
     dataset: Dataset, cut: int, user_ids: list[str], item_index: dict[str, int], split: Split
-) -> dict[float, dict[str, Any]]:
+) -> dict[str, dict[str, Any]]:
     """Replay the history into a fresh `freshrec up` process over REST; fetch every truth user's
-    list over REST, with diversity 0 and each of `DIVERSITIES`; evaluate each. Returns the rows
-    by diversity (`lists` in each: the lists, by user index)."""
+    list over REST, with diversity 0 and each of `DIVERSITIES`; evaluate each. Also the row
+    "freshrec live, trending list": the same server's trending list (what it serves a user it
+    knows nothing of, `max_k` long), each user's history items left out, top K — what the
+    ranker and the blend add to (or take from) the trending counts they start from. Returns
+    the rows by name (`lists` in each: the lists, by user index)."""
     started = time.perf_counter()
     port, grpc_port = local_servers.free_port(), local_servers.free_port()
     base = f"http://127.0.0.1:{port}"
@@ -336,13 +341,25 @@ def live(
                 response = client.post("/v1/recommendations", json=body)
                 response.raise_for_status()
                 got[u] = [item_index[i["item_id"]] for i in response.json()["items"] if i["item_id"] in item_index]
+            body = {"user_id": "bench-peers-nobody", "k": load_config().server.max_k, "write_back": False}
+            response = client.post("/v1/recommendations", json=body)
+            response.raise_for_status()
+            trending = [item_index[i["item_id"]] for i in response.json()["items"] if i["item_id"] in item_index]
     finally:
         server.terminate()
         server.wait(30)
+    seen: dict[int, set[int]] = {}
+    for u, i in zip(split.users.tolist(), split.items.tolist(), strict=True):
+        seen.setdefault(u, set()).add(i)
+    named: dict[str, tuple[dict[int, list[int]], dict[str, Any]]] = {
+        "freshrec live" + (f", diversity {d:g}" if d else ""): (got, {"diversity": d}) for d, got in lists.items()
+    }
+    unseen_trending = {u: [i for i in trending if i not in seen.get(u, set())][:K] for u in split.truth}
+    named["freshrec live, trending list"] = (unseen_trending, {"list": "trending, history items left out"})
     rows = {}
-    for diversity, got in lists.items():
-        rows[diversity] = result = evaluate(got, split)
-        result.update(params={"configuration": "shipped defaults", "diversity": diversity}, lists=got)
+    for name, (got, params) in named.items():
+        rows[name] = result = evaluate(got, split)
+        result.update(params={"configuration": "shipped defaults", **params}, lists=got)
         result.update(seconds=time.perf_counter() - started, replay_events_per_s=report.events_per_s)
     return rows
 
@@ -440,8 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best_peer = max(rows, key=lambda name: rows[name]["recall20"])
     figures: dict[str, Any] = {"dataset": dataset.name, "history_share": args.share, "k": K, "quick": args.quick}
     if not args.no_live:
-        for diversity, r in live(dataset, cut, user_ids, item_index, outer).items():
-            name = "freshrec live" + (f", diversity {diversity:g}" if diversity else "")
+        for name, r in live(dataset, cut, user_ids, item_index, outer).items():
             rows[name] = r
             r["genre_similarity"] = genre_similarity(r.pop("lists"), genres)
             print(f"{name:20} recall@20 {r['recall20']:.4f}  NDCG@20 {r['ndcg20']:.4f}", flush=True)
