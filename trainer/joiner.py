@@ -28,14 +28,14 @@ compiled kernel (`_join`) that writes a log of what to store and what to emit, r
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numba
 import numpy as np
 
-from embedding_store.keys import feature_key, feature_keys
+from embedding_store.keys import feature_keys
 from trainer.events import Event
 
 SOURCES = ("joined", "window_closed", "late", "unjoined", "forced_close")
@@ -372,7 +372,7 @@ class Joiner:
         out: list[Example] = []
         if not events:
             return out
-        pairs = feature_keys("joined", [f"{e.user_id}\x1f{e.item_id}" for e in events])
+        pairs = _pair_keys((e.user_id, e.item_id) for e in events)
         times = np.fromiter((e.timestamp_ms for e in events), dtype=np.int64, count=len(events))
         kinds = np.fromiter((_kind(e) for e in events), dtype=np.int8, count=len(events))
         shown = kinds == _IMPRESSION
@@ -418,19 +418,28 @@ class Joiner:
         ):
             event = events[at]
             if kind == _STORE:
-                self._users[row], self._items[row] = event.user_id, event.item_id
-                self._requests[row], self._contexts[row] = event.request_id, event.context
-                rebuilt = event.position is not None and event.event_id == f"{event.request_id}:{event.position}"
-                self._event_ids[row] = None if rebuilt else event.event_id
+                self._store_strings(row, event)
                 continue
             if kind == _EMIT_ROW:
                 label = 1.0 if source == _JOINED and event.is_positive else 0.0
                 example = Example(self._impression(row, time_ms, position, value), label, SOURCES[source])
-                self._users[row] = self._requests[row] = self._event_ids[row] = self._contexts[row] = None
+                self._release(row)
             else:
                 example = Example(event, 1.0 if event.is_positive else 0.0, SOURCES[source])
             counts[example.source] += 1
             out.append(example)
+
+    def _store_strings(self, row: int, event: Event) -> None:
+        """Keep an open impression's strings in `row` (its event id only when it is not
+        `<request_id>:<position>`, which `_impression` rebuilds)."""
+        self._users[row], self._items[row] = event.user_id, event.item_id
+        self._requests[row], self._contexts[row] = event.request_id, event.context
+        rebuilt = event.position is not None and event.event_id == f"{event.request_id}:{event.position}"
+        self._event_ids[row] = None if rebuilt else event.event_id
+
+    def _release(self, row: int) -> None:
+        """Drop a closed or forgotten impression's references to its strings."""
+        self._users[row] = self._items[row] = self._requests[row] = self._event_ids[row] = self._contexts[row] = None
 
     def _impression(self, row: int, time_ms: int, position: int, value: float) -> Event:
         """The impression that waited in `row` (its numbers from the log), as an event again."""
@@ -454,7 +463,7 @@ class Joiner:
         mine = [row for row in o.rows_oldest_first().tolist() if self._users[row] == user_id]
         for row in mine:
             _remove(o.arrays, row)
-            self._users[row] = self._requests[row] = self._event_ids[row] = self._contexts[row] = None
+            self._release(row)
         return len(mine)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -490,18 +499,19 @@ class Joiner:
             pairs = [_pair(k) if isinstance(k, tuple) else k for k in closed]
             self._restore_closed(np.array(pairs, dtype=np.uint64), np.array(list(closed.values()), dtype=bool))
             for event in state.get("_pending", {}).values():
-                self._restore_open(_pair((event.user_id, event.item_id)), event.timestamp_ms, event)
+                row = self._restore_open(_pair((event.user_id, event.item_id)))
+                self._time[row] = event.timestamp_ms
+                self._position[row] = -1 if event.position is None else event.position
+                self._value[row] = np.nan if event.value is None else event.value
+                self._store_strings(row, event)
             return
         self._state[:] = state["state"]
         self._restore_closed(state["closed"]["pairs"], state["closed"]["positive"])
         o = state["open"]
-        for n, (user, item, request, event_id, context) in enumerate(o["strings"]):
-            position, value = int(o["position"][n]), float(o["value"][n])
-            event = Event(
-                event_id or f"{request}:{position}", user, item, "impression", int(o["time"][n]), request,
-                None if value != value else value, context or {}, None if position < 0 else position,
-            )  # fmt: skip
-            self._restore_open(int(o["pairs"][n]), event.timestamp_ms, event)
+        for n, strings in enumerate(o["strings"]):
+            row = self._restore_open(int(o["pairs"][n]))
+            self._time[row], self._position[row], self._value[row] = o["time"][n], o["position"][n], o["value"][n]
+            self._users[row], self._items[row], self._requests[row], self._event_ids[row], self._contexts[row] = strings
 
     def _restore_closed(self, pairs: np.ndarray, positive: np.ndarray) -> None:
         c = self._closed
@@ -509,14 +519,13 @@ class Joiner:
         for key, is_positive in zip(pairs[last].tolist(), positive[last].tolist(), strict=True):
             _remember(c.arrays, self._positive, np.uint64(key), bool(is_positive), self.config.max_closed)
 
-    def _restore_open(self, key: int, time_ms: int, event: Event) -> None:
+    def _restore_open(self, key: int) -> int:
+        """A row for a checkpoint's open impression, as the newest (the caller fills it)."""
         if len(self._open) == self.config.max_pending:  # a smaller bound than the checkpoint's
-            _remove(self._open.arrays, int(self._open.meta[_OLDEST]))
-        row = int(_add(self._open.arrays, np.uint64(key)))
-        self._time[row] = time_ms
-        self._position[row] = -1 if event.position is None else event.position
-        self._value[row] = np.nan if event.value is None else event.value
-        self._replay([event], [_STORE], [0], [row], [0], [0], [0], [0.0], [])
+            oldest = int(self._open.meta[_OLDEST])
+            _remove(self._open.arrays, oldest)
+            self._release(oldest)
+        return int(_add(self._open.arrays, np.uint64(key)))
 
 
 @functools.cache
@@ -543,6 +552,11 @@ def _kind(event: Event) -> int:
     return _SKIP if event.type == "skip" else _OTHER
 
 
+def _pair_keys(pairs: Iterable[tuple[str, str]]) -> np.ndarray:
+    """uint64 keys of (user, item) pairs (the unit separator keeps "a"+"bc" from "ab"+"c")."""
+    return feature_keys("joined", [f"{user}\x1f{item}" for user, item in pairs])
+
+
 def _pair(key: tuple[str, str]) -> int:
-    """The 64-bit key of a (user, item) pair (the unit separator keeps "a"+"bc" from "ab"+"c")."""
-    return feature_key("joined", f"{key[0]}\x1f{key[1]}")
+    """The 64-bit key of one (user, item) pair."""
+    return int(_pair_keys([key])[0])
