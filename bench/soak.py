@@ -33,6 +33,11 @@ With `--split` the same load goes to a `freshrec gateway` and a `freshrec traine
 `processes` has each one's, so that growth can be told apart between serving and training.
 Its figures go to bench/results/soak_split.json.
 
+Every 10 s each process' /metrics is read too, so that a rise in RSS can be told apart: in
+`processes`, `heap_in_use_mb_growth_after_warmup` is what the program holds more of (C heap
+in use, glibc), `heap_free_mb_growth_after_warmup` what the allocator keeps freed, and
+`gc_frozen_objects_growth_after_warmup` the objects frozen out of Python's cyclic collector.
+
 The last line printed is JSON; the figures go to bench/results/soak.json.
 """
 
@@ -224,7 +229,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def rss_now() -> dict[str, float]:
             return {name: rss_mb(server.pid) for name, server in servers.items()}
 
+        metrics_urls = {name: metrics_url if name == "trainer" else "/metrics" for name in servers}
+
+        def memory_now() -> dict[str, dict[str, float]]:
+            """Each process' C heap in use and free (MB) and its frozen objects, from /metrics."""
+            held = {}
+            for name, url in metrics_urls.items():
+                page = scrape.fetch(url, client)
+                held[name] = {"frozen": sum(scrape.values(page, "freshrec_gc_frozen_objects"))}
+                for state in ("in_use", "free"):
+                    if found := scrape.values(page, "freshrec_heap_bytes", state=state):
+                        held[name][state] = sum(found) / 2**20
+            return held
+
         by_process = [(0.0, rss_now())]  # (seconds, MB by process)
+        memory = [(0.0, memory_now())]  # every 10 s: (seconds, {process: {what: figure}})
         started = time.perf_counter()
         for load in loads:
             load.start(stop)
@@ -236,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             time.sleep(min(SAMPLE_S - elapsed % SAMPLE_S, seconds - elapsed))
             elapsed = time.perf_counter() - started
             by_process.append((elapsed, rss_now()))
+            if round(elapsed / SAMPLE_S) % round(10 / SAMPLE_S) == 0:
+                memory.append((elapsed, memory_now()))
             if not warm_reported and elapsed >= warmup_s + LEVEL_S / 2:
                 warm_reported = True
                 print(f"after {warmup_s:.0f} s (warm-up): RSS {level(total(by_process), warmup_s):.0f} MB", flush=True)
@@ -262,11 +283,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "alive": servers["trainer"].poll() is None,
                 "step_failures": int(sum(scrape.values(page, "freshrec_trainer_step_failures_total"))),
             }
-        processes = {}
+        processes: dict[str, dict[str, Any]] = {}
         for name in servers:
             one = levels([(t, mb[name]) for t, mb in by_process], warmup_s, settled_s)
             processes[name] = {f"rss_{k}_mb": v for k, v in one.items() if k in ("warm", "settled", "end")}
             processes[name]["rss_growth_after_warmup_mb"] = round(one["end"] - one["warm"], 1)
+            for what in ("in_use", "free", "frozen"):
+                curve = [(t, held[name][what]) for t, held in memory if what in held[name]]
+                if curve:
+                    at = levels(curve, warmup_s, settled_s)
+                    grown = at["end"] - at["warm"]
+                    key = "gc_frozen_objects" if what == "frozen" else f"heap_{what}_mb"
+                    processes[name][f"{key}_growth_after_warmup"] = round(grown, 1)
+            processes[name]["heap_in_use_mb_every_10s"] = [round(held[name].get("in_use", 0), 1) for _, held in memory]
 
     errors_5xx = sum(n for load in loads for code, n in load.codes.items() if not code.isdigit() or int(code) >= 500)
     figures: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from embedding_store import TableStats
+from services import heap
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +198,25 @@ class StoreCollector(Collector):
 
 STORE = StoreCollector()
 REGISTRY.register(STORE)
+
+
+class MemoryCollector(Collector):
+    """What the process' memory holds, read at scrape time: the C heap's bytes in use and
+    free-but-kept (glibc; absent elsewhere), and the objects `gc.freeze()` took out of the
+    cyclic collector's reach (`services.node` freezes the served state)."""
+
+    def collect(self) -> Iterator[Metric]:
+        frozen = GaugeMetricFamily("freshrec_gc_frozen_objects", "Objects frozen out of the cyclic collector")
+        frozen.add_metric([], gc.get_freeze_count())
+        yield frozen
+        held = heap.info()
+        if held is not None:
+            family = GaugeMetricFamily(
+                "freshrec_heap_bytes", "C heap bytes in use, and freed but kept by the allocator", labels=["state"]
+            )
+            family.add_metric(["in_use"], held.in_use)
+            family.add_metric(["free"], held.free)
+            yield family
+
+
+REGISTRY.register(MemoryCollector())

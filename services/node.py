@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import socket
@@ -19,7 +17,7 @@ import uvicorn
 from prometheus_client import start_http_server
 
 from embedding_store import TableStats
-from services import metrics
+from services import heap, metrics
 from services.config import Config
 from services.experiments import Experiments
 from services.gateway.core import ComponentHealth, Gateway
@@ -41,17 +39,6 @@ TRIM_S = 10.0  # how often freed heap memory is handed back to the system (`_tri
 REFREEZE_S = 600.0  # how often the served state is collected once and frozen again (`Node._on_apply`)
 
 ROLES = frozenset({"gateway", "trainer", "retrieval", "ranking"})
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
 
 
 class Node:
@@ -287,8 +274,8 @@ class Node:
         resident size crept up under steady load (about 45 MB per 100,000 events, measured
         in-process with bench.soak's workload) though the live data did not grow.
         """
-        while _MALLOC_TRIM is not None and not self._stop.wait(TRIM_S):
-            _MALLOC_TRIM(0)
+        while not self._stop.wait(TRIM_S) and heap.trim():
+            pass
 
     def _spawn(self, name: str, target: Callable[..., object], *args: object) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
