@@ -10,6 +10,8 @@ dev=0; [[ "${1:-}" == "--dev" ]] && dev=1
 apt_pkgs=()
 "$PY" -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
 ((dev)) && ! command -v redis-server >/dev/null && apt_pkgs+=(redis-server)
+# jemalloc for the long-running roles (config `allocator`): glibc's malloc kept growing under load
+/sbin/ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || apt_pkgs+=(libjemalloc2)
 if ((${#apt_pkgs[@]})); then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
   echo "installing system packages: ${apt_pkgs[*]}"

@@ -11,19 +11,24 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 import redis
 from prometheus_client import start_http_server
 from redis.exceptions import RedisClusterException
 
-from services import metrics
+from services import heap, metrics
 from services.config import Config, load_config, load_config_with_sources, show
 from services.datasets import DATASETS, DatasetUnavailable, load_dataset
-from services.node import Node
-from services.replay import replay
 from trainer.eventlog import LogUnavailable
+
+if TYPE_CHECKING:
+    from services.node import Node
+
+# the long-running commands: they restart on the configured allocator before the heavy
+# imports (torch, Faiss, the node), which are made inside the commands for that reason
+SERVING_COMMANDS = frozenset({"up", "gateway", "trainer", "retrieval", "ranking", "store-shard", "quickstart"})
 
 log = logging.getLogger("freshrec")
 
@@ -103,6 +108,8 @@ def cmd_up(args: argparse.Namespace, roles: tuple[str, ...] = ("gateway", "train
     if default is not None:
         print(f"checkpoints: {default} (set trainer.checkpoint_dir to choose)", flush=True)
         config = load_config(args.config, overrides={**overrides, "trainer.checkpoint_dir": default})
+    from services.node import Node
+
     node = Node(config, roles)
     if "gateway" in roles:
         print(f"freshrec {'+'.join(roles)}: log {config.log_url}, serving store {config.serving_store_url}", flush=True)
@@ -140,6 +147,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from services.replay import replay
+
     dataset = load_dataset(args.dataset)
     report = replay(
         dataset,
@@ -154,6 +163,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from services.node import Node
+    from services.replay import replay
+
     node = Node(load_config(overrides={"server.http_port": args.port, "server.grpc_port": args.grpc_port}))
 
     def replay_into_it() -> int | None:
@@ -246,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kafka", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.command in SERVING_COMMANDS:
+            heap.reexec_with(load_config(getattr(args, "config", None)).allocator)
         return int(args.func(args))
     except (ValueError, DatasetUnavailable, LogUnavailable, redis.ConnectionError, RedisClusterException) as e:
         print(f"freshrec: error: {e}", file=sys.stderr)

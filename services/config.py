@@ -151,6 +151,10 @@ class Config:
         log_partitions: partitions of the events topic when freshrec creates it.
         metrics_port: port of the standalone /metrics endpoint of processes without REST
             (the trainer); 0 disables it.
+        allocator: the C allocator of the long-running roles: `jemalloc` (where libjemalloc2
+            is installed; the process restarts itself on it) or `system` (glibc's malloc, its
+            free pages handed back every 10 s). Under steady load glibc kept ever more freed
+            memory resident (`bench.soak`).
         server: gateway settings.
         trainer: trainer settings.
         index: the serving replicas' item index (`retrieval.index.IndexConfig`).
@@ -161,6 +165,7 @@ class Config:
     serving_store_url: str = "memory://"
     log_partitions: int = 4
     metrics_port: int = 9100
+    allocator: str = "jemalloc"
     server: ServerConfig = field(default_factory=ServerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -174,6 +179,8 @@ class Config:
                 f"serving_store_url: expected memory://, redis://... or redis-cluster://..., "
                 f"got {self.serving_store_url!r}"
             )
+        if self.allocator not in ("jemalloc", "system"):
+            raise ValueError(f"allocator: expected jemalloc or system, got {self.allocator!r}")
         if self.log_partitions < 1:
             raise ValueError(f"log_partitions: must be >= 1, got {self.log_partitions}")
 

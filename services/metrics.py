@@ -202,7 +202,7 @@ REGISTRY.register(STORE)
 
 class MemoryCollector(Collector):
     """What the process' memory holds, read at scrape time: the C heap's bytes in use and
-    free-but-kept (glibc; absent elsewhere), and the objects `gc.freeze()` took out of the
+    free-but-kept (jemalloc's or glibc's statistics; absent elsewhere), and the objects `gc.freeze()` took out of the
     cyclic collector's reach (`services.node` freezes the served state)."""
 
     def collect(self) -> Iterator[Metric]:
@@ -212,10 +212,12 @@ class MemoryCollector(Collector):
         held = heap.info()
         if held is not None:
             family = GaugeMetricFamily(
-                "freshrec_heap_bytes", "C heap bytes in use, and freed but kept by the allocator", labels=["state"]
+                "freshrec_heap_bytes",
+                "C heap bytes in use, and freed but kept by the allocator (jemalloc or glibc)",
+                labels=["state", "allocator"],
             )
-            family.add_metric(["in_use"], held.in_use)
-            family.add_metric(["free"], held.free)
+            family.add_metric(["in_use", held.allocator], held.in_use)
+            family.add_metric(["free", held.allocator], held.free)
             yield family
 
 

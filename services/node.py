@@ -250,13 +250,15 @@ class Node:
         # to the cyclic collector, each full collection walks all of them and stalls every
         # request for hundreds of ms. Frozen, the collector skips them (reference counting
         # still frees what a later version replaces). Frozen objects are never collected,
-        # cycles among them included, so every REFREEZE_S the state is thawed for one full
-        # collection first: such garbage lives at most that long, at one pause per REFREEZE_S.
+        # cycles among them included. So each freeze first collects what is not frozen yet
+        # (only what was made since the last one: short), lest the garbage cycles made since
+        # then become permanent; and every REFREEZE_S the state is thawed for that collection,
+        # so cycles that became garbage once frozen live at most that long.
         now = time.monotonic()
         if now >= self._refreeze_at:
             self._refreeze_at = now + REFREEZE_S
             gc.unfreeze()
-            gc.collect()
+        gc.collect()
         gc.freeze()
         metrics.SERVING_VERSION.set(message.version)
         if len(message.accepted_ms):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import subprocess
 import sys
@@ -121,6 +122,34 @@ def test_trainer_on_two_store_shard_processes() -> None:
         assert sum(held) == _series(total, "freshrec_store_ids", table)
         # min_count=2: users and items seen once were looked up but got no row
         assert sum(_series(s, "freshrec_store_filtered_lookups_total", table) for s in shards) > 0
+
+
+@pytest.mark.parametrize("allocator", ["jemalloc", "system"])
+def test_up_runs_on_the_configured_allocator(allocator: str) -> None:
+    if allocator == "jemalloc" and not ctypes.util.find_library("jemalloc"):
+        pytest.skip("libjemalloc2 is not installed (scripts/setup.sh installs it)")
+    port = free_port()
+    args = ["up", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]
+    with process(args, env={"FRESHREC_ALLOCATOR": allocator}) as up:
+        wait_http(f"http://127.0.0.1:{port}/healthz", up)
+        on_jemalloc = "libjemalloc" in Path(f"/proc/{up.pid}/maps").read_text()  # the same pid, restarted
+        page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert on_jemalloc == (allocator == "jemalloc")
+    heap = "jemalloc" if allocator == "jemalloc" else "glibc"
+    in_use = scrape.values(page, "freshrec_heap_bytes", state="in_use", allocator=heap)
+    assert in_use and in_use[0] > 50e6, page  # torch, Faiss and the tables are in it
+
+
+def test_an_unknown_allocator_is_refused() -> None:
+    result = subprocess.run(
+        [*FRESHREC, "up", "--port", "0"],
+        cwd=ROOT,
+        env={**os.environ, "FRESHREC_ALLOCATOR": "tcmalloc"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "allocator" in result.stderr and "tcmalloc" in result.stderr
 
 
 def test_bad_flags_fail_with_a_clear_message() -> None:

@@ -491,6 +491,12 @@ def test_applied_versions_do_not_make_garbage_permanent(monkeypatch: pytest.Monk
     version = SyncMessage(users=TableDelta.empty("user"), items=TableDelta.empty("item"), version=1)
     with running_node() as node:
         try:
+            monkeypatch.setattr(node, "_refreeze_at", time.monotonic() + 3600)  # no thaw due
+            gc.disable()  # only the node collects
+            dropped = weakref.ref(_Cycle())  # garbage before the version comes: never frozen
+            node._on_apply(version)
+            assert dropped() is None
+            gc.enable()
             garbage = _Cycle()
             alive = weakref.ref(garbage)
             node._on_apply(version)  # frozen with the served state
@@ -503,4 +509,5 @@ def test_applied_versions_do_not_make_garbage_permanent(monkeypatch: pytest.Monk
             assert alive() is None  # thawed, collected, the rest frozen again
             assert gc.get_freeze_count() > 0
         finally:
+            gc.enable()
             gc.unfreeze()
