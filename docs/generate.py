@@ -536,6 +536,14 @@ def _soak(r: Mapping[str, Any]) -> str:
             for name, p in r.get("processes", {}).items()
             if len(r["processes"]) > 1
         ),
+        *(
+            [
+                f"{name}: C heap in use / freed but kept by the allocator, growth after warm-up",
+                f"{p['heap_in_use_mb_growth_after_warmup']:+.1f} / {p['heap_free_mb_growth_after_warmup']:+.1f} MB",
+            ]
+            for name, p in r.get("processes", {}).items()
+            if "heap_in_use_mb_growth_after_warmup" in p
+        ),
         [
             "impressions waiting in the join window / closed ones remembered, at the end",
             f"{r['joiner']['pending_impressions']:,.0f} / {r['joiner']['closed_impressions']:,.0f}",
