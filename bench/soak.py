@@ -35,8 +35,9 @@ Its figures go to bench/results/soak_split.json.
 
 Every 10 s each process' /metrics is read too, so that a rise in RSS can be told apart: in
 `processes`, `heap_in_use_mb_growth_after_warmup` is what the program holds more of (C heap
-in use, glibc), `heap_free_mb_growth_after_warmup` what the allocator keeps freed, and
-`gc_frozen_objects_growth_after_warmup` the objects frozen out of Python's cyclic collector.
+in use, from jemalloc's or glibc's statistics), `heap_free_mb_growth_after_warmup` what the
+allocator keeps freed, and `gc_frozen_objects_growth_after_warmup` the objects frozen out of
+Python's cyclic collector.
 
 The last line printed is JSON; the figures go to bench/results/soak.json.
 """

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.index import IndexConfig
+from services import heap
 from services.experiments import Experiments
 from services.gateway.auth import parse_api_keys
 from trainer.config import TrainerConfig
@@ -179,8 +180,8 @@ class Config:
                 f"serving_store_url: expected memory://, redis://... or redis-cluster://..., "
                 f"got {self.serving_store_url!r}"
             )
-        if self.allocator not in ("jemalloc", "system"):
-            raise ValueError(f"allocator: expected jemalloc or system, got {self.allocator!r}")
+        if self.allocator not in heap.ALLOCATORS:
+            raise ValueError(f"allocator: expected one of {', '.join(heap.ALLOCATORS)}, got {self.allocator!r}")
         if self.log_partitions < 1:
             raise ValueError(f"log_partitions: must be >= 1, got {self.log_partitions}")
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 JEMALLOC = "libjemalloc.so.2"
 # freed pages go back to the system within about a second, by jemalloc's own thread
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
-ALLOCATORS = ("jemalloc", "system")
+ALLOCATORS = ("jemalloc", "system")  # the values of the setting `allocator`
 
 
 class HeapInfo(NamedTuple):
@@ -94,9 +94,8 @@ def reexec_with(allocator: str) -> None:
     unless `MALLOC_CONF` is set) when `allocator` is "jemalloc", the library is installed and
     it is not loaded yet; call it first thing, before threads start. Returns (and the process
     goes on as it is) when the allocator is "system", jemalloc is already there, or it is not
-    installed (logged: `apt-get install libjemalloc2`)."""
-    if allocator not in ALLOCATORS:
-        raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+    installed (logged: `apt-get install libjemalloc2`). The restarted command keeps its
+    arguments and `-X` options; other interpreter flags (`-u`, `-O`, `-W`) are not carried."""
     if allocator == "system" or jemalloc_loaded() or sys.platform != "linux":
         return
     if not ctypes.util.find_library("jemalloc"):

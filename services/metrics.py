@@ -202,8 +202,9 @@ REGISTRY.register(STORE)
 
 class MemoryCollector(Collector):
     """What the process' memory holds, read at scrape time: the C heap's bytes in use and
-    free-but-kept (jemalloc's or glibc's statistics; absent elsewhere), and the objects `gc.freeze()` took out of the
-    cyclic collector's reach (`services.node` freezes the served state)."""
+    freed-but-kept (jemalloc's or glibc's statistics; absent elsewhere), and the objects
+    `gc.freeze()` took out of the cyclic collector's reach (`services.node` freezes the
+    served state)."""
 
     def collect(self) -> Iterator[Metric]:
         frozen = GaugeMetricFamily("freshrec_gc_frozen_objects", "Objects frozen out of the cyclic collector")
