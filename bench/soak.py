@@ -33,11 +33,11 @@ With `--split` the same load goes to a `freshrec gateway` and a `freshrec traine
 `processes` has each one's, so that growth can be told apart between serving and training.
 Its figures go to bench/results/soak_split.json.
 
-Every 10 s each process' /metrics is read too, so that a rise in RSS can be told apart: in
-`processes`, `heap_in_use_mb_growth_after_warmup` is what the program holds more of (C heap
-in use, from jemalloc's or glibc's statistics), `heap_free_mb_growth_after_warmup` what the
-allocator keeps freed, and `gc_frozen_objects_growth_after_warmup` the objects frozen out of
-Python's cyclic collector.
+Every 10 s each process' /metrics is read too, so that a rise in RSS can be told apart. In
+`processes`: `allocator`, the C allocator the process ran on; `heap_in_use_mb_growth_after_warmup`,
+what the program holds more of (C heap in use, from jemalloc's or glibc's statistics);
+`heap_free_mb_growth_after_warmup`, what the allocator keeps freed; and
+`gc_frozen_objects_growth_after_warmup`, the objects frozen out of Python's cyclic collector.
 
 The last line printed is JSON; the figures go to bench/results/soak.json.
 """
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return {name: rss_mb(server.pid) for name, server in servers.items()}
 
         metrics_urls = {name: metrics_url if name == "trainer" else "/metrics" for name in servers}
+        allocators: dict[str, str] = {}  # the C allocator each process runs on, from its heap series
 
         def memory_now() -> dict[str, dict[str, float]]:
             """Each process' C heap in use and free (MB) and its frozen objects, from /metrics."""
@@ -238,9 +239,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, url in metrics_urls.items():
                 page = scrape.fetch(url, client)
                 held[name] = {"frozen": sum(scrape.values(page, "freshrec_gc_frozen_objects"))}
-                for state in ("in_use", "free"):
-                    if found := scrape.values(page, "freshrec_heap_bytes", state=state):
-                        held[name][state] = sum(found) / 2**20
+                for sample_name, labels, value in scrape.samples(page):
+                    if sample_name == "freshrec_heap_bytes":
+                        held[name][labels["state"]] = value / 2**20
+                        allocators[name] = labels.get("allocator", "")
             return held
 
         by_process = [(0.0, rss_now())]  # (seconds, MB by process)
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             one = levels([(t, mb[name]) for t, mb in by_process], warmup_s, settled_s)
             processes[name] = {f"rss_{k}_mb": v for k, v in one.items() if k in ("warm", "settled", "end")}
             processes[name]["rss_growth_after_warmup_mb"] = round(one["end"] - one["warm"], 1)
+            processes[name]["allocator"] = allocators.get(name)
             for what in ("in_use", "free", "frozen"):
                 curve = [(t, held[name][what]) for t, held in memory if what in held[name]]
                 if curve:

@@ -538,7 +538,9 @@ def _soak(r: Mapping[str, Any]) -> str:
         ),
         *(
             [
-                f"{name}: C heap in use / freed but kept by the allocator, growth after warm-up",
+                f"{name}: C heap in use / freed but kept by the allocator"
+                + (f" ({p['allocator']})" if p.get("allocator") else "")
+                + ", growth after warm-up",
                 f"{p['heap_in_use_mb_growth_after_warmup']:+.1f} / {p['heap_free_mb_growth_after_warmup']:+.1f} MB",
             ]
             for name, p in r.get("processes", {}).items()
