@@ -79,14 +79,18 @@ def info() -> HeapInfo | None:
     return HeapInfo("glibc", in_use=m.uordblks + m.hblkhd, free=m.fordblks)
 
 
-def trim() -> bool:
+def trims() -> bool:
+    """Whether `trim()` does anything: under glibc only (jemalloc returns freed pages itself,
+    other C libraries have no such call)."""
+    return _MALLCTL is None and _MALLOC_TRIM is not None
+
+
+def trim() -> None:
     """Under glibc, hand the heap's whole free pages back to the system (`malloc_trim(0)`,
-    every arena; ctypes lets the GIL go for it). False where there is nothing to do: jemalloc
-    returns freed pages itself, and other C libraries have no such call."""
-    if _MALLCTL is not None or _MALLOC_TRIM is None:
-        return False
-    _MALLOC_TRIM(0)
-    return True
+    every arena; ctypes lets the GIL go for it); elsewhere nothing."""
+    if trims():
+        assert _MALLOC_TRIM is not None
+        _MALLOC_TRIM(0)
 
 
 def reexec_with(allocator: str) -> None:

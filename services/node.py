@@ -268,16 +268,17 @@ class Node:
 
     def _trim_heap(self) -> None:
         """Every TRIM_S until the node stops, hand the heap's free pages back to the system
-        (glibc `malloc_trim`), on a thread of its own that holds no lock of ours (ctypes lets
-        the GIL go for the call).
+        (glibc `malloc_trim`; only started on glibc, `heap.trims()`), on a thread of its own
+        that holds no lock of ours (ctypes lets the GIL go for the call).
 
         Training steps, syncs and requests allocate and free tensors and arrays of many sizes
         from several threads; glibc keeps the freed pages, scattered among live ones, so the
         resident size crept up under steady load (about 45 MB per 100,000 events, measured
-        in-process with bench.soak's workload) though the live data did not grow.
+        in-process with bench.soak's workload) though the live data did not grow. The trim
+        held back only part of it; the long-running roles now run on jemalloc (`heap`).
         """
-        while not self._stop.wait(TRIM_S) and heap.trim():
-            pass
+        while not self._stop.wait(TRIM_S):
+            heap.trim()
 
     def _spawn(self, name: str, target: Callable[..., object], *args: object) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -287,7 +288,8 @@ class Node:
 
     def start(self) -> None:
         """Start every part of the roles; returns once the servers listen."""
-        self._spawn("trim", self._trim_heap)
+        if heap.trims():
+            self._spawn("trim", self._trim_heap)
         if self.trainer is not None and self.publisher is not None:
             self._trainer_thread = self._spawn("trainer", self.trainer.run, self._stop)
             self._sync_thread = self._spawn("sync", self.publisher.run, self._sync_stop)
