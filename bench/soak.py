@@ -34,8 +34,11 @@ With `--split` the same load goes to a `freshrec gateway` and a `freshrec traine
 Its figures go to bench/results/soak_split.json.
 
 Every 10 s each process' /metrics is read too, so that a rise in RSS can be told apart. In
-`processes`: `allocator`, the C allocator the process ran on; `heap_in_use_mb_growth_after_warmup`,
-what the program holds more of (C heap in use, from jemalloc's or glibc's statistics);
+`processes`: `rss_anon_growth_after_warmup_mb` and `rss_file_growth_after_warmup_mb`, the
+growth of its anonymous memory (heaps, Python's object arenas, stacks) and of the pages of
+files it maps (the code of its shared libraries, paged in as new paths run), apart;
+`allocator`, the C allocator the process ran on; `heap_in_use_mb_growth_after_warmup`, what
+the program holds more of (C heap in use, from jemalloc's or glibc's statistics);
 `heap_free_mb_growth_after_warmup`, what the allocator keeps freed; and
 `gc_frozen_objects_growth_after_warmup`, the objects frozen out of Python's cyclic collector.
 
@@ -70,15 +73,17 @@ from tests import local_servers
 
 USERS, ITEMS, BATCH = 5_000, 2_000, 20
 SAMPLE_S = 2.0  # RSS sampling period
+RSS_PARTS = ("anon", "file")  # RssAnon, RssFile of /proc/<pid>/status
 LEVEL_S = 60.0  # the RSS "at" a time: the median of the samples in this long a span around it
 
 
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process, from /proc."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident set size of a process (or, by `field`, its anonymous part `RssAnon` or its
+    part mapped from files `RssFile`), from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
 
 
 def level(samples: list[tuple[float, float]], at_s: float) -> float:
@@ -230,6 +235,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def rss_now() -> dict[str, float]:
             return {name: rss_mb(server.pid) for name, server in servers.items()}
 
+        def parts_now() -> dict[str, dict[str, float]]:
+            """Each process' RSS split: anonymous memory, and pages of mapped files."""
+            return {
+                name: {part: rss_mb(server.pid, f"Rss{part.title()}") for part in RSS_PARTS}
+                for name, server in servers.items()
+            }
+
         metrics_urls = {name: metrics_url if name == "trainer" else "/metrics" for name in servers}
         allocators: dict[str, str] = {}  # the C allocator each process runs on, from its heap series
 
@@ -246,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return held
 
         by_process = [(0.0, rss_now())]  # (seconds, MB by process)
+        parts = [(0.0, parts_now())]  # (seconds, {process: {part: MB}})
         memory = [(0.0, memory_now())]  # every 10 s: (seconds, {process: {what: figure}})
         started = time.perf_counter()
         for load in loads:
@@ -258,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             time.sleep(min(SAMPLE_S - elapsed % SAMPLE_S, seconds - elapsed))
             elapsed = time.perf_counter() - started
             by_process.append((elapsed, rss_now()))
+            parts.append((elapsed, parts_now()))
             if round(elapsed / SAMPLE_S) % round(10 / SAMPLE_S) == 0:
                 memory.append((elapsed, memory_now()))
             if not warm_reported and elapsed >= warmup_s + LEVEL_S / 2:
@@ -291,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             one = levels([(t, mb[name]) for t, mb in by_process], warmup_s, settled_s)
             processes[name] = {f"rss_{k}_mb": v for k, v in one.items() if k in ("warm", "settled", "end")}
             processes[name]["rss_growth_after_warmup_mb"] = round(one["end"] - one["warm"], 1)
+            for part in RSS_PARTS:
+                at = levels([(t, mb[name][part]) for t, mb in parts], warmup_s, settled_s)
+                processes[name][f"rss_{part}_growth_after_warmup_mb"] = round(at["end"] - at["warm"], 1)
             processes[name]["allocator"] = allocators.get(name)
             for what in ("in_use", "free", "frozen"):
                 curve = [(t, held[name][what]) for t, held in memory if what in held[name]]
