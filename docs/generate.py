@@ -538,6 +538,14 @@ def _soak(r: Mapping[str, Any]) -> str:
         ),
         *(
             [
+                f"{name}: RSS growth after warm-up, anonymous memory / pages of mapped files",
+                f"{p['rss_anon_growth_after_warmup_mb']:+.1f} / {p['rss_file_growth_after_warmup_mb']:+.1f} MB",
+            ]
+            for name, p in r.get("processes", {}).items()
+            if "rss_anon_growth_after_warmup_mb" in p
+        ),
+        *(
+            [
                 f"{name}: C heap in use / freed but kept by the allocator"
                 + (f" ({p['allocator']})" if p.get("allocator") else "")
                 + ", growth after warm-up",
