@@ -39,10 +39,11 @@ class ServerConfig:
         max_batch_events: most events in one ingest call.
         max_k: largest `k` a recommendation call may ask for.
         default_k: `k` when the request leaves it out.
-        torch_threads: threads of each ranking forward pass and index search in a gateway-only
-            process (0 keeps torch's and Faiss' defaults): the model thread's small batches
-            gain less from more threads than the REST and gRPC event loops lose to them.
-            An all-in-one process leaves them to the trainer.
+        torch_threads: threads of each ranking forward pass and index search on the model
+            thread (0 keeps torch's and Faiss' defaults, one per core): its small batches gain
+            less from more threads than the REST and gRPC event loops lose to them (an idle
+            OpenMP worker spins). Set in the model thread, so a trainer in the same process
+            keeps its own; a gateway-only process also sets torch's process-wide default.
         candidates: items each candidate source (index, co-visitation, trending) hands to
             ranking; the ranker scores up to twice as many per call, and its cost grows with them.
         recommend_batch: most recommendation calls answered by one ranker forward pass (calls

@@ -144,7 +144,9 @@ class Node:
             )
             if "trainer" not in self.roles and config.server.torch_threads:
                 # small batches: one thread per forward pass and per search beats threads that
-                # wake, spin and take the cores from the REST and gRPC event loops
+                # wake, spin and take the cores from the REST and gRPC event loops. This sets the
+                # process' defaults (MKL's) and this thread's; an OpenMP count is per thread, so
+                # the model thread sets its own (`RecommendBatcher`, in a trainer's process too)
                 torch.set_num_threads(config.server.torch_threads)
                 faiss.omp_set_num_threads(config.server.torch_threads)
         if "gateway" in self.roles:

@@ -74,3 +74,29 @@ def test_one_failing_call_does_not_fail_the_others_of_its_batch() -> None:
         bad.result(5)
     assert busy.result(5).request_id == "busy"
     batcher.close()
+
+
+def test_the_model_thread_runs_on_its_configured_openmp_threads_and_leaves_other_threads_theirs() -> None:
+    """An OpenMP thread count belongs to the thread that sets it: the limit is set in the model
+    thread (set on the main thread at start-up, it never reached the model thread, whose idle
+    Faiss OpenMP worker spun a core away from the event loops)."""
+    import faiss
+    import torch
+
+    seen: list[tuple[int, int]] = []
+
+    def model(requests: Sequence[Request]) -> list[Recommendation]:
+        seen.append((torch.get_num_threads(), faiss.omp_get_max_threads()))
+        return [Recommendation(r.user_id, 1, []) for r in requests]
+
+    before = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    batcher = RecommendBatcher(model, max_batch=4, max_queue=10, threads=1)
+    batcher.submit(Request("u", 1), 5).result(5)
+    batcher.close()
+    assert seen == [(1, 1)]
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before  # this thread keeps its own
+    if before[0] > 1:  # where there is more than one core, a batcher without a limit keeps the default
+        unlimited = RecommendBatcher(model, max_batch=4, max_queue=10)
+        unlimited.submit(Request("u", 1), 5).result(5)
+        unlimited.close()
+        assert seen[-1] == before

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import threadpoolctl
+
 from services import metrics
 from services.errors import DeadlineExceeded, Unavailable
 from services.serving import Recommendation, Request
@@ -43,14 +45,25 @@ class RecommendBatcher:
         answer: computes the answers of a batch, in order (`ServingReplica.recommend_batch`).
         max_batch: most calls per batch.
         max_queue: most calls waiting; `submit` refuses more.
+        threads: threads of the OpenMP pools (torch's, Faiss') that the model thread's forward
+            passes and searches run on; 0 keeps the libraries' defaults (one per core). Set in
+            the model thread itself: an OpenMP thread count belongs to the thread that sets it
+            (threads started later, this one included, do not inherit it), so a limit set at
+            start-up on the main thread never reached this one, and a trainer beside it in the
+            same process keeps its own.
     """
 
     def __init__(
-        self, answer: Callable[[Sequence[Request]], list[Recommendation]], max_batch: int, max_queue: int
+        self,
+        answer: Callable[[Sequence[Request]], list[Recommendation]],
+        max_batch: int,
+        max_queue: int,
+        threads: int = 0,
     ) -> None:
         self._answer = answer
         self._max_batch = max_batch
         self._max_queue = max_queue
+        self._threads = threads
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
@@ -73,6 +86,8 @@ class RecommendBatcher:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        if self._threads:
+            threadpoolctl.threadpool_limits(self._threads, user_api="openmp")
         while True:
             first = self._queue.get()
             if first is None:

@@ -100,7 +100,9 @@ class Gateway:
         self.recommender = recommender
         self.components = dict(components or {})
         self.guard = Guard(parse_api_keys(config.api_keys), config.rate_limit_per_s)
-        self._batcher = RecommendBatcher(recommender.recommend_batch, config.recommend_batch, config.recommend_queue)
+        self._batcher = RecommendBatcher(
+            recommender.recommend_batch, config.recommend_batch, config.recommend_queue, config.torch_threads
+        )
         self.impressions = ImpressionWriter(event_log)
         self.experiments = Experiments(config.experiments)
 
