@@ -14,7 +14,9 @@
    cores: REST calls go out on 32 threads with raw keep-alive HTTP/1.1 connections, gRPC
    calls as asynchronous futures from one thread.
    The gateway's model thread batches calls that queue up (`services.gateway.batcher`); the
-   mean number of calls per ranker pass is read from its metrics for each run.
+   mean number of calls per ranker pass is read from its metrics for each run, and the
+   gateway's CPU per call (`gateway_cpu_ms_per_call`: user + system time of all its threads
+   over the run, from /proc, divided by the calls).
 3. Filters: in this process, one replica answers each user unfiltered and with a category
    filter that keeps 10% of the items (interleaved): the medians and their ratio.
 4. ANN: IVF and HNSW (`retrieval.index`, defaults) against exact inner-product search over
@@ -48,6 +50,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -328,7 +331,7 @@ def ann_figures(vectors: np.ndarray, queries: np.ndarray, k: int = 100) -> dict[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="100,000 items, 200 req/s for 10 s per transport")
+    parser.add_argument("--quick", action="store_true", help="100,000 items, 100 and 200 req/s for 10 s per transport")
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--rates", default="100,200,400", help="requests per second, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of load per rate and transport")
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--probe-seconds", type=float, default=10.0, help="seconds of load per capacity probe")
     args = parser.parse_args(argv)
     if args.quick:
-        args.items, args.rates, args.seconds, args.probe_seconds = 100_000, "200", 10.0, 5.0
+        args.items, args.rates, args.seconds, args.probe_seconds = 100_000, "100,200", 10.0, 5.0
     rates = [float(r) for r in args.rates.split(",")]
 
     started = time.perf_counter()
@@ -381,11 +384,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_load(transport, address, users, 20, 5, quiet=True)
         for rate in rates:
             for transport, address in transports.items():
-                before = _batch_counts(port)
+                before, cpu_before = _batch_counts(port), _cpu_s(gateway.pid)
                 result = run_load(transport, address, users, rate, args.seconds)
-                after = _batch_counts(port)
+                after, cpu_after = _batch_counts(port), _cpu_s(gateway.pid)
                 result["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
-                print(f"      mean calls per ranker pass {result['mean_batch']:.2f}", flush=True)
+                result["gateway_cpu_ms_per_call"] = (cpu_after - cpu_before) * 1000 / max(result["requests"], 1)
+                print(
+                    f"      mean calls per ranker pass {result['mean_batch']:.2f}, "
+                    f"gateway CPU {result['gateway_cpu_ms_per_call']:.1f} ms per call",
+                    flush=True,
+                )
                 figures["load"][f"{transport}_{rate:.0f}"] = result
         figures["capacity"] = {}
         for transport, address in transports.items():
@@ -420,6 +428,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"written to {path}")
     print(json.dumps({k: v if v is None or isinstance(v, int) else round(v, 4) for k, v in summary.items()}))
     return figures
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _batch_counts(port: int) -> tuple[float, float]:

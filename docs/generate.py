@@ -440,6 +440,7 @@ def _serving(r: Mapping[str, Any]) -> str:
             f"{v['p99_ms']:.1f} ms",
             f"{v['errors']} / {v['requests']}",
             f"{v['mean_batch']:.1f}",
+            f"{v['gateway_cpu_ms_per_call']:.1f} ms" if "gateway_cpu_ms_per_call" in v else "—",
         ]
         for name, v in r["load"].items()
     ]
@@ -463,7 +464,9 @@ def _serving(r: Mapping[str, Any]) -> str:
     ]
     return (
         f"{r['items']:,} items, `{r['index']}` index, {r['seconds']:.0f} s per load rate.\n\n"
-        + table(["open-loop load", "p50", "p95", "p99", "errors", "calls per ranker pass"], load)
+        + table(
+            ["open-loop load", "p50", "p95", "p99", "errors", "calls per ranker pass", "gateway CPU per call"], load
+        )
         + "\nCapacity: the highest rate whose probe kept p99 within the limit with no error.\n\n"
         + table(["transport", "capacity", "p99 limit", "probe"], capacity)
         + "\n"
