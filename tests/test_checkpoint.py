@@ -5,6 +5,7 @@ never resumed from."""
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from embedding_store import feature_keys
 from tests.test_ranking import events
-from trainer.checkpoint import load_latest
+from trainer.checkpoint import load_latest, save_checkpoint
 from trainer.config import TrainerConfig
 from trainer.eventlog import MemoryLog
 from trainer.loop import Trainer
@@ -139,3 +140,43 @@ def test_only_complete_checkpoints_are_resumed_and_old_ones_go(tmp_path: Path) -
     (tmp_path / "ckpt-000000000002" / "trainer.pt").write_bytes(b"nor this one")
     with pytest.raises(ValueError, match=r"ckpt-000000000002.*ckpt-000000000003|ckpt-000000000003.*ckpt-000000000002"):
         load_latest(tmp_path, fresh.store)
+
+
+@dataclasses.dataclass
+class Holder:
+    """State kept as an object's attributes, as the joiner and the catalog are."""
+
+    rows: np.ndarray
+
+
+def test_arrays_in_the_state_are_saved_as_records_and_come_back_as_arrays(tmp_path: Path) -> None:
+    """NumPy arrays, in containers or objects, go into trainer.pt as tensor records written
+    from memory, not copied into the pickle (which held several times their size while a
+    checkpoint was written), and load as arrays of the same dtype and values; strings, objects
+    and containers stay as they were."""
+    big = np.random.default_rng(0).random(500_000)  # 4 MB
+    state = {
+        "big": big,
+        "holder": Holder(np.arange(200_000, dtype=np.int64)),  # 1.6 MB
+        "keys": np.arange(5, dtype=np.uint64),
+        "half": np.ones((2, 3), np.float16)[:, 1],  # not contiguous
+        "flags": np.array([True, False]),
+        "names": np.array(["a", "b"]),
+        "nested": [("u1", "i1", None), (np.arange(3, dtype=np.int32), 7)],
+        "tensor": torch.arange(4),
+    }
+    trainer = Trainer(CONFIG, MemoryLog().consumer("g"))  # for its store
+    path = save_checkpoint(tmp_path, trainer.store, state)
+    with zipfile.ZipFile(path / "trainer.pt") as z:
+        pickled = max((i for i in z.infolist() if i.filename.endswith("data.pkl")), key=lambda i: i.file_size)
+    assert pickled.file_size < 10_000  # the 5.6 MB are not in the pickle
+    loaded = load_latest(tmp_path, trainer.store)
+    assert loaded is not None
+    for name in ("big", "keys", "half", "flags", "names"):
+        assert type(loaded[name]) is np.ndarray and loaded[name].dtype == state[name].dtype, name
+        np.testing.assert_array_equal(loaded[name], state[name], err_msg=name)
+    assert type(loaded["holder"].rows) is np.ndarray
+    np.testing.assert_array_equal(loaded["holder"].rows, state["holder"].rows)
+    assert loaded["nested"][0] == ("u1", "i1", None)
+    np.testing.assert_array_equal(loaded["nested"][1][0], np.arange(3, dtype=np.int32))
+    assert loaded["nested"][1][1] == 7 and torch.equal(loaded["tensor"], torch.arange(4))
