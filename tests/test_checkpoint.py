@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,7 +156,7 @@ def test_arrays_in_the_state_are_saved_as_records_and_come_back_as_arrays(tmp_pa
     checkpoint was written), and load as arrays of the same dtype and values; strings, objects
     and containers stay as they were."""
     big = np.random.default_rng(0).random(500_000)  # 4 MB
-    state = {
+    state: dict[str, Any] = {
         "big": big,
         "holder": Holder(np.arange(200_000, dtype=np.int64)),  # 1.6 MB
         "keys": np.arange(5, dtype=np.uint64),
