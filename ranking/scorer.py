@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ranking.blend import ScoreBlend
+from ranking.blend import ScoreBlend, blend_features
 from ranking.din_dcn import DinDcnRanker
 
 # Serving-side names of what the ranker reads (tables synced from the trainer).
@@ -62,6 +62,10 @@ class Candidates:
             (`retrieval.covisit.HistoryScores.matrix`); none: zeros.
         affinity: float [u, c] how much the candidates' attributes are the users' recent
             items' attributes (`attribute_affinity`); none: zeros.
+        lift: float [u, c] the candidates' attribute lift under the users' taste profiles
+            (`ranking.profile.attribute_lift`); none: zeros.
+        gap_s: float [u] model time since each user's last positive (NaN: none yet), which
+            picks the blend's weights (`ranking.blend`); none: every user in a session.
     """
 
     users: np.ndarray
@@ -74,6 +78,17 @@ class Candidates:
     retrieval: np.ndarray
     covisit: np.ndarray | None = None
     affinity: np.ndarray | None = None
+    lift: np.ndarray | None = None
+    gap_s: np.ndarray | None = None
+
+    def features(self, logits: torch.Tensor) -> torch.Tensor:
+        """The blend's features [u, c, F] of these candidates, given the ranker's `logits` [u, c]."""
+
+        def tensor(x: np.ndarray | None) -> torch.Tensor | None:
+            return None if x is None else torch.from_numpy(np.asarray(x, dtype=np.float32))
+
+        trending = torch.from_numpy(np.asarray(self.trending, dtype=np.float32))
+        return blend_features(logits, trending, tensor(self.covisit), tensor(self.affinity), tensor(self.lift))
 
 
 def attribute_affinity(history_attrs: np.ndarray, item_attrs: np.ndarray) -> np.ndarray:
@@ -107,7 +122,8 @@ def attribute_affinity(history_attrs: np.ndarray, item_attrs: np.ndarray) -> np.
 
 
 class CandidateScorer:
-    """Ranker logits blended with trending counts and co-visitation; see the module docstring.
+    """Ranker logits blended with trending counts, co-visitation and the user's taste
+    (`ranking.blend`); see the module docstring.
 
     Args:
         ranker: the DIN + DCN-v2 model.
@@ -162,10 +178,8 @@ class CandidateScorer:
     @torch.inference_mode()
     def score(self, ids: RowSource, attrs: RowSource, c: Candidates) -> np.ndarray:
         """Final scores [u, c] (higher is better); rows missing from the sources count as zeros."""
-        trending = torch.from_numpy(np.asarray(c.trending, dtype=np.float32))
-        covisit = None if c.covisit is None else torch.from_numpy(np.asarray(c.covisit, dtype=np.float32))
-        affinity = None if c.affinity is None else torch.from_numpy(np.asarray(c.affinity, dtype=np.float32))
-        return self.blend(self.logits(ids, attrs, c), trending, covisit, affinity).numpy()
+        returning = None if c.gap_s is None else self.blend.is_returning(c.gap_s)
+        return self.blend(c.features(self.logits(ids, attrs, c)), returning).numpy()
 
     def logits(self, ids: RowSource, attrs: RowSource, c: Candidates) -> torch.Tensor:
         """The ranker's logits [u, c] alone (what the blend is trained on), without autograd.

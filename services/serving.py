@@ -18,6 +18,14 @@ from embedding_store.row_map import RowMap
 from ranking.base import Ranker
 from ranking.dot import DotProductRanker
 from ranking.explore import ITEM_FEEDBACK, MAX_IMPRESSIONS, thompson
+from ranking.profile import (
+    ATTRIBUTE_COUNTS,
+    POPULATION_KEY,
+    USER_PROFILE,
+    USER_PROFILE_COUNTS,
+    attribute_lift,
+    attribute_shares,
+)
 from ranking.scorer import (
     ITEM_ATTRS,
     ITEM_COUNTS,
@@ -490,7 +498,7 @@ class ServingReplica:
         if ITEM_COUNTS in state.tables and state.records and not known.all():
             # a catalogued item no one has acted on yet (found by its content row) is ranked as
             # if as popular as the user's median candidate: no counts is no evidence, not no
-            # interest (log 0 would bury it); the ranker and its attribute affinity tell it
+            # interest (log 0 would bury it); the ranker and its attribute lift tell it
             # apart. An uncatalogued item with events but no positive one keeps its zero count.
             new: np.ndarray = np.asarray(~known & _member(flat, state.catalogued())).reshape(cand.shape)
             counted: np.ndarray = np.asarray(known).reshape(cand.shape)
@@ -500,6 +508,7 @@ class ServingReplica:
         item_rows = state.items.get(flat)[0].reshape(*cand.shape, state.items.dim)
         item_attrs = self._table_rows(ITEM_ATTRS, flat)
         history_attrs = self._table_rows(ITEM_ATTRS, history.ravel()).reshape(*history.shape, item_attrs.shape[1])
+        lift, gap_s = self._taste(users, item_attrs.reshape(*cand.shape, -1))
         candidates = Candidates(
             users,
             self._table_rows(USER_ATTRS, users),
@@ -511,10 +520,29 @@ class ServingReplica:
             np.einsum("ucd,ud->uc", item_rows, queries),
             covisit,
             attribute_affinity(history_attrs, item_attrs.reshape(*cand.shape, -1)),
+            lift,
+            gap_s,
         )
         empty = RowMap(self._scorer.ranker.dim)  # a table with no rows synced yet
         ids, attrs = state.tables.get(RANK_ID_TABLE, empty), state.tables.get(RANK_ATTR_TABLE, empty)
         return self._scorer.score(ids, attrs, candidates)
+
+    def _taste(self, users: np.ndarray, item_attrs: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """From the synced taste profiles (`ranking.profile`): the attribute lift [u, c] of users
+        [u] for candidates whose attribute keys are `item_attrs` [u, c, b], and the model time
+        since each user's last positive [u] (NaN: none), which picks the blend's weights; both
+        None before any profile was synced."""
+        tables = self._state.tables
+        if not {USER_PROFILE, USER_PROFILE_COUNTS, ATTRIBUTE_COUNTS} <= tables.keys():
+            return None, None
+        keys = tables[USER_PROFILE].get(users)[0]
+        counts = tables[USER_PROFILE_COUNTS].get(users)[0]
+        attrs, at = np.unique(item_attrs, return_inverse=True)
+        rows, found = tables[ATTRIBUTE_COUNTS].get(np.append(attrs, POPULATION_KEY))
+        population = float(rows[-1, 0]) if found[-1] else 0.0
+        shares = attribute_shares(rows[:-1, 0], found[:-1], population)[at].reshape(item_attrs.shape)
+        lift = attribute_lift(keys, counts[:, :-2], counts[:, -2], item_attrs, shares)
+        return lift, np.where(counts[:, -2] > 0, self._state.clock_s - counts[:, -1], np.nan)
 
     def _table_rows(self, name: str, keys: np.ndarray) -> np.ndarray:
         """Rows of a synced feature table (zeros, one column, while it has none)."""

@@ -8,7 +8,7 @@ import torch
 
 from embedding_store import feature_keys
 from embedding_store.row_map import RowMap
-from ranking.blend import ScoreBlend
+from ranking.blend import ScoreBlend, blend_features
 from ranking.din_dcn import DinDcnRanker
 from ranking.scorer import Candidates, CandidateScorer, attribute_affinity
 from retrieval.covisit import HistoryScores
@@ -36,6 +36,8 @@ def random_candidates(rng: np.random.Generator, users: int = 3, cands: int = 5) 
         rng.normal(size=(users, cands)),
         rng.uniform(0, 1, (users, cands)),
         rng.uniform(0, 1, (users, cands)),
+        rng.normal(size=(users, cands)),
+        np.array([np.nan, 60.0, 7200.0])[np.arange(users) % 3],  # new, in a session, returning
     )
 
 
@@ -51,17 +53,27 @@ def test_dense_parameters_round_trip_exactly() -> None:
     torch.manual_seed(0)
     ranker, blend = DinDcnRanker(4, cross_layers=3, hidden=(8, 6, 5), dense_features=3), ScoreBlend()
     with torch.no_grad():
-        blend.weights.copy_(torch.tensor([0.3, 2.0, 1.5, 0.7]))
+        blend.weights.copy_(torch.tensor([0.3, 2.0, 1.5, 0.7, 0.4]))
     original = CandidateScorer(ranker, blend)
     rebuilt = CandidateScorer.from_dense(CandidateScorer.dense_state(ranker, blend))
     ids, attrs, c = random_rows(rng, 4), random_rows(rng, 4), random_candidates(rng)
     expected = original.score(ids, attrs, c)
     assert expected.shape == (3, 5) and np.isfinite(expected).all()
     np.testing.assert_array_equal(rebuilt.score(ids, attrs, c), expected)
-    # the blend takes part: other weights, other scores
+    # the blend takes part: other weights, other scores for the users in a session (rows 0,
+    # 1) and not for the returning one (row 2), whose weights are fixed; the same the other way
     with torch.no_grad():
-        blend.weights.copy_(torch.tensor([0.3, -2.0, 1.5, 0.7]))
-    assert not np.allclose(CandidateScorer(ranker, blend).score(ids, attrs, c), expected)
+        blend.weights.copy_(torch.tensor([0.3, -2.0, 1.5, 0.7, 0.4]))
+    learned = CandidateScorer(ranker, blend).score(ids, attrs, c)
+    assert not np.allclose(learned[:2], expected[:2]) and np.allclose(learned[2], expected[2])
+    returning = ScoreBlend(returning=(0.0, 1.0, 0.0, 0.0, -1.0))
+    returning.load_state_dict({**blend.state_dict(), "returning": returning.get_buffer("returning")})
+    other = CandidateScorer(ranker, returning).score(ids, attrs, c)
+    assert np.allclose(other[:2], learned[:2]) and not np.allclose(other[2], learned[2])
+    # the returning weights and the session gap travel with the dense parameters
+    assert CandidateScorer.from_dense(CandidateScorer.dense_state(ranker, returning)).score(ids, attrs, c) == (
+        pytest.approx(other)
+    )
 
 
 def reference_logits(m: DinDcnRanker, *inputs: torch.Tensor) -> torch.Tensor:
@@ -170,8 +182,11 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
         (m.user_vectors(u, history) @ torch.from_numpy(m.items.get(cand.ravel())[0]).T).numpy(),
         HistoryScores(m.covisit.neighbour_rows, history).matrix(cand),
         attribute_affinity(m._history_attributes(history), m.features.item_attributes(cand.ravel())[None]),
+        m.profiles.lift(u, m.features.item_attributes(cand.ravel())[None]),
+        trainer.catalog.clock_s - m.profiles.profiles(u)[3],
     )
     assert c.affinity is not None and (c.affinity > 0).any(), "attribute affinity takes part"
+    assert c.lift is not None and (c.lift > 0).any(), "attribute lift takes part"
     assert c.covisit is not None and (c.covisit > 0).any(), "co-visitation takes part"
     expected = CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, c)[0]
     np.testing.assert_allclose(scores, expected, rtol=0.02, atol=0.05)
@@ -193,6 +208,8 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
         c.retrieval,
         c.covisit,
         c.affinity,
+        c.lift,
+        c.gap_s,
     )
     assert not np.allclose(
         CandidateScorer(m.ranker, m.blend).score(m.rank_ids, m.rank_attrs, bare)[0], scores, atol=0.05
@@ -201,23 +218,27 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
 
 def test_blend_recovers_the_weights_that_generated_the_choices() -> None:
     """Choices drawn from softmax(0.5 * logit + 2 * log trending + 3 * co-visitation - 1 *
-    affinity): the blend's softmax loss finds the four weights."""
+    affinity + 1.5 * lift): the blend's softmax loss finds the five weights (and leaves the
+    returning users' fixed ones alone)."""
     rng = np.random.default_rng(0)
     blend = ScoreBlend()
+    fixed = blend.get_buffer("returning").clone()
     optimizer = torch.optim.Adam(blend.parameters(), lr=0.05)
+    truth = torch.tensor([0.5, 2.0, 3.0, -1.0, 1.5])
     for _ in range(300):
         logits = torch.from_numpy(rng.normal(size=(64, 20)).astype(np.float32))
         trending = torch.from_numpy(rng.uniform(0, 50, (64, 20)).astype(np.float32))
-        covisit = torch.from_numpy(rng.uniform(0, 1, (64, 20)).astype(np.float32))
-        affinity = torch.from_numpy(rng.uniform(0, 1, (64, 20)).astype(np.float32))
-        truth = 0.5 * logits + 2.0 * torch.log(trending + 1e-3) + 3.0 * covisit - 1.0 * affinity
-        target = torch.multinomial(torch.softmax(truth, dim=1), 1).squeeze(1)
+        covisit, affinity = (torch.from_numpy(rng.uniform(0, 1, (64, 20)).astype(np.float32)) for _ in range(2))
+        lift = torch.from_numpy(rng.normal(size=(64, 20)).astype(np.float32))
+        features = blend_features(logits, trending, covisit, affinity, lift)
+        target = torch.multinomial(torch.softmax(features @ truth, dim=1), 1).squeeze(1)
         valid = torch.ones(64, 20, dtype=torch.bool)
         optimizer.zero_grad()
-        (blend.loss(logits, trending, covisit, affinity, valid, target) / 64).backward()
+        (blend.loss(features, valid, target) / 64).backward()
         optimizer.step()
-    a, b, c, d = blend.weights.detach().numpy()
-    assert abs(a - 0.5) < 0.2 and abs(b - 2.0) < 0.3 and abs(c - 3.0) < 0.5 and abs(d + 1.0) < 0.5, (a, b, c, d)
+    found = blend.weights.detach()
+    assert torch.allclose(found, truth, atol=0.35), found
+    assert torch.equal(blend.get_buffer("returning"), fixed)
 
 
 def test_the_trainers_evaluation_lists_are_servings_lists() -> None:

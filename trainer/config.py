@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from embedding_store import TableConfig
 from embedding_store.base import EVICTION_POLICIES
 from embedding_store.optimizers import OPTIMIZERS
+from ranking.blend import FEATURES, RETURN_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ class TrainerConfig:
         covisit_half_life_s: model time after which a co-visited pair counts half.
         covisit_max_items: items with co-visitation counts (the least counted go first); each
             holds at most 4 x `covisit_neighbours` partners (about 90 bytes each in memory).
+        profile_slots: attribute keys kept in each user's taste profile (`trainer.profiles`).
+        session_gap_s: model time after a user's last positive from which they count as
+            returning: the blend then scores their candidates with `return_blend` instead of
+            the weights it learns (`ranking.blend`), and their positives do not train those.
+        return_blend: the blend's weights for returning users, one per feature (ranker logit,
+            log trending count, co-visitation, attribute affinity, attribute lift); the
+            default was chosen on the inner split of `bench.peers`' history.
         content_basis: trending items whose rows give a catalogued item without a trained row
             its retrieval row (`OnlineModels.content_rows`: the mean row of the items that
             share its attributes).
@@ -113,7 +122,7 @@ class TrainerConfig:
     join_window_s: float = 300.0
     join_max_pending: int = 262_144
     join_max_closed: int = 262_144
-    trending_half_life_s: float = 7 * 86400.0
+    trending_half_life_s: float = 3 * 86400.0
     retrieval_negatives: int = 128
     negatives: int = 4
     uniform_negatives: float = 0.0
@@ -131,6 +140,9 @@ class TrainerConfig:
     covisit_neighbours: int = 50
     covisit_half_life_s: float = 7 * 86400.0
     covisit_max_items: int = 100_000
+    profile_slots: int = 32
+    session_gap_s: float = 1800.0
+    return_blend: tuple[float, ...] = RETURN_WEIGHTS
     content_basis: int = 2000
     seed: int = 0
     dedup_window: int = 200_000
@@ -179,6 +191,9 @@ class TrainerConfig:
             "covisit_neighbours": 1 <= self.covisit_neighbours <= 10_000,
             "covisit_half_life_s": self.covisit_half_life_s > 0,
             "covisit_max_items": self.covisit_max_items >= 1,
+            "profile_slots": 1 <= self.profile_slots <= 1000,
+            "session_gap_s": self.session_gap_s > 0,
+            "return_blend": len(self.return_blend) == len(FEATURES) and all(map(math.isfinite, self.return_blend)),
             "content_basis": 1 <= self.content_basis <= 1_000_000,
             "checkpoint_interval_s": self.checkpoint_interval_s > 0,
             "dedup_window": self.dedup_window >= 1,

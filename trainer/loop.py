@@ -458,6 +458,7 @@ class Trainer:
             removed = sum(self.store.table(name).delete(key) for name in USER_TABLES)
             self.features.forget_users(key)
             self.models.covisit.forget_users(key)
+            self.models.profiles.forget_users(key)
             pending = self.joiner.forget_user(user_id)
             self._seen = [(u[u != key[0]], i[u != key[0]]) for u, i in self._seen]
             self._trained_users = [u[u != key[0]] for u in self._trained_users]
@@ -592,9 +593,12 @@ class Trainer:
         item_keys = feature_keys("item", (e.item_id for e in events))
         positive = np.fromiter((e.is_positive for e in events), dtype=bool, count=len(events))
         labelled = positive | np.fromiter((e.type == "skip" for e in events), dtype=bool, count=len(events))
-        self.blend_loss = self.models.blend_step(user_keys[positive], item_keys[positive], learn=self.learning)
+        times = self.clock.at(stamps)  # each event's model time
+        self.blend_loss = self.models.blend_step(
+            user_keys[positive], item_keys[positive], times[positive], learn=self.learning
+        )
         # each event decays from its own time: a batch from a lagging partition is older than the clock
-        self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64), self.clock.at(stamps))
+        self.catalog.observe(item_keys, [e.item_id for e in events], positive.astype(np.float64), times)
         self.features.observe(events, user_keys, item_keys)
         self._seen.append((user_keys[labelled], item_keys[labelled]))  # what exclude_seen leaves out
         self._trained_users.append(user_keys)
@@ -618,6 +622,8 @@ class Trainer:
         self.retrieval_loss = self.models.retrieval_step(u[pos], i[pos], now, learn=self.learning)
         self.auc.update(ranked.probs, y_all)  # scored before the step: progressive evaluation
         self.features.add_history(u[pos], i[pos])
+        stamped = np.fromiter((x.event.timestamp_ms for x in examples), np.float64, len(examples)) / 1000.0
+        self.models.profiles.observe(u[pos], self.features.item_attributes(i[pos]), self.clock.at(stamped[pos]))
         if self.learning:
             self.models.covisit.observe(u[pos], i[pos], now)
         if self.learning and time.monotonic() >= self._next_expiry:

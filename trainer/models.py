@@ -5,6 +5,8 @@
 - Ranking: `DinDcnRanker` on tables "rank_id" (user and item ids; history items share the item
   rows) and "rank_attr" (attribute values), trained with BCE on labelled examples; its dense
   parameters use Adam.
+- Taste profiles: `TasteProfiles` counts the attributes of each user's picks and everyone's;
+  a candidate's attribute lift (`ranking.profile`) is a feature of the final blend.
 - Co-visitation: `CoVisitation` counts which items users pick close together (per event,
   decayed); its neighbour lists are a candidate source and a feature of the final blend.
 
@@ -46,6 +48,7 @@ from retrieval.two_tower import TwoTower, in_batch_softmax_loss
 from trainer.catalog import ItemCatalog
 from trainer.config import TrainerConfig
 from trainer.features import Features, FeatureState
+from trainer.profiles import TasteProfiles
 
 TABLES = ("user", "item", RANK_ID_TABLE, RANK_ATTR_TABLE)
 USER_TABLES = ("user", RANK_ID_TABLE)
@@ -159,10 +162,12 @@ class OnlineModels:
         self.two_tower = TwoTower(config.dim)
         torch.manual_seed(config.seed)
         self.ranker = DinDcnRanker(config.rank_dim, dense_features=DENSE_FEATURES)
-        self.blend = ScoreBlend()
+        self.blend = ScoreBlend(config.return_blend, config.session_gap_s)
         self.dense = dense or LocalDense()
         self.dense_ranker = DenseModule("ranker", self.ranker, self.dense, config.dense_learning_rate)
-        self.dense_blend = DenseModule("blend", self.blend, self.dense, 0.01)
+        # "blend" held the four weights of the blend before it had five features: a new name,
+        # so that a checkpoint or a store shard holding that vector starts this one afresh
+        self.dense_blend = DenseModule("blend5", self.blend, self.dense, 0.01)
         self._rng = np.random.default_rng(config.seed)
         self.users, self.items = store.table("user"), store.table("item")
         self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
@@ -174,6 +179,7 @@ class OnlineModels:
             max_users=config.max_feature_entities,
             max_items=config.covisit_max_items,
         )
+        self.profiles = TasteProfiles(config.profile_slots, config.max_feature_entities)
 
     def sight(self, user_keys: np.ndarray, item_keys: np.ndarray, now: float) -> None:
         """Count one sighting of each event's user, item and attributes (frequency filter; creates admitted rows)."""
@@ -310,23 +316,31 @@ class OnlineModels:
             self.dense_ranker.step()
         return RankingBatch(probs, float(loss.item()) / len(labels))
 
-    def blend_step(self, user_keys: np.ndarray, item_keys: np.ndarray, learn: bool = True) -> float:
-        """Score positive pairs against the candidates serving would offer and train the blend.
+    def blend_step(
+        self, user_keys: np.ndarray, item_keys: np.ndarray, times_s: np.ndarray, learn: bool = True
+    ) -> float:
+        """Score positive pairs (at model times `times_s`) against the candidates serving would
+        offer and train the blend's learned weights, those of users in a session.
 
-        Up to `blend_users` of the pairs, each a softmax over its user's candidates: the
+        Up to `blend_users` of the pairs whose users are in a session (their previous positive
+        less than `session_gap_s` before; or none), each a softmax over its user's candidates: the
         `blend_candidates` trending items and as many co-visited ones (`HistoryScores` of the
         user's recent items), the user's recent items left out, the pair's item as the target;
         pairs whose item is not among them are skipped (serving could not rank it). Call it
-        before the pairs are counted in the catalogue and the co-visitation, so an item's own
-        event lifts neither its trending count nor its co-visitation score. Returns the mean
+        before the pairs are counted in the catalogue, the co-visitation and the taste
+        profiles, so an item's own event lifts neither its trending count, nor its
+        co-visitation score, nor its attribute lift. Returns the mean
         cross-entropy (NaN when there is nothing to score).
         """
         width = self.config.blend_candidates
         popular = self.catalog.popular(width)[0]
-        n = min(len(user_keys), self.config.blend_users)
+        in_session = np.flatnonzero(
+            ~self.blend.is_returning(times_s - self._previous_positive(user_keys, times_s)).numpy()
+        )
+        n = min(len(in_session), self.config.blend_users)
         if n == 0 or not len(popular):
             return float("nan")
-        pick = np.sort(self._rng.choice(len(user_keys), n, replace=False))
+        pick = in_session[np.sort(self._rng.choice(len(in_session), n, replace=False))]
         users, targets = user_keys[pick], item_keys[pick]
         history = self.features.histories(users)
         covisit = HistoryScores(self.covisit.neighbour_rows, history)
@@ -354,6 +368,7 @@ class OnlineModels:
         co = np.stack([covisit.of(r, cand[j]) for j, r in enumerate(kept)])
         cand_attrs = self.features.item_attributes(cand.ravel())
         affinity = attribute_affinity(self._history_attributes(history), cand_attrs.reshape(*cand.shape, -1))
+        lift = self.profiles.lift(users, cand_attrs.reshape(*cand.shape, -1))
         batch = Candidates(
             users,
             self.features.user_attributes(users),
@@ -365,21 +380,24 @@ class OnlineModels:
             retrieval.numpy(),
             co,
             affinity,
+            lift,
         )
         logits = CandidateScorer(self.ranker, self.blend).logits(self.rank_ids, self.rank_attrs, batch)
-        loss = self.blend.loss(
-            logits,
-            torch.from_numpy(counts.astype(np.float32)),
-            torch.from_numpy(co.astype(np.float32)),
-            torch.from_numpy(affinity.astype(np.float32)),
-            torch.from_numpy(valid),
-            torch.from_numpy(positive),
-        )
+        loss = self.blend.loss(batch.features(logits), torch.from_numpy(valid), torch.from_numpy(positive))
         if learn:
             self.dense_blend.zero_grad()
             (loss / len(kept)).backward()
             self.dense_blend.step()
         return float(loss.item()) / len(kept)
+
+    def _previous_positive(self, user_keys: np.ndarray, times_s: np.ndarray) -> np.ndarray:
+        """Model time [n] of each positive's user's positive before it (NaN: none), for positives
+        in order: the one before it in the same batch, else the last one counted."""
+        previous = self.profiles.profiles(user_keys)[3]
+        order = np.argsort(user_keys, kind="stable")
+        again = np.flatnonzero(user_keys[order][1:] == user_keys[order][:-1]) + 1  # not a user's first here
+        previous[order[again]] = np.asarray(times_s, np.float64)[order[again - 1]]
+        return previous
 
     def _history_attributes(self, history: np.ndarray) -> np.ndarray:
         """uint64 [u, h, a] attribute keys of the history items [u, h] (as serving's table, `max_attributes` wide)."""
@@ -458,6 +476,8 @@ class OnlineModels:
             pair_scores,
             covisit.matrix(cand),
             attribute_affinity(self._history_attributes(history), cand_attrs.reshape(*cand.shape, -1)),
+            self.profiles.lift(user_keys, cand_attrs.reshape(*cand.shape, -1)),
+            self.catalog.clock_s - self.profiles.profiles(user_keys)[3],
         )
         logits = CandidateScorer(self.ranker, self.blend).score(self.rank_ids, self.rank_attrs, batch)
         logits[~valid] = -np.inf  # the padding never ranks
@@ -476,6 +496,7 @@ class OnlineModels:
             "dense": self.dense.state_dict(),
             "rng": self._rng.bit_generator.state,
             "covisit": self.covisit.state_dict(),
+            "profiles": self.profiles.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -486,6 +507,8 @@ class OnlineModels:
         self._rng.bit_generator.state = state["rng"]
         if "covisit" in state:  # checkpoints written before co-visitation have none
             self.covisit.load_state_dict(state["covisit"])
+        if "profiles" in state:  # nor those written before taste profiles
+            self.profiles.load_state_dict(state["profiles"])
 
     def dense_state(self) -> dict[str, np.ndarray]:
         """Copies of the ranker's and the blend's dense parameters, for serving."""
@@ -495,7 +518,8 @@ class OnlineModels:
         """What changed for the ranking service since the previous call, one table at a time
         (a drain that fails leaves those before it with the caller): the ranker's rows, the
         attributes and histories of changed users and items, changed item counts and changed
-        co-visitation neighbour lists (those at most once per `sparse_sync_interval_s`)."""
+        co-visitation neighbour lists (those at most once per `sparse_sync_interval_s`), and
+        the changed taste profiles and population attribute counts (`ranking.profile`)."""
         yield self.rank_ids.drain_delta()
         yield self.rank_attrs.drain_delta()
         users, items = self.features.drain_changed()
@@ -505,6 +529,7 @@ class OnlineModels:
         yield TableDelta(USER_HISTORY, users, self.features.histories(users, self.config.history_length))
         yield TableDelta(ITEM_ATTRS, items, self.features.item_attributes(items, width))
         yield TableDelta(ITEM_COUNTS, count_keys, counts)
+        yield from self.profiles.drain()
         # neighbour lists are recomputed per changed item (the costliest part of a sync), so at
         # most once per `sparse_sync_interval_s` however often rows are published: a user's
         # new history goes out with every sync, the lists of the items in it change slowly
