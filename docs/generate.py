@@ -395,6 +395,26 @@ def _peers(r: Mapping[str, Any]) -> str:
     return table(headers, rows) + "\n" + table(["figure", "value"], summary) + ("\n" + skipped if skipped else "")
 
 
+def _return_blend(r: Mapping[str, Any]) -> str:
+    shares = ", ".join(f"{s:.2f}" for s in r["inner_shares"])
+    best = sorted(r["settings"], key=lambda s: -s["inner_recall20"])[:5]
+    rows = [
+        [
+            *(f"{w:g}" for w in s["weights"]),
+            f"{s['inner_recall20']:.4f}",
+            " / ".join(f"{v:.4f}" for v in s["per_split"]),
+        ]
+        for s in best
+    ]
+    chosen = ", ".join(f"{f} {w:g}" for f, w in zip(r["features"], r["chosen"], strict=True))
+    shipped = "the shipped default" if r["shipped"] else "**not** the shipped default"
+    return (
+        f"Inner splits at {shares} of the history; {len(r['settings'])} settings; the best five by mean "
+        f"recall@20. Chosen: {chosen} ({shipped}).\n\n"
+        + table([*r["features"], "mean recall@20", "per inner split"], rows)
+    )
+
+
 def _freshness(r: Mapping[str, Any]) -> str:
     rows = []
     for mode, label in (("embedded", "embedded"), ("redis", "Kafka (tansu) + Redis")):
@@ -646,6 +666,15 @@ BENCHMARKS: list[tuple[str, str, str, Callable[[Mapping[str, Any]], str]]] = [
         "on an inner split of the history, never on the truth. Genre similarity: mean pairwise Jaccard of the "
         "genre sets in a list (lower is more varied).",
         _peers,
+    ),
+    (
+        "return_blend",
+        "python -m bench.return_blend",
+        "The blend's fixed weights for returning users (`trainer.return_blend`), chosen as every peer's "
+        "hyperparameters are: on inner time splits of `bench.peers`' history (its truth is never read). The "
+        "trainer learns each inner history as serving's does; each setting orders the inner truth users' "
+        "candidates with serving's scorer.",
+        _return_blend,
     ),
     (
         "freshness_quick",

@@ -42,7 +42,7 @@ from torch import nn
 
 TRENDING_EPS = 1e-3  # added to trending counts before the log: items nobody chose lately stay finite
 FEATURES = ("ranker logit", "log trending count", "co-visitation", "attribute affinity", "attribute lift")
-RETURN_WEIGHTS = (0.0, 1.0, 1.0, 0.0, 0.2)
+RETURN_WEIGHTS = (0.2, 1.0, 0.5, 0.5, 0.3)
 """The default weights of a returning user's features: chosen on the inner split of
 `bench.peers`' history (`python -m bench.peers --tune-return-blend`)."""
 
