@@ -22,9 +22,18 @@ tables: `USER_PROFILE` (uint64 [slots] attribute keys, 0 = padding), `USER_PROFI
 last positive, which picks the blend's weights: `ranking.blend`) and `ATTRIBUTE_COUNTS`
 (float64 [1]: the population's count of each attribute; the row of `POPULATION_KEY` holds all
 positives, the denominator).
+
+The same counts retrieve: a user's *taste attributes* are those of their profile with the
+largest lift (`taste_attributes`), and the trainer publishes each attribute's most trending
+items (`ATTRIBUTE_ITEMS`, uint64 [n], 0-padded), a candidate source that finds the items of a
+taste no other source reaches (a documentary fan's documentaries), and the pool similar items
+are chosen from.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,6 +42,9 @@ from embedding_store.keys import feature_key
 USER_PROFILE = "user_profile"
 USER_PROFILE_COUNTS = "user_profile_counts"
 ATTRIBUTE_COUNTS = "attribute_counts"
+ATTRIBUTE_ITEMS = "attribute_items"
+TASTE_ATTRIBUTES = 2
+"""Attributes of a user's taste whose items are candidates (`taste_attributes`)."""
 PRIOR = 5.0
 POPULATION_KEY = np.uint64(feature_key("freshrec.population", "positives"))
 """The `ATTRIBUTE_COUNTS` row that counts every positive (a slot no attribute uses)."""
@@ -97,3 +109,95 @@ def attribute_lift(
         terms = np.log(picked + prior * np.exp(shares)) - shares - np.log(float(profile_totals[r]) + prior)
         out[r] = np.where(usable[r], terms, 0.0).sum(axis=1)
     return out
+
+
+def taste_attributes(
+    profile_keys: np.ndarray,
+    profile_counts: np.ndarray,
+    profile_totals: np.ndarray,
+    log_shares: np.ndarray,
+    n: int = TASTE_ATTRIBUTES,
+    prior: float = PRIOR,
+) -> list[np.ndarray]:
+    """Each user's most distinctive attributes (at most `n`, picked at least twice, more than
+    everyone picks them), best first: by P(a | u) * log(P(a | u) / P(a)), each attribute's term
+    of the divergence of the user's taste from everyone's — how often they pick it times how
+    much more than everyone (the lift alone would put an attribute of 3 picks in 10 that is
+    rare overall above one of 10 in 10).
+
+    Args:
+        profile_keys: uint64 [u, p]; profile_counts: float [u, p]; profile_totals: float [u]
+            (as `attribute_lift`).
+        log_shares: float [u, p] natural log of each profile attribute's share of all
+            positives (NaN: unknown).
+
+    Example:
+        >>> keys, counts = np.array([[7, 8, 9, 6]], np.uint64), np.array([[8.0, 2.0, 1.0, 3.0]])
+        >>> shares = np.log(np.array([[0.1, 0.5, 0.01, 0.01]]))  # 8 common, 6 and 9 rare
+        >>> [a.tolist() for a in taste_attributes(keys, counts, np.array([10.0]), shares, n=3)]
+        [[7, 6]]
+    """
+    usable = (profile_keys != 0) & np.isfinite(log_shares) & (profile_counts >= 2)
+    shares = np.where(usable, log_shares, 0.0)
+    totals = np.asarray(profile_totals, np.float64)[:, None]
+    posterior = (profile_counts + prior * np.exp(shares)) / (totals + prior)
+    lift = np.log(posterior) - shares
+    term = np.where(usable & (lift > 0), posterior * lift, -np.inf)
+    best = np.argsort(-term, axis=1, kind="stable")[:, :n]
+    return [profile_keys[r, b[np.isfinite(term[r, b])]] for r, b in enumerate(best)]
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """The taste profiles of u users, from the trainer's counts or serving's synced tables.
+
+    Args:
+        keys: uint64 [u, p] attribute keys (0 = padding); counts: float [u, p] their counts.
+        totals: float [u] each user's positives (0: no profile).
+        last_s: float [u] model time of each user's last positive (NaN: none).
+        shares: attribute keys [n] -> natural log of their shares of all positives [n] (NaN:
+            unknown; `attribute_shares`).
+    """
+
+    keys: np.ndarray
+    counts: np.ndarray
+    totals: np.ndarray
+    last_s: np.ndarray
+    shares: Callable[[np.ndarray], np.ndarray]
+
+    def lift(self, item_attrs: np.ndarray) -> np.ndarray:
+        """`attribute_lift` [u, c] of candidates whose attribute keys are `item_attrs` [u, c, b]."""
+        keys, at = np.unique(item_attrs, return_inverse=True)
+        shares = self.shares(keys)[at].reshape(item_attrs.shape)
+        return attribute_lift(self.keys, self.counts, self.totals, item_attrs, shares)
+
+    def taste(self, n: int = TASTE_ATTRIBUTES) -> list[np.ndarray]:
+        """`taste_attributes` of each user."""
+        keys, at = np.unique(self.keys, return_inverse=True)
+        shares = self.shares(keys)[at].reshape(self.keys.shape)
+        return taste_attributes(self.keys, self.counts, self.totals, shares, n)
+
+    def taste_items(self, attribute_items: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+        """Each user's candidates of their taste: the `ATTRIBUTE_ITEMS` rows of their taste
+        attributes (`attribute_items`: keys [a] -> uint64 [a, m], zeros for unknown ones),
+        taken in turn, best first, distinct.
+
+        Example:
+            >>> rows = {7: [1, 2, 3], 9: [2, 5, 0]}
+            >>> def lookup(keys):
+            ...     return np.array([rows.get(k, [0, 0, 0]) for k in keys.tolist()], np.uint64).reshape(len(keys), 3)
+            >>> p = Profiles(np.zeros((1, 1), np.uint64), np.zeros((1, 1)), np.ones(1), np.zeros(1), np.log)
+            >>> p.taste_items(lookup)  # no taste attribute: nothing
+            [array([], dtype=uint64)]
+            >>> _taken_in_turn(lookup(np.array([7, 9], np.uint64))).tolist()
+            [1, 2, 5, 3]
+        """
+        return [_taken_in_turn(attribute_items(attrs)) for attrs in self.taste()]
+
+
+def _taken_in_turn(rows: np.ndarray) -> np.ndarray:
+    """The keys of rows [a, m] (0 = padding) taken in turn (each row's first, then each row's
+    second, ...), each once."""
+    flat = rows.T.ravel()
+    flat = flat[flat != 0]
+    return flat[np.sort(np.unique(flat, return_index=True)[1])]

@@ -20,10 +20,11 @@ from ranking.dot import DotProductRanker
 from ranking.explore import ITEM_FEEDBACK, MAX_IMPRESSIONS, thompson
 from ranking.profile import (
     ATTRIBUTE_COUNTS,
+    ATTRIBUTE_ITEMS,
     POPULATION_KEY,
     USER_PROFILE,
     USER_PROFILE_COUNTS,
-    attribute_lift,
+    Profiles,
     attribute_shares,
 )
 from ranking.scorer import (
@@ -37,7 +38,7 @@ from ranking.scorer import (
     CandidateScorer,
     attribute_affinity,
 )
-from retrieval.candidates import interleave
+from retrieval.candidates import distinct, interleave
 from retrieval.covisit import COVISIT_ITEMS, COVISIT_SCORES, HistoryScores, covisit_lookup
 from retrieval.index import IndexConfig, ItemIndex, top_k
 from retrieval.two_tower import TwoTower
@@ -64,7 +65,7 @@ DIVERSITY_POOL = 4
 class ScoredItem:
     item_id: str
     score: float
-    reason: str = ""  # the source that put it there: "covisit", "ann", "trending", "content", ...
+    reason: str = ""  # the source that put it there: "covisit", "taste", "ann", "trending", "content", ...
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,14 @@ class ServingReplica:
             covisit = HistoryScores(covisit_lookup(state.tables[COVISIT_ITEMS], state.tables[COVISIT_SCORES]), history)
         left_out = [np.unique(s) for s in seen]
         queries = TwoTower.user_queries(vectors)
-        return _Users(users, seen, found, queries, history, covisit, allowed, trending_only, left_out)
+        profiles = self._profiles(users) if ATTRIBUTE_ITEMS in state.tables else None
+        by_attribute = state.tables.get(ATTRIBUTE_ITEMS)
+        tastes = (
+            [np.zeros(0, np.uint64)] * len(users)
+            if profiles is None or by_attribute is None
+            else profiles.taste_items(lambda attrs: by_attribute.get(attrs)[0])
+        )
+        return _Users(users, seen, found, queries, history, covisit, tastes, allowed, trending_only, left_out)
 
     def _excluded(self, request: Request) -> np.ndarray:
         """Keys of the items no list may hold now (hidden, deleted, expired: kept out of the
@@ -369,9 +377,10 @@ class ServingReplica:
             else:
                 ann_items = batch.keep(i, ann.get(i, none))[:n]
             covisited = batch.keep(i, batch.covisit.top(i, n + len(seen[i]))[0])[:n] if batch.covisit else none
+            taste = batch.keep(i, batch.tastes[i])[:n]
             trending = state.popular_keys if filtered else self._trending_candidates(seen[i])
             popular = batch.keep(i, trending)[:n]
-            out[i] = interleave([ann_items, covisited, popular], 2 * n)  # the ranker scores 2n
+            out[i] = interleave([ann_items, covisited, taste, popular], 2 * n)  # the ranker scores 2n
         return out
 
     def _search_allowed(self, batch: _Users, i: int, n: int) -> np.ndarray:
@@ -508,7 +517,7 @@ class ServingReplica:
         item_rows = state.items.get(flat)[0].reshape(*cand.shape, state.items.dim)
         item_attrs = self._table_rows(ITEM_ATTRS, flat)
         history_attrs = self._table_rows(ITEM_ATTRS, history.ravel()).reshape(*history.shape, item_attrs.shape[1])
-        lift, gap_s = self._taste(users, item_attrs.reshape(*cand.shape, -1))
+        profiles = self._profiles(users)
         candidates = Candidates(
             users,
             self._table_rows(USER_ATTRS, users),
@@ -520,29 +529,30 @@ class ServingReplica:
             np.einsum("ucd,ud->uc", item_rows, queries),
             covisit,
             attribute_affinity(history_attrs, item_attrs.reshape(*cand.shape, -1)),
-            lift,
-            gap_s,
+            None if profiles is None else profiles.lift(item_attrs.reshape(*cand.shape, -1)),
+            None if profiles is None else state.clock_s - profiles.last_s,
         )
         empty = RowMap(self._scorer.ranker.dim)  # a table with no rows synced yet
         ids, attrs = state.tables.get(RANK_ID_TABLE, empty), state.tables.get(RANK_ATTR_TABLE, empty)
         return self._scorer.score(ids, attrs, candidates)
 
-    def _taste(self, users: np.ndarray, item_attrs: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """From the synced taste profiles (`ranking.profile`): the attribute lift [u, c] of users
-        [u] for candidates whose attribute keys are `item_attrs` [u, c, b], and the model time
-        since each user's last positive [u] (NaN: none), which picks the blend's weights; both
-        None before any profile was synced."""
+    def _profiles(self, users: np.ndarray) -> Profiles | None:
+        """The users' taste profiles from the synced tables (`ranking.profile`); None before
+        any was synced."""
         tables = self._state.tables
         if not {USER_PROFILE, USER_PROFILE_COUNTS, ATTRIBUTE_COUNTS} <= tables.keys():
-            return None, None
-        keys = tables[USER_PROFILE].get(users)[0]
+            return None
+        counts_table = tables[ATTRIBUTE_COUNTS]
+        population_row, found = counts_table.get(np.array([POPULATION_KEY], np.uint64))
+        population = float(population_row[0, 0]) if found[0] else 0.0
+
+        def shares(attrs: np.ndarray) -> np.ndarray:
+            rows, known = counts_table.get(attrs)
+            return attribute_shares(rows[:, 0], known, population)
+
         counts = tables[USER_PROFILE_COUNTS].get(users)[0]
-        attrs, at = np.unique(item_attrs, return_inverse=True)
-        rows, found = tables[ATTRIBUTE_COUNTS].get(np.append(attrs, POPULATION_KEY))
-        population = float(rows[-1, 0]) if found[-1] else 0.0
-        shares = attribute_shares(rows[:-1, 0], found[:-1], population)[at].reshape(item_attrs.shape)
-        lift = attribute_lift(keys, counts[:, :-2], counts[:, -2], item_attrs, shares)
-        return lift, np.where(counts[:, -2] > 0, self._state.clock_s - counts[:, -1], np.nan)
+        last_s = np.where(counts[:, -2] > 0, counts[:, -1], np.nan)
+        return Profiles(tables[USER_PROFILE].get(users)[0], counts[:, :-2], counts[:, -2], last_s, shares)
 
     def _table_rows(self, name: str, keys: np.ndarray) -> np.ndarray:
         """Rows of a synced feature table (zeros, one column, while it has none)."""
@@ -558,18 +568,23 @@ class ServingReplica:
     def _reasons(self, batch: _Users, i: int, keys: np.ndarray) -> list[str]:
         """The source of each of user `i`'s ranked items (from the candidate sources): an item
         the user's recent items co-visit is "covisit" (the explanation a user can check), else
-        "trending" if it is among the trending candidates, else "content" if it is catalogued
+        "taste" if it is among the items of their taste attributes (a genre they pick far more
+        than everyone does: `ranking.profile`), else "trending" if it is among the trending
+        candidates, else "content" if it is catalogued
         and nobody has acted on it yet (the index found it by the row its attributes gave it),
         else "ann". Derived from the state, so a ranking stage that got its candidates from
         another process names them the same way."""
         covisited = batch.covisit.of(i, keys) > 0 if batch.covisit else np.zeros(len(keys), bool)
+        taste = np.isin(keys, batch.tastes[i])
         trending = np.isin(keys, self._trending_candidates(batch.seen[i]))
         untouched: np.ndarray = np.zeros(len(keys), bool)
         if ITEM_COUNTS in self._state.tables and self._state.records:
             untouched = (self._table_rows(ITEM_COUNTS, keys).sum(axis=1) == 0) & _member(keys, self._state.catalogued())
         return [
-            "covisit" if c else "trending" if t else "content" if u else "ann"
-            for c, t, u in zip(covisited.tolist(), trending.tolist(), untouched.tolist(), strict=True)
+            "covisit" if c else "taste" if a else "trending" if t else "content" if u else "ann"
+            for c, a, t, u in zip(
+                covisited.tolist(), taste.tolist(), trending.tolist(), untouched.tolist(), strict=True
+            )
         ]
 
     def _explore(
@@ -666,40 +681,65 @@ class ServingReplica:
             return out
 
     def similar_items(self, item_id: str, k: int) -> tuple[int, list[ScoredItem]]:
-        """Items users pick together with `item_id` (its co-visitation neighbours, best first),
-        then, for the rest of `k`, the items whose vectors are nearest to its own; (model
-        version, items). Co-visitation scores are cosines of counts, index scores inner products.
+        """Items like `item_id`; (model version, items).
+
+        The pool: its co-visitation neighbours (items users pick together with it), the items
+        whose vectors are nearest to its own, and the most trending items of each of its
+        attributes (`ranking.profile.ATTRIBUTE_ITEMS`). An item with attributes orders the pool
+        by the mean of two similarities in [0, 1]: co-visitation (its cosine of counts over the
+        item's best one) and the Jaccard similarity of the attribute sets — what a user calls
+        "more like this" is both, as for diversity (`_similarity`). An item without attributes
+        lists its co-visitation neighbours best first, then the nearest vectors. Reasons:
+        "covisit" for a co-visited item, "content" for one found by its attributes, "ann".
 
         Raises:
-            NotFound: the item has neither neighbours nor a vector yet.
+            NotFound: the item has neither neighbours, nor a vector, nor attributes shared by
+                any item yet.
         """
         item = np.array([feature_key("item", item_id)], dtype=np.uint64)
+        none = np.zeros(0, np.uint64), np.zeros(0, np.float32)
         with self._lock:
             state = self._state
             self._sync_blocked()
             blocked = state.blocked
-            keys, scores = np.zeros(0, np.uint64), np.zeros(0, np.float32)
+            co_keys, co_scores = none
             if COVISIT_ITEMS in state.tables and COVISIT_SCORES in state.tables:
                 neighbours, found = state.tables[COVISIT_ITEMS].get(item)
                 if found[0]:
-                    co_scores = state.tables[COVISIT_SCORES].get(item)[0][0]
-                    present = (neighbours[0] != 0) & (co_scores > 0) & ~np.isin(neighbours[0], blocked)
-                    keys, scores = _named(state.names, neighbours[0][present], co_scores[present].astype(np.float32))
-            covisited = len(keys)  # the first `covisited` are co-visitation's, the rest the index's
-            if state.items is None or self._index is None:
-                found = np.zeros(1, bool)
+                    scores = state.tables[COVISIT_SCORES].get(item)[0][0]
+                    present = (neighbours[0] != 0) & (scores > 0) & ~np.isin(neighbours[0], blocked)
+                    co_keys, co_scores = _named(state.names, neighbours[0][present], scores[present].astype(np.float32))
+            ann_keys, ann_scores = none
+            vectors, found = (None, np.zeros(1, bool)) if state.items is None else state.items.get(item)
+            if found[0] and self._index is not None and vectors is not None:
+                cand, near = self._index.search(vectors[0], k + 1 + len(co_keys))
+                keep = (cand != item[0]) & ~np.isin(cand, co_keys) & ~np.isin(cand, blocked)
+                ann_keys, ann_scores = _named(state.names, cand[keep], near[keep].astype(np.float32))
+            attrs = self._table_rows(ITEM_ATTRS, item)[0]
+            attrs = attrs[attrs != 0]
+            by_attribute = state.tables.get(ATTRIBUTE_ITEMS)
+            if len(attrs) and by_attribute is not None:
+                pool = by_attribute.get(attrs)[0].ravel()
+                pool = np.unique(pool[(pool != 0) & (pool != item[0]) & ~np.isin(pool, blocked)])
+                content = _named(state.names, pool, np.zeros(len(pool), np.float32))[0]
+                keys = distinct(np.concatenate([co_keys, ann_keys, content]))
+                co = np.zeros(len(keys))
+                co[: len(co_keys)] = co_scores / co_scores.max() if len(co_keys) else 0.0
+                jaccard = _jaccard(attrs, self._table_rows(ITEM_ATTRS, keys))
+                scores = ((co + jaccard) / 2).astype(np.float32)
+                order = np.argsort(-scores, kind="stable")[:k]
+                why = np.where(co > 0, "covisit", np.where(np.isin(keys, content), "content", "ann"))
+                keys, scores, reasons = keys[order], scores[order], why[order].tolist()
             else:
-                vectors, found = state.items.get(item)
-            if found[0] and len(keys) < k and self._index is not None:
-                cand, near = self._index.search(vectors[0], k + 1 + len(keys))
-                keep = (cand != item[0]) & ~np.isin(cand, keys) & ~np.isin(cand, blocked)
-                cand, near = _named(state.names, cand[keep], near[keep])
-                keys, scores = np.concatenate([keys, cand]), np.concatenate([scores, near.astype(np.float32)])
-            elif not found[0] and not len(keys):
+                keys = np.concatenate([co_keys, ann_keys])[:k]
+                scores = np.concatenate([co_scores, ann_scores])[:k]
+                reasons = ["covisit" if n < len(co_keys) else "ann" for n in range(len(keys))]
+            if not len(keys) and not found[0]:
                 raise NotFound(f"item {item_id!r} is unknown to the model")
+            names = state.names
             items = [
-                ScoredItem(state.names[key], float(s), "covisit" if n < covisited else "ann")
-                for n, (key, s) in enumerate(zip(keys[:k].tolist(), scores[:k].tolist(), strict=True))
+                ScoredItem(names[key], float(s), reason)
+                for key, s, reason in zip(keys.tolist(), scores.tolist(), reasons, strict=True)
             ]
             return state.version, items
 
@@ -714,6 +754,7 @@ class _Users:
     queries: np.ndarray  # [u, dim + 1] two-tower queries (zeros without a vector)
     history: np.ndarray  # [u, h] recent item keys
     covisit: HistoryScores | None  # the histories' co-visitation scores (None before any are synced)
+    tastes: list[np.ndarray]  # each user's items of their taste attributes (`Profiles.taste_items`)
     allowed: list[np.ndarray | None]  # each request's eligible items, sorted (None: any not left out)
     trending_only: list[bool]  # the request wants the trending list only
     left_out: list[np.ndarray]  # `seen`, sorted and distinct (what `keep` searches)
@@ -766,6 +807,21 @@ def _left_out(history: np.ndarray | None, request: Request, excluded: np.ndarray
         parts.append(feature_keys("item", request.exclude_items))
     parts = [p for p in parts if len(p)]
     return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.uint64)
+
+
+def _jaccard(attrs: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Jaccard similarity [n] of one attribute set `attrs` (distinct keys) with each row of
+    `others` [n, b] (attribute keys, 0 = padding).
+
+    Example:
+        >>> _jaccard(np.array([1, 2], np.uint64), np.array([[1, 2], [2, 3], [0, 0]], np.uint64)).tolist()
+        [1.0, 0.3333333333333333, 0.0]
+    """
+    present = others != 0
+    shared = (np.isin(others, attrs) & present).sum(axis=1)
+    sizes = np.array([len(np.unique(row[row != 0])) for row in others])
+    union = len(attrs) + sizes - shared
+    return np.divide(shared, union, out=np.zeros(len(others)), where=union > 0)
 
 
 def _member(items: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:

@@ -182,8 +182,8 @@ def test_serving_ranks_with_the_trainers_ranker_and_features(index_kind: str) ->
         (m.user_vectors(u, history) @ torch.from_numpy(m.items.get(cand.ravel())[0]).T).numpy(),
         HistoryScores(m.covisit.neighbour_rows, history).matrix(cand),
         attribute_affinity(m._history_attributes(history), m.features.item_attributes(cand.ravel())[None]),
-        m.profiles.lift(u, m.features.item_attributes(cand.ravel())[None]),
-        trainer.catalog.clock_s - m.profiles.profiles(u)[3],
+        m.profiles.profiles(u).lift(m.features.item_attributes(cand.ravel())[None]),
+        trainer.catalog.clock_s - m.profiles.profiles(u).last_s,
     )
     assert c.affinity is not None and (c.affinity > 0).any(), "attribute affinity takes part"
     assert c.lift is not None and (c.lift > 0).any(), "attribute lift takes part"

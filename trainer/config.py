@@ -69,6 +69,11 @@ class TrainerConfig:
         covisit_max_items: items with co-visitation counts (the least counted go first); each
             holds at most 4 x `covisit_neighbours` partners (about 90 bytes each in memory).
         profile_slots: attribute keys kept in each user's taste profile (`trainer.profiles`).
+        attribute_items: the most trending items of each attribute that serving keeps: the
+            candidates of a user's taste attributes and the pool of similar items
+            (`ranking.profile`).
+        attribute_items_interval_s: how often (wall clock) those lists are computed again and
+            published (every item's attributes are sorted by their trending counts).
         session_gap_s: model time after a user's last positive from which they count as
             returning: the blend then scores their candidates with `return_blend` instead of
             the weights it learns (`ranking.blend`), and their positives do not train those.
@@ -141,6 +146,8 @@ class TrainerConfig:
     covisit_half_life_s: float = 7 * 86400.0
     covisit_max_items: int = 100_000
     profile_slots: int = 32
+    attribute_items: int = 100
+    attribute_items_interval_s: float = 10.0
     session_gap_s: float = 1800.0
     return_blend: tuple[float, ...] = RETURN_WEIGHTS
     content_basis: int = 2000
@@ -192,6 +199,8 @@ class TrainerConfig:
             "covisit_half_life_s": self.covisit_half_life_s > 0,
             "covisit_max_items": self.covisit_max_items >= 1,
             "profile_slots": 1 <= self.profile_slots <= 1000,
+            "attribute_items": 1 <= self.attribute_items <= 10_000,
+            "attribute_items_interval_s": self.attribute_items_interval_s > 0,
             "session_gap_s": self.session_gap_s > 0,
             "return_blend": len(self.return_blend) == len(FEATURES) and all(map(math.isfinite, self.return_blend)),
             "content_basis": 1 <= self.content_basis <= 1_000_000,

@@ -169,6 +169,13 @@ class FeatureState:
         """uint64 [n, b] attribute keys of each item (0-padded; b = `width` or the longest)."""
         return _pad([self._item_attrs.get(i, []) for i in item_keys.tolist()], width)
 
+    def item_attribute_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (item, attribute key) pair of the items with attributes: uint64 [n] each."""
+        lengths = np.fromiter(map(len, self._item_attrs.values()), np.int64, len(self._item_attrs))
+        items = np.repeat(np.fromiter(self._item_attrs.keys(), np.uint64, len(self._item_attrs)), lengths)
+        attrs = np.fromiter(itertools.chain.from_iterable(self._item_attrs.values()), np.uint64, int(lengths.sum()))
+        return items, attrs
+
     def histories(self, user_keys: np.ndarray, width: int | None = None) -> np.ndarray:
         """uint64 [n, h] item keys of each user's recent positives, most recent last (0-padded)."""
         return _pad([list(self._history.get(u, ())) for u in user_keys.tolist()], width)

@@ -26,8 +26,10 @@ import torch
 
 from embedding_store import EmbeddingTable, Store, TableConfig, TableDelta
 from embedding_store.dense import DenseParameters, LocalDense
+from embedding_store.row_map import RowMap
 from ranking.blend import ScoreBlend
 from ranking.din_dcn import DinDcnRanker
+from ranking.profile import ATTRIBUTE_ITEMS
 from ranking.scorer import (
     DENSE_FEATURES,
     ITEM_ATTRS,
@@ -172,6 +174,7 @@ class OnlineModels:
         self.users, self.items = store.table("user"), store.table("item")
         self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
         self._next_covisit_drain = 0.0  # monotonic time the next sync may drain neighbour lists
+        self._next_attribute_items = 0.0  # monotonic time the next sync may publish `attribute_items`
         self.covisit = CoVisitation(
             window=config.covisit_window,
             neighbours=config.covisit_neighbours,
@@ -368,7 +371,7 @@ class OnlineModels:
         co = np.stack([covisit.of(r, cand[j]) for j, r in enumerate(kept)])
         cand_attrs = self.features.item_attributes(cand.ravel())
         affinity = attribute_affinity(self._history_attributes(history), cand_attrs.reshape(*cand.shape, -1))
-        lift = self.profiles.lift(users, cand_attrs.reshape(*cand.shape, -1))
+        lift = self.profiles.profiles(users).lift(cand_attrs.reshape(*cand.shape, -1))
         batch = Candidates(
             users,
             self.features.user_attributes(users),
@@ -390,10 +393,27 @@ class OnlineModels:
             self.dense_blend.step()
         return float(loss.item()) / len(kept)
 
+    def attribute_items(self) -> TableDelta:
+        """`ranking.profile.ATTRIBUTE_ITEMS`: each attribute's `attribute_items` most trending
+        items that carry it (items with no positive left out), 0-padded rows."""
+        width = self.config.attribute_items
+        items, attrs = self.features.item_attribute_pairs()
+        trending = self.catalog.counts(items)[0]
+        counted = trending > 0
+        items, attrs, trending = items[counted], attrs[counted], trending[counted]
+        order = np.lexsort((-trending, attrs))  # by attribute, then most trending first
+        items, attrs = items[order], attrs[order]
+        keys, start = np.unique(attrs, return_index=True)
+        rank = np.arange(len(attrs)) - np.repeat(start, np.diff(np.append(start, len(attrs))))
+        top = rank < width
+        rows = np.zeros((len(keys), width), np.uint64)
+        rows[np.searchsorted(keys, attrs[top]), rank[top]] = items[top]
+        return TableDelta(ATTRIBUTE_ITEMS, keys, rows)
+
     def _previous_positive(self, user_keys: np.ndarray, times_s: np.ndarray) -> np.ndarray:
         """Model time [n] of each positive's user's positive before it (NaN: none), for positives
         in order: the one before it in the same batch, else the last one counted."""
-        previous = self.profiles.profiles(user_keys)[3]
+        previous = self.profiles.profiles(user_keys).last_s
         order = np.argsort(user_keys, kind="stable")
         again = np.flatnonzero(user_keys[order][1:] == user_keys[order][:-1]) + 1  # not a user's first here
         previous[order[again]] = np.asarray(times_s, np.float64)[order[again - 1]]
@@ -423,7 +443,8 @@ class OnlineModels:
         """Top-k item keys per user, leaving out `exclude`, as serving would order them (for evaluation).
 
         "ranked": serving's candidates — each user's best `candidates` unseen items of the
-        two-tower (exact, over every known item), of co-visitation and of the trending list,
+        two-tower (exact, over every known item), of co-visitation, of their taste attributes
+        (`ranking.profile.Profiles.taste_items`) and of the trending list,
         taken in turn up to 2 x `candidates` (`retrieval.candidates.interleave`, as
         `services.serving` merges them) — ordered by `CandidateScorer` (ranker, then blend);
         users the model knows nothing of (no row, no history) get the trending list.
@@ -448,12 +469,18 @@ class OnlineModels:
         best = np.argsort(-scores, axis=1)[:, :candidates]  # [u, candidates]
         has_row = self.users.get(user_keys)[1]  # as in serving, a user without a row searches nothing
         covisit = HistoryScores(self.covisit.neighbour_rows, history)
+        profiles = self.profiles.profiles(user_keys)
+        by_attribute = self.attribute_items()
+        lookup = RowMap(by_attribute.rows.shape[1], np.uint64)
+        lookup.upsert(by_attribute.keys, by_attribute.rows)
+        tastes = profiles.taste_items(lambda attrs: lookup.get(attrs)[0])
         lists = []
         for r, left_out in enumerate(exclude):
             ann = items[best[r][np.isfinite(scores[r, best[r]])]] if has_row[r] else items[:0]
             near = covisit.top(r, candidates + len(left_out))[0].tolist()
             covisited = np.fromiter((i for i in near if i not in left_out), dtype=np.uint64)[:candidates]
-            sources = [ann, covisited, unseen_trending[r][:candidates]]
+            taste = np.fromiter((i for i in tastes[r].tolist() if i not in left_out), dtype=np.uint64)[:candidates]
+            sources = [ann, covisited, taste, unseen_trending[r][:candidates]]
             lists.append(interleave(sources, 2 * candidates))
         width = max(1, *(len(c) for c in lists))
         cand = np.zeros((len(lists), width), np.uint64)  # [u, c], padded past each user's list
@@ -476,8 +503,8 @@ class OnlineModels:
             pair_scores,
             covisit.matrix(cand),
             attribute_affinity(self._history_attributes(history), cand_attrs.reshape(*cand.shape, -1)),
-            self.profiles.lift(user_keys, cand_attrs.reshape(*cand.shape, -1)),
-            self.catalog.clock_s - self.profiles.profiles(user_keys)[3],
+            profiles.lift(cand_attrs.reshape(*cand.shape, -1)),
+            self.catalog.clock_s - profiles.last_s,
         )
         logits = CandidateScorer(self.ranker, self.blend).score(self.rank_ids, self.rank_attrs, batch)
         logits[~valid] = -np.inf  # the padding never ranks
@@ -538,3 +565,9 @@ class OnlineModels:
             items, neighbours, scores, forgotten = self.covisit.drain()
             yield TableDelta(COVISIT_ITEMS, items, neighbours, forgotten)
             yield TableDelta(COVISIT_SCORES, items, scores, forgotten)
+        # every attribute's list is recomputed (a sort of every (item, attribute) pair: a few ms
+        # for MovieLens, about a second for 10M pairs), so at most once per
+        # `attribute_items_interval_s`: what trends within an attribute changes slowly
+        if time.monotonic() >= self._next_attribute_items:
+            self._next_attribute_items = time.monotonic() + self.config.attribute_items_interval_s
+            yield self.attribute_items()

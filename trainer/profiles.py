@@ -22,10 +22,9 @@ from embedding_store.hash_index import KeyIndex, grow_rows
 from ranking.profile import (
     ATTRIBUTE_COUNTS,
     POPULATION_KEY,
-    PRIOR,
     USER_PROFILE,
     USER_PROFILE_COUNTS,
-    attribute_lift,
+    Profiles,
     attribute_shares,
 )
 
@@ -65,23 +64,22 @@ class TasteProfiles:
     Args:
         slots: attribute keys kept per user.
         max_users: profiles kept (the least recently updated go first).
-        prior: pseudo-positives of the population's taste in every profile (`ranking.profile.PRIOR`).
 
     Example:
         >>> p = TasteProfiles(slots=4)
         >>> users = np.array([1, 1, 2], np.uint64)
         >>> p.observe(users, np.array([[10, 11], [10, 0], [12, 0]], np.uint64), np.array([5.0, 7.0, 6.0]))
-        >>> keys, counts, totals, last = p.profiles(np.array([1, 3], np.uint64))
-        >>> keys[0].tolist(), counts[0].tolist(), totals.tolist(), last.tolist()
+        >>> got = p.profiles(np.array([1, 3], np.uint64))
+        >>> got.keys[0].tolist(), got.counts[0].tolist(), got.totals.tolist(), got.last_s.tolist()
         ([10, 11, 0, 0], [2.0, 1.0, 0.0, 0.0], [2.0, 0.0], [7.0, nan])
         >>> p.population(np.array([10, 12, 99], np.uint64)).tolist(), p.positives
         ([2.0, 1.0, 0.0], 3.0)
     """
 
-    def __init__(self, slots: int = 32, max_users: int = 1_000_000, prior: float = PRIOR) -> None:
-        if slots < 1 or max_users < 1 or not prior > 0:
-            raise ValueError(f"slots, max_users and prior must be positive, got {slots}, {max_users}, {prior}")
-        self.slots, self.max_users, self.prior = slots, max_users, prior
+    def __init__(self, slots: int = 32, max_users: int = 1_000_000) -> None:
+        if slots < 1 or max_users < 1:
+            raise ValueError(f"slots and max_users must be positive, got {slots}, {max_users}")
+        self.slots, self.max_users = slots, max_users
         self._reset()
 
     def _reset(self) -> None:
@@ -148,7 +146,7 @@ class TasteProfiles:
         self._changed_users -= gone
         self._forgotten |= gone
 
-    def profiles(self, user_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _rows(self, user_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(keys uint64 [n, slots], counts float64 [n, slots], positives float64 [n], model
         time of the last positive float64 [n]) of each user; zeros (and NaN for the time) for
         a user without a profile."""
@@ -161,6 +159,10 @@ class TasteProfiles:
         counts = np.where(known[:, None], self._counts[at], 0.0).astype(np.float64)
         return keys, counts, np.where(known, self._totals[at], 0.0), np.where(known, self._last[at], np.nan)
 
+    def profiles(self, user_keys: np.ndarray) -> Profiles:
+        """The users' profiles, as serving reads them from the synced tables."""
+        return Profiles(*self._rows(user_keys), self.shares)
+
     def population(self, attr_keys: np.ndarray) -> np.ndarray:
         """float64 [n]: the population's count of each attribute key (0 for one never counted)."""
         rows = self._attrs.find(np.asarray(attr_keys, np.uint64))
@@ -168,13 +170,10 @@ class TasteProfiles:
             return np.zeros(len(rows))
         return np.where(rows >= 0, self._attr_counts[np.maximum(rows, 0)], 0.0)
 
-    def lift(self, user_keys: np.ndarray, item_attrs: np.ndarray) -> np.ndarray:
-        """`ranking.profile.attribute_lift` [u, c] of users [u] for candidates whose attribute
-        keys are `item_attrs` [u, c, b], from these counts (what serving computes from the synced tables)."""
-        keys, counts, totals, _ = self.profiles(user_keys)
-        counted = self.population(item_attrs.ravel())
-        shares = attribute_shares(counted, counted > 0, self.positives).reshape(item_attrs.shape)
-        return attribute_lift(keys, counts, totals, item_attrs, shares, self.prior)
+    def shares(self, attr_keys: np.ndarray) -> np.ndarray:
+        """`ranking.profile.attribute_shares` of attribute keys [n]."""
+        counted = self.population(attr_keys)
+        return attribute_shares(counted, counted > 0, self.positives)
 
     def drain(self) -> list[TableDelta]:
         """What changed since the previous drain, as the three synced tables of `ranking.profile`
@@ -183,7 +182,7 @@ class TasteProfiles:
         forgotten = np.fromiter(self._forgotten, np.uint64, len(self._forgotten))
         attrs = np.fromiter(self._changed_attrs, np.uint64, len(self._changed_attrs))
         self._changed_users, self._forgotten, self._changed_attrs = set(), set(), set()
-        keys, counts, totals, last = self.profiles(users)
+        keys, counts, totals, last = self._rows(users)
         counted = len(users) > 0 or len(attrs) > 0
         attr_keys = np.concatenate([attrs, [POPULATION_KEY] if counted else []]).astype(np.uint64)
         attr_rows = np.concatenate([self.population(attrs), [self.positives] if counted else []])[:, None]

@@ -142,7 +142,9 @@ class ScoredItemBody(BaseModel):
     item_id: str
     score: float
     reason: str = Field(
-        description="the source that put the item there: covisit, ann, trending, content, exploration or catalogue"
+        description=(
+            "the source that put the item there: covisit, taste, ann, trending, content, exploration or catalogue"
+        )
     )
 
 
