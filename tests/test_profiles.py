@@ -128,7 +128,9 @@ def world(config: TrainerConfig) -> tuple[Trainer, ServingReplica]:
         stream += events(f"crossover{u}", ["doc9"], start + 45_000 + u * 1000, "D")
         stream += events(f"crossover{u}", ["x0", "x1", "x2"], start + 45_100 + u * 1000, "P")
     stream += events("regular", ["doc2", "doc3", "pop0"], start + 50_000, "D")
-    stream[-1] = Event(stream[-1].event_id, "regular", "pop0", "click", stream[-1].timestamp_ms, {"item.genres": "P"})
+    stream[-1] = Event(
+        stream[-1].event_id, "regular", "pop0", "click", stream[-1].timestamp_ms, context={"item.genres": "P"}
+    )
     stream += events("late", ["pop1", "pop2"], start + 3 * HOUR_MS, "P")  # the clock moves on 3 hours
     trainer.train_events(stream)
     store = MemoryServingStore()

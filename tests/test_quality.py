@@ -76,12 +76,11 @@ def test_a_new_fan_of_a_genre_is_served_it_within_two_seconds(
             time.sleep(0.05)
         reached += best >= target
         report[genre] = (round(base, 3), round(best, 2))
-    # measured on this machine: 9 to 11 of the 14 genres at 080ebe9; 8 at 71b52ee (1 run), 78a25fb
-    # (2) and this stop's code (3, run alone), 7 and 6 in two whole-suite runs: the model the
-    # replay trains depends on how the polls happen to batch the events, and two genres pass by
-    # one item of the 20 (Crime 0.20 vs 0.195, Musical 0.10 vs 0.099). Always missed: Documentary
-    # (no candidate source retrieves its movies), Children's, Comedy, Drama, Horror, Romance
-    assert reached >= len(groups) - 8, report
+    # measured with taste profiles (the candidates of a fan's genre, its attribute lift): 12 or
+    # 13 of the 14 genres in four runs (6 to 11 before them). Missed: Drama (0.7-0.95) and
+    # Comedy (0.7-0.9), whose 3x is capped at 18 of the 20; the model the replay trains depends
+    # on how the polls happen to batch the events
+    assert reached >= len(groups) - 3, report
     if reached < len(groups):
         pytest.xfail(f"issue 18: {reached} of {len(groups)} genres reach 3x their share in 2 s: {report}")
 
@@ -91,16 +90,20 @@ def test_similar_items_share_the_genre_far_above_its_base_rate(
     replayed: tuple[httpx.Client, dict[str, set[str]], Counter[str]],
 ) -> None:
     client, genres, ratings = replayed
-    lifts = {}
+    lifts, targets = {}, {}
     for genre, movies in sorted(by_genre(genres).items()):
         base = len(movies) / len(genres)
+        targets[genre] = min(3.0, 0.9 / base)  # 3x the base rate; Drama (43%) and Comedy (30%): 9 in 10
         shares = []
         for movie in sorted(movies, key=lambda m: -ratings[m])[:20]:
             reply = client.get(f"/v1/items/{movie}/similar", params={"k": 10})
             assert reply.status_code == 200, reply.text
             shares.append(share(reply.json()["items"], genre, genres))
         lifts[genre] = float(np.mean(shares)) / base
-    assert min(lifts.values()) > 1.0, lifts  # every genre above its base rate
-    assert float(np.median(list(lifts.values()))) >= 2.5, lifts  # measured: 3.0
-    if min(lifts.values()) < 3.0:
-        pytest.xfail(f"issue 18: similar items reach 3x the base rate in some genres only: {lifts}")
+    # measured with similar items that share attributes: every genre but Comedy (2.4) and Drama
+    # (1.9) at 3x, the median 6.2 (co-visitation alone: 1.3 to 6.6, median 3.0)
+    assert min(lifts.values()) > 1.5, lifts
+    assert float(np.median(list(lifts.values()))) >= 4.0, lifts
+    missed = {g: round(lift, 2) for g, lift in lifts.items() if lift < targets[g]}
+    if missed:
+        pytest.xfail(f"issue 18: similar items reach 3x the base rate (9 in 10 at most) but in {missed}")
