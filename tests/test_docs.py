@@ -62,7 +62,8 @@ def test_mkdocs_build_fails_on_a_stale_page(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
     for rel in ["docs", "services", "trainer", "retrieval", "ranking", "embedding_store", "proto", "bench"]:
         shutil.copytree(ROOT / rel, copy / rel, ignore=shutil.ignore_patterns("__pycache__", "*.png"))
-    shutil.copy(ROOT / "mkdocs.yml", copy / "mkdocs.yml")
+    for name in ("mkdocs.yml", "README.md"):  # the README's figures block is generated too
+        shutil.copy(ROOT / name, copy / name)
     mkdocs = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(tmp_path / "site")]
     ok = subprocess.run(mkdocs, cwd=copy, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
