@@ -167,15 +167,19 @@ class Profiles:
 
     def lift(self, item_attrs: np.ndarray) -> np.ndarray:
         """`attribute_lift` [u, c] of candidates whose attribute keys are `item_attrs` [u, c, b]."""
-        keys, at = np.unique(item_attrs, return_inverse=True)
-        shares = self.shares(keys)[at].reshape(item_attrs.shape)
-        return attribute_lift(self.keys, self.counts, self.totals, item_attrs, shares)
+        return attribute_lift(self.keys, self.counts, self.totals, item_attrs, self._shares_of(item_attrs))
 
     def taste(self, n: int = TASTE_ATTRIBUTES) -> list[np.ndarray]:
         """`taste_attributes` of each user."""
-        keys, at = np.unique(self.keys, return_inverse=True)
-        shares = self.shares(keys)[at].reshape(self.keys.shape)
-        return taste_attributes(self.keys, self.counts, self.totals, shares, n)
+        return taste_attributes(self.keys, self.counts, self.totals, self._shares_of(self.keys), n)
+
+    def _shares_of(self, attrs: np.ndarray) -> np.ndarray:
+        """`shares` of an array of attribute keys (each distinct key looked up once; 0, the
+        padding, is NaN)."""
+        keys, at = np.unique(attrs, return_inverse=True)
+        shares = np.full(len(keys), np.nan)
+        shares[keys != 0] = self.shares(keys[keys != 0])
+        return shares[at].reshape(attrs.shape)
 
     def taste_items(self, attribute_items: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
         """Each user's candidates of their taste: the `ATTRIBUTE_ITEMS` rows of their taste
