@@ -777,7 +777,7 @@ def render_readme_figures() -> str:
         ],
         [
             "serving: highest rate with p99 within 25 ms (REST / gRPC), one 2-core machine",
-            f"{serving['max_rps_p99_25ms_rest']} / {serving['max_rps_p99_25ms_grpc']} calls/s",
+            f"{_n(serving['max_rps_p99_25ms_rest'])} / {_n(serving['max_rps_p99_25ms_grpc'])} calls/s",
             "`python -m bench.serving --quick`",
             serving["commit"]["sha"][:7],
         ],
