@@ -33,6 +33,10 @@ Every row also reports `genre_similarity`: the mean, over users, of the mean pai
 similarity of the genre sets of the items in their list (lower: a more varied list), a
 measure no row's model sees.
 
+One figure that is no row: `oracle_recall20`, the recall@20 of the truth period's own
+popularity (every rating after the history, counted), which reads the truth — how far a list
+that is the same for everyone could go on this split.
+
 The online progressive protocol of `bench.quality` (the trainer learns as the stream goes;
 recall@10 at each tenth on the next tenth) runs too and gives `online_recall10_vs_popularity`.
 
@@ -414,6 +418,8 @@ def _online(quick: bool) -> dict[str, Any]:
         "online_recall10": figures["online_recall10"],
         "popularity_recall10": figures["popularity_recall10"],
         "events": figures["events"],
+        "new_user_share": figures["new_user_share"],
+        "oracle_recall10": figures["oracle_recall10"],
     }
 
 
@@ -456,6 +462,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name:20} skipped: {reason}")
     best_peer = max(rows, key=lambda name: rows[name]["recall20"])
     figures: dict[str, Any] = {"dataset": dataset.name, "history_share": args.share, "k": K, "quick": args.quick}
+    truth_users = sorted(outer.truth)
+    later = np.bincount(items[cut:], minlength=len(item_ids)).astype(np.float32)
+    oracle = top_unseen(np.broadcast_to(later, (len(truth_users), len(item_ids))), outer, truth_users)
+    figures["oracle_recall20"] = evaluate(oracle, outer)["recall20"]
+    print(f"(oracle: the truth period's popularity, no peer) recall@20 {figures['oracle_recall20']:.4f}")
     if not args.no_live:
         for name, r in live(dataset, cut, user_ids, item_index, outer).items():
             rows[name] = r

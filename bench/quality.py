@@ -21,6 +21,11 @@ every row. Rows, all in one run:
   distinct ids share rows — the collisions the collisionless store avoids;
 - no filter: freshrec online without the frequency filter (min_count=1).
 
+Two figures say how far any list can go on this protocol: `new_user_share`, the share of
+evaluated users with no event before the checkpoint (only popularity can serve them), and
+`oracle_recall10`, the recall@10 of the next tenth's own popularity (it reads the truth: a
+ceiling of popularity lists, not a row to beat).
+
 Figures on the second half of the stream are what the JSON's headline keys report. A PNG plot
 of recall@10 and AUC along the stream and a JSON file go to bench/results/. The last line
 printed is JSON.
@@ -33,6 +38,7 @@ import json
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -129,7 +135,7 @@ def _metrics(recommended: list[np.ndarray], truths: list[set[int]]) -> tuple[flo
     return float(np.mean(recalls)), float(np.mean(ndcgs))
 
 
-def _popular(window: deque[int], exclude: list[set[int]]) -> list[np.ndarray]:
+def _popular(window: Iterable[int], exclude: list[set[int]]) -> list[np.ndarray]:
     ranked = [item for item, _ in Counter(window).most_common(K + 200)]
     return [np.array([i for i in ranked if i not in seen][:K], dtype=np.uint64) for seen in exclude]
 
@@ -169,6 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frozen_pretrained = len(first_half) * 2
 
     rng = np.random.default_rng(args.seed)
+    newcomers: list[float] = []  # per checkpoint: share of evaluated users with no history
+    oracle: list[float] = []  # per checkpoint: recall@10 of the next tenth's own popularity
     seen: dict[int, set[int]] = {}  # user key -> item keys rated so far
     known_items: set[int] = set()
     window: deque[int] = deque(maxlen=args.popularity_window)
@@ -209,6 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keys = np.array(users, dtype=np.uint64)
         exclude = [seen.get(u, set()) for u in users]
         truths = [truth[u] for u in users]
+        newcomers.append(float(np.mean([u not in seen for u in users])))
+        oracle.append(_metrics(_popular(item_keys[nxt_lo:nxt_hi].tolist(), exclude), truths)[0])
         for row in rows:
             if row.trainer is None:
                 recommended = _popular(window, exclude)
@@ -231,6 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_users": args.eval_users,
         "hashed_rows": args.hashed_rows,
         "frozen_pretraining_events": frozen_pretrained,
+        "new_user_share": float(np.mean(newcomers[half:])),
+        "oracle_recall10": float(np.mean(oracle[half:])),
         "rows": {
             r.name: {
                 "auc_second_half": r.second_half_auc.value() if r.trainer and r.trains else None,

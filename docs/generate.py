@@ -349,8 +349,11 @@ def _quality(r: Mapping[str, Any]) -> str:
                 f"{row['ndcg10_second_half']:.4f}",
             ]
         )
-    return f"{r['events']:,} events, up to {r['eval_users']} users evaluated at each checkpoint.\n\n" + table(
-        ["row (second half of the stream)", "AUC", "recall@10", "NDCG@10"], rows
+    rows.append(["(oracle, reads the truth) the next tenth's own popularity", "-", f"{r['oracle_recall10']:.4f}", "-"])
+    return (
+        f"{r['events']:,} events, up to {r['eval_users']} users evaluated at each checkpoint, "
+        f"{r['new_user_share']:.0%} of them without history (second half).\n\n"
+        + table(["row (second half of the stream)", "AUC", "recall@10", "NDCG@10"], rows)
     )
 
 
@@ -380,9 +383,18 @@ def _peers(r: Mapping[str, Any]) -> str:
         ["live recall@20 vs the best peer", f"{r['live_vs_best_peer']:.2f}x ({r['best_peer']})"],
         ["users with truth", f"{live['users']} ({users})"],
         [
+            "(oracle, reads the truth) the truth period's popularity: recall@20",
+            f"{r['oracle_recall20']:.4f} ({r['oracle_recall20'] / r['best_peer_recall20']:.2f}x the best peer)",
+        ],
+        [
             f"online protocol ({r['online']['events']:,} events): recall@10 vs popularity window",
             f"{r['online_recall10_vs_popularity']:.3f}x "
             f"({r['online']['online_recall10']:.4f} vs {r['online']['popularity_recall10']:.4f})",
+        ],
+        [
+            "online protocol: users without history / (oracle) the next tenth's popularity vs the window",
+            f"{r['online']['new_user_share']:.0%} / "
+            f"{r['online']['oracle_recall10'] / r['online']['popularity_recall10']:.2f}x",
         ],
     ]
     skipped = "".join(f"- {name}: skipped, {why}\n" for name, why in r.get("skipped", {}).items())
