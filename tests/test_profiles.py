@@ -226,3 +226,32 @@ def test_only_positives_in_a_session_train_the_learned_weights() -> None:
 
     assert np.array_equal(trained_blend(HOUR_MS), np.ones(5, np.float32))  # every positive after an hour away
     assert not np.allclose(trained_blend(60_000), np.ones(5))  # a minute apart: sessions
+
+
+def test_a_sync_carries_only_the_attribute_lists_that_changed() -> None:
+    trainer, _ = world(TrainerConfig(batch_size=64, attribute_items=3, attribute_items_interval_s=1e-9))
+
+    def sent() -> dict[int, list[int]]:
+        (delta,) = (d for d in trainer.models.ranking_deltas() if d.table == ATTRIBUTE_ITEMS)
+        return dict(zip(delta.keys.tolist(), delta.rows.tolist(), strict=True))
+
+    sent()  # what changed since `world`'s sync
+    assert sent() == {}  # nothing since
+    # a burst of picks makes doc0 the most trending item of D: D's list changes, P's does not
+    trainer.train_events(
+        [
+            Event(
+                f"b{n}",
+                f"burst{n}",
+                "doc0",
+                "click",
+                1_700_000_000_000 + 3 * HOUR_MS + 30 + n,
+                context={"item.genres": "D"},
+            )
+            for n in range(30)
+        ]
+    )
+    changed = sent()
+    assert list(changed) == [feature_key("item.genres", "D")] and changed[feature_key("item.genres", "D")][0] == (
+        feature_key("item", "doc0")
+    )

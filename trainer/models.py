@@ -175,6 +175,7 @@ class OnlineModels:
         self.rank_ids, self.rank_attrs = store.table("rank_id"), store.table("rank_attr")
         self._next_covisit_drain = 0.0  # monotonic time the next sync may drain neighbour lists
         self._next_attribute_items = 0.0  # monotonic time the next sync may publish `attribute_items`
+        self._published_attribute_items = RowMap(config.attribute_items, np.uint64)  # what serving holds
         self.covisit = CoVisitation(
             window=config.covisit_window,
             neighbours=config.covisit_neighbours,
@@ -545,8 +546,10 @@ class OnlineModels:
         """What changed for the ranking service since the previous call, one table at a time
         (a drain that fails leaves those before it with the caller): the ranker's rows, the
         attributes and histories of changed users and items, changed item counts and changed
-        co-visitation neighbour lists (those at most once per `sparse_sync_interval_s`), and
-        the changed taste profiles and population attribute counts (`ranking.profile`)."""
+        co-visitation neighbour lists (those at most once per `sparse_sync_interval_s`), the
+        changed taste profiles and population attribute counts, and the changed lists of each
+        attribute's most trending items (those at most once per `attribute_items_interval_s`;
+        `ranking.profile`)."""
         yield self.rank_ids.drain_delta()
         yield self.rank_attrs.drain_delta()
         users, items = self.features.drain_changed()
@@ -570,4 +573,15 @@ class OnlineModels:
         # `attribute_items_interval_s`: what trends within an attribute changes slowly
         if time.monotonic() >= self._next_attribute_items:
             self._next_attribute_items = time.monotonic() + self.config.attribute_items_interval_s
-            yield self.attribute_items()
+            yield self._changed_attribute_items()
+
+    def _changed_attribute_items(self) -> TableDelta:
+        """`attribute_items()` less the rows serving holds already (and the attributes no item
+        carries any more, as evicted): a list that did not change is not sent again."""
+        now, published = self.attribute_items(), self._published_attribute_items
+        before, found = published.get(now.keys)
+        changed = ~found | (before != now.rows).any(axis=1)
+        gone = np.setdiff1d(published.items()[0], now.keys)
+        published.delete(gone)
+        published.upsert(now.keys[changed], now.rows[changed])
+        return TableDelta(ATTRIBUTE_ITEMS, now.keys[changed], now.rows[changed], gone)
