@@ -380,7 +380,7 @@ def _peers(r: Mapping[str, Any]) -> str:
     live = r["rows"]["freshrec live"]
     users = ", ".join(f"{live['segments'][s]['users']} {s}" for s in segment_names)
     summary = [
-        ["live recall@20 vs the best peer", f"{r['live_vs_best_peer']:.2f}x ({r['best_peer']})"],
+        ["live recall@20 vs the best peer", f"{r['live_vs_best_peer']:.3f}x ({r['best_peer']})"],
         ["users with truth", f"{live['users']} ({users})"],
         [
             "(oracle, reads the truth) the truth period's popularity: recall@20",
@@ -771,13 +771,13 @@ def render_readme_figures() -> str:
             "quality: recall@20 on MovieLens-100K's later "
             "ratings, live over REST, vs the best peer tuned on an inner split",
             f"{live['recall20']:.3f} vs {best['recall20']:.3f} ({peers['best_peer']}): "
-            f"{peers['live_vs_best_peer']:.2f}x",
+            f"{peers['live_vs_best_peer']:.3f}x",
             "`python -m bench.peers --quick`",
             peers["commit"]["sha"][:7],
         ],
         [
             "quality, online: recall@10 on each next tenth of the stream vs a popularity window",
-            f"{peers['online_recall10_vs_popularity']:.2f}x",
+            f"{peers['online_recall10_vs_popularity']:.3f}x",
             "(the same)",
             peers["commit"]["sha"][:7],
         ],
