@@ -41,10 +41,10 @@ def test_a_benchmark_table_shows_its_json_figures() -> None:
     """Tables are rendered from the JSON, not typed: a changed figure changes the page."""
     record = generate.result("peers_quick")
     page = generate.render_benchmarks()
-    assert f"{record['live_vs_best_peer']:.2f}x" in page
+    assert f"{record['live_vs_best_peer']:.3f}x" in page
     assert f"`{record['commit']['sha'][:7]}`" in page
-    record["live_vs_best_peer"] = 9.87
-    assert "9.87x" in generate._peers(record)
+    record["live_vs_best_peer"] = 9.876
+    assert "9.876x" in generate._peers(record)
 
 
 def test_a_missing_or_commitless_result_fails_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
