@@ -95,6 +95,17 @@ class Split:
         return np.bincount(self.users, minlength=self.n_users)
 
 
+def indexed(dataset: Dataset) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(user ids, item ids, sorted; user and item index int [n] of each event, in order)."""
+    user_ids = sorted({e["user_id"] for e in dataset.events})
+    item_ids = sorted({e["item_id"] for e in dataset.events})
+    user_index = {u: n for n, u in enumerate(user_ids)}
+    item_index = {i: n for n, i in enumerate(item_ids)}
+    users = np.array([user_index[e["user_id"]] for e in dataset.events])
+    items = np.array([item_index[e["item_id"]] for e in dataset.events])
+    return user_ids, item_ids, users, items
+
+
 def make_split(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, share: float) -> Split:
     """The first `share` of the (time-ordered) interactions as history, the rest as truth."""
     cut = int(len(users) * share)
@@ -433,12 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     dataset = load_dataset("movielens-100k")
-    user_ids = sorted({e["user_id"] for e in dataset.events})
-    item_ids = sorted({e["item_id"] for e in dataset.events})
-    user_index = {u: n for n, u in enumerate(user_ids)}
+    user_ids, item_ids, users, items = indexed(dataset)
     item_index = {i: n for n, i in enumerate(item_ids)}
-    users = np.array([user_index[e["user_id"]] for e in dataset.events])
-    items = np.array([item_index[e["item_id"]] for e in dataset.events])
     cut = int(len(users) * args.share)
     outer = make_split(users, items, len(user_ids), len(item_ids), args.share)
     inner = make_split(users[:cut], items[:cut], len(user_ids), len(item_ids), args.share)

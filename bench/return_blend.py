@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.peers import K, Split, evaluate, make_split
+from bench.peers import K, Split, evaluate, indexed, make_split
 from bench.results import write
 from embedding_store import feature_keys
 from ranking.blend import FEATURES, RETURN_WEIGHTS
@@ -88,13 +88,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     dataset = load_dataset("movielens-100k")
-    user_ids = sorted({e["user_id"] for e in dataset.events})
-    item_ids = sorted({e["item_id"] for e in dataset.events})
-    user_index = {u: n for n, u in enumerate(user_ids)}
-    item_index = {i: n for n, i in enumerate(item_ids)}
-    history = dataset.events[: int(len(dataset.events) * HISTORY_SHARE)]
-    users = np.array([user_index[e["user_id"]] for e in history])
-    items = np.array([item_index[e["item_id"]] for e in history])
+    user_ids, item_ids, users, items = indexed(dataset)
+    end = int(len(dataset.events) * HISTORY_SHARE)
+    history, users, items = dataset.events[:end], users[:end], items[:end]
     item_keys = feature_keys("item", item_ids)
     settings = list(itertools.product(*GRID.values()))
     shares = INNER_SHARES[-1:] if args.quick else INNER_SHARES
