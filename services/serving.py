@@ -709,16 +709,18 @@ class ServingReplica:
                     scores = state.tables[COVISIT_SCORES].get(item)[0][0]
                     present = (neighbours[0] != 0) & (scores > 0) & ~np.isin(neighbours[0], blocked)
                     co_keys, co_scores = _named(state.names, neighbours[0][present], scores[present].astype(np.float32))
-            ann_keys, ann_scores = none
-            vectors, found = (None, np.zeros(1, bool)) if state.items is None else state.items.get(item)
-            if found[0] and self._index is not None and vectors is not None:
-                cand, near = self._index.search(vectors[0], k + 1 + len(co_keys))
-                keep = (cand != item[0]) & ~np.isin(cand, co_keys) & ~np.isin(cand, blocked)
-                ann_keys, ann_scores = _named(state.names, cand[keep], near[keep].astype(np.float32))
             attrs = self._table_rows(ITEM_ATTRS, item)[0]
             attrs = attrs[attrs != 0]
             by_attribute = state.tables.get(ATTRIBUTE_ITEMS)
-            if len(attrs) and by_attribute is not None:
+            alike = len(attrs) > 0 and by_attribute is not None  # ordered by co-visitation and attributes
+            ann_keys, ann_scores = none
+            vectors, found = (None, np.zeros(1, bool)) if state.items is None else state.items.get(item)
+            if found[0] and self._index is not None and vectors is not None and (alike or len(co_keys) < k):
+                cand, near = self._index.search(vectors[0], k + 1 + len(co_keys))
+                keep = (cand != item[0]) & ~np.isin(cand, co_keys) & ~np.isin(cand, blocked)
+                ann_keys, ann_scores = _named(state.names, cand[keep], near[keep].astype(np.float32))
+            if alike:
+                assert by_attribute is not None
                 pool = by_attribute.get(attrs)[0].ravel()
                 pool = np.unique(pool[(pool != 0) & (pool != item[0]) & ~np.isin(pool, blocked)])
                 content = _named(state.names, pool, np.zeros(len(pool), np.float32))[0]
